@@ -1,0 +1,1 @@
+"""The `jaxtune` command line: train, eval, generate, convert, estimate."""

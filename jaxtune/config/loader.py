@@ -1,0 +1,180 @@
+"""One config loader: YAML file + dotted ``key=value`` overrides -> a typed dataclass tree.
+
+Every value is checked against the dataclass field's type (int, float, bool,
+str, Optional, Literal, tuple/list, dict, nested dataclasses). Unknown keys and
+bad values fail at once with a message that names the dotted key, e.g.
+``unknown config key 'sampling.top_kk' (did you mean 'sampling.top_k'?)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Literal, Optional, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Iterable[str] = ()) -> T:
+    """Read ``path`` (YAML mapping, optional), apply ``key=value`` overrides, build ``cls``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    for item in overrides:
+        apply_override(cls, data, item)
+    return from_dict(cls, data)
+
+
+def apply_override(cls: type, data: dict, item: str) -> None:
+    """Set ``data[a][b] = value`` for ``'a.b=value'``, checking the key path against ``cls``."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    target: type = cls
+    node = data
+    for i, part in enumerate(parts):
+        dotted = ".".join(parts[: i + 1])
+        hints = _fields(target)
+        if part not in hints:
+            _unknown(dotted, [".".join(parts[:i] + [k]) for k in hints])
+        if i == len(parts) - 1:
+            node[part] = yaml.safe_load(raw) if raw.strip() else ""
+            return
+        target = _dataclass_in(hints[part])
+        if target is None:
+            raise ConfigError(f"config key {dotted!r} is a {_type_name(hints[part])}, it has no sub-keys")
+        existing = node.get(part)
+        if existing is None:
+            existing = node[part] = {}
+        elif not isinstance(existing, dict):
+            raise ConfigError(f"config key {dotted!r} must be a mapping")
+        node = existing
+
+
+def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
+    if dataclasses.is_dataclass(data) and isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key {prefix or '<root>'!r} must be a mapping, got {data!r}")
+    hints = _fields(cls)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            _unknown(dotted, [f"{prefix}.{k}" if prefix else k for k in hints])
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config {prefix or '<root>'}: {err}") from err
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass tree -> plain YAML/JSON-able data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _dataclass_in(tp) -> Optional[type]:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _unknown(dotted: str, known: list[str]) -> None:
+    close = difflib.get_close_matches(dotted, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(sorted(known))}"
+    raise ConfigError(f"unknown config key {dotted!r}{hint}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"config key {key!r}: {value!r} fits none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin in (tuple, list):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            if isinstance(value, (int, float, str)) and origin is tuple:
+                value = [value]  # a single value where a sequence is expected
+            else:
+                raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        item_type = args[0] if args else Any
+        items = [_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads '1e-3' as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+    raise ConfigError(f"config key {key!r}: unsupported field type {_type_name(tp)}")

@@ -1,0 +1,112 @@
+"""Batched KV-cache decoding as one jitted `lax.while_loop` (no Python loop per token).
+
+Prompts are left-padded ([batch, prompt_len] with a 0/1 mask whose zeros come
+first), so every row's next token is written to the same cache slot. The loop
+stops when every row has emitted a stop token or max_new_tokens is reached;
+finished rows emit ``pad_token_id`` with log-prob 0.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtune.generate.sampling import SamplingConfig, sample_next
+from jaxtune.models import Model
+
+
+class Generation(NamedTuple):
+    """tokens/log_probs: [batch, max_new_tokens]; lengths: [batch] tokens emitted, the stop
+    token included; stopped: [batch] whether a stop token ended the row."""
+
+    tokens: jax.Array
+    log_probs: jax.Array
+    lengths: jax.Array
+    stopped: jax.Array
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int = 0, length: Optional[int] = None):
+    """Token lists -> (tokens [batch, length] int32, mask [batch, length] int32), left-padded."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    longest = max(len(p) for p in prompts)
+    length = longest if length is None else length
+    if longest > length:
+        raise ValueError(f"prompt of {longest} tokens does not fit length {length}")
+    tokens = np.full((len(prompts), length), pad_token_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        tokens[i, length - len(p):] = p
+        mask[i, length - len(p):] = 1
+    return tokens, mask
+
+
+def check_left_padded(mask: np.ndarray) -> None:
+    mask = np.asarray(mask)
+    for i, row in enumerate(mask):
+        if not row.any():
+            raise ValueError(f"prompt row {i} has no tokens")
+        first = int(np.argmax(row != 0))
+        if not row[first:].all():
+            raise ValueError(f"prompt row {i} is not left-padded (padding after its first token)")
+
+
+def generate(model: Model, params, prompt_tokens, prompt_mask, rng: jax.Array, sampling: SamplingConfig,
+             *, max_cache_len: Optional[int] = None) -> Generation:
+    """Decode up to ``sampling.max_new_tokens`` tokens after each left-padded prompt."""
+    prompt_tokens = np.asarray(prompt_tokens, np.int32)
+    prompt_mask = np.asarray(prompt_mask, np.int32)
+    check_left_padded(prompt_mask)
+    cache_len = prompt_tokens.shape[1] + sampling.max_new_tokens
+    if max_cache_len is not None and cache_len > max_cache_len:
+        raise ValueError(f"prompt ({prompt_tokens.shape[1]}) + max_new_tokens ({sampling.max_new_tokens}) "
+                         f"exceeds the cache limit {max_cache_len}")
+    longest = int(prompt_mask.sum(1).max()) + sampling.max_new_tokens
+    if model.cfg.position == "learned" and longest > model.cfg.max_position_embeddings:
+        raise ValueError(f"{longest} positions exceed the model's max_position_embeddings "
+                         f"{model.cfg.max_position_embeddings}")
+    return _generate(model, sampling, params, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), rng)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _generate(model: Model, sampling: SamplingConfig, params, prompt_tokens, prompt_mask, rng) -> Generation:
+    batch, prompt_len = prompt_tokens.shape
+    steps = sampling.max_new_tokens
+    cache = model.init_cache(batch, prompt_len + steps)
+    positions = jnp.clip(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+    logits, cache = model.apply(params, prompt_tokens, positions=positions, segment_ids=prompt_mask, cache=cache)
+    stop = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
+
+    def cond(state):
+        step, *_, done = state
+        return (step < steps) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, last_logits, next_pos, rng, out_tokens, out_logps, done = state
+        rng, key = jax.random.split(rng)
+        token, logp = sample_next(last_logits, key, sampling)
+        token = jnp.where(done, sampling.pad_token_id, token)
+        logp = jnp.where(done, 0.0, logp)
+        out_tokens = out_tokens.at[:, step].set(token)
+        out_logps = out_logps.at[:, step].set(logp)
+        done = done | jnp.isin(token, stop)
+        ones = jnp.ones((batch, 1), jnp.int32)
+        logits, cache = model.apply(params, token[:, None], positions=next_pos[:, None], segment_ids=ones, cache=cache)
+        return step + 1, cache, logits[:, -1], next_pos + 1, rng, out_tokens, out_logps, done
+
+    state = (
+        jnp.zeros((), jnp.int32), cache, logits[:, -1], prompt_mask.sum(1).astype(jnp.int32), rng,
+        jnp.full((batch, steps), sampling.pad_token_id, jnp.int32), jnp.zeros((batch, steps), jnp.float32),
+        jnp.zeros((batch,), bool),
+    )
+    step, _, _, _, _, tokens, log_probs, done = jax.lax.while_loop(cond, body, state)
+    is_stop = jnp.isin(tokens, stop) & (jnp.arange(steps)[None, :] < step)
+    first_stop = jnp.argmax(is_stop, axis=1)
+    lengths = jnp.where(done, first_stop + 1, step).astype(jnp.int32)
+    return Generation(tokens, log_probs, lengths, done)

@@ -1,0 +1,265 @@
+"""Hugging Face safetensors checkpoints <-> jaxtune parameter trees.
+
+`load_hf(dir)` reads config.json and model.safetensors (or sharded
+``model-0000x-of-0000y.safetensors`` with ``model.safetensors.index.json``) with
+no pickle and no network; `save_hf(params, cfg, dir)` writes a directory that
+``transformers.AutoModelForCausalLM.from_pretrained`` loads. Missing,
+unexpected or mis-shaped tensors raise `CheckpointMismatchError` naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxtune.interop.hf_config import check_expressible, from_hf_config
+from jaxtune.models import Model, ModelConfig
+from jaxtune.utils.tree import get_path, path_str, set_path
+
+SAFE_INDEX = "model.safetensors.index.json"
+# Buffers some transformers versions saved that carry no weights.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors do not match the model its config describes."""
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """One Hugging Face tensor and the jaxtune leaves it becomes."""
+
+    hf_name: str
+    paths: tuple[tuple[str, ...], ...]
+    to_jax: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+    to_hf: Callable[..., np.ndarray]
+
+
+def _copy(hf_name, path):
+    return TensorMap(hf_name, (path,), lambda t: (t,), lambda t: t)
+
+
+def _transposed(hf_name, path):
+    """torch nn.Linear stores [out, in]; jaxtune kernels are [in, out]."""
+    return TensorMap(hf_name, (path,), lambda t: (np.ascontiguousarray(t.T),), lambda t: np.ascontiguousarray(t.T))
+
+
+def _split_last(hf_name, paths):
+    """GPT-2's fused c_attn: [..., 3*embed] <-> q, k, v along the last axis."""
+    n = len(paths)
+    return TensorMap(hf_name, paths, lambda t: tuple(np.split(t, n, axis=-1)), lambda *ts: np.concatenate(ts, -1))
+
+
+def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
+    """The complete name mapping for a model of this config (HF -> jaxtune paths)."""
+    return _gpt2_maps(cfg) if cfg.family == "gpt2" else _llama_like_maps(cfg)
+
+
+def _llama_like_maps(cfg: ModelConfig) -> list[TensorMap]:
+    maps = [_copy("model.embed_tokens.weight", ("embed", "embedding"))]
+    for i in range(cfg.num_layers):
+        hf, jx = f"model.layers.{i}", f"layers_{i}"
+        maps.append(_copy(f"{hf}.input_layernorm.weight", (jx, "attn_norm", "scale")))
+        maps.append(_copy(f"{hf}.post_attention_layernorm.weight", (jx, "mlp_norm", "scale")))
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            maps.append(_transposed(f"{hf}.self_attn.{proj}.weight", (jx, "attn", proj, "kernel")))
+            if (cfg.o_bias if proj == "o_proj" else cfg.qkv_bias):
+                maps.append(_copy(f"{hf}.self_attn.{proj}.bias", (jx, "attn", proj, "bias")))
+        if cfg.qk_norm:
+            maps.append(_copy(f"{hf}.self_attn.q_norm.weight", (jx, "attn", "q_norm", "scale")))
+            maps.append(_copy(f"{hf}.self_attn.k_norm.weight", (jx, "attn", "k_norm", "scale")))
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            maps.append(_transposed(f"{hf}.mlp.{proj}.weight", (jx, "mlp", proj, "kernel")))
+            if cfg.mlp_bias:
+                maps.append(_copy(f"{hf}.mlp.{proj}.bias", (jx, "mlp", proj, "bias")))
+    maps.append(_copy("model.norm.weight", ("final_norm", "scale")))
+    if not cfg.tie_word_embeddings:
+        maps.append(_transposed("lm_head.weight", ("lm_head", "kernel")))
+    return maps
+
+
+def _gpt2_maps(cfg: ModelConfig) -> list[TensorMap]:
+    maps = [
+        _copy("transformer.wte.weight", ("embed", "embedding")),
+        _copy("transformer.wpe.weight", ("pos_embed", "embedding")),
+    ]
+    for i in range(cfg.num_layers):
+        hf, jx = f"transformer.h.{i}", f"layers_{i}"
+        qkv = tuple((jx, "attn", p) for p in ("q_proj", "k_proj", "v_proj"))
+        maps += [
+            _copy(f"{hf}.ln_1.weight", (jx, "attn_norm", "scale")),
+            _copy(f"{hf}.ln_1.bias", (jx, "attn_norm", "bias")),
+            _split_last(f"{hf}.attn.c_attn.weight", tuple(p + ("kernel",) for p in qkv)),
+            _split_last(f"{hf}.attn.c_attn.bias", tuple(p + ("bias",) for p in qkv)),
+            # GPT-2's Conv1D already stores [in, out]: no transpose.
+            _copy(f"{hf}.attn.c_proj.weight", (jx, "attn", "o_proj", "kernel")),
+            _copy(f"{hf}.attn.c_proj.bias", (jx, "attn", "o_proj", "bias")),
+            _copy(f"{hf}.ln_2.weight", (jx, "mlp_norm", "scale")),
+            _copy(f"{hf}.ln_2.bias", (jx, "mlp_norm", "bias")),
+            _copy(f"{hf}.mlp.c_fc.weight", (jx, "mlp", "up_proj", "kernel")),
+            _copy(f"{hf}.mlp.c_fc.bias", (jx, "mlp", "up_proj", "bias")),
+            _copy(f"{hf}.mlp.c_proj.weight", (jx, "mlp", "down_proj", "kernel")),
+            _copy(f"{hf}.mlp.c_proj.bias", (jx, "mlp", "down_proj", "bias")),
+        ]
+    maps += [_copy("transformer.ln_f.weight", ("final_norm", "scale")),
+             _copy("transformer.ln_f.bias", ("final_norm", "bias"))]
+    if not cfg.tie_word_embeddings:
+        maps.append(_transposed("lm_head.weight", ("lm_head", "kernel")))
+    return maps
+
+
+class SafetensorsReader:
+    """Read-only view of every tensor in a checkpoint directory (single file or sharded)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        index = self.directory / SAFE_INDEX
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.directory / f for name, f in weight_map.items()}
+        else:
+            files = sorted(self.directory.glob("*.safetensors"))
+            if not files:
+                pickled = [p.name for p in self.directory.glob("*.bin")] + [p.name for p in self.directory.glob("*.pt*")]
+                hint = f" (found {pickled}: pickle checkpoints are refused; re-save with safe_serialization)" if pickled else ""
+                raise FileNotFoundError(f"{self.directory}: no *.safetensors files{hint}")
+            self.files = {}
+            for f in files:
+                with safe_open(f, framework="numpy") as handle:
+                    for name in handle.keys():
+                        if name in self.files:
+                            raise CheckpointMismatchError(f"tensor {name!r} appears in both {self.files[name].name} and {f.name}")
+                        self.files[name] = f
+        missing_files = sorted({str(f) for f in self.files.values() if not f.exists()})
+        if missing_files:
+            raise FileNotFoundError(f"{index}: shard files listed but absent: {missing_files}")
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def get(self, name: str) -> np.ndarray:
+        with safe_open(self.files[name], framework="numpy") as handle:
+            return handle.get_tensor(name)
+
+
+def _bare_model_prefix(names: set[str], maps: list[TensorMap]) -> str:
+    """Checkpoints of the bare model (LlamaModel, GPT2Model) lack the 'model.' / 'transformer.'
+    prefix; return the prefix to strip from our names ('' for a full *ForCausalLM checkpoint)."""
+    embed = maps[0].hf_name
+    prefix = embed.split(".")[0] + "."
+    return prefix if embed not in names and embed[len(prefix):] in names else ""
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face model directory)")
+    return json.loads(path.read_text())
+
+
+def load_hf(directory: str | os.PathLike, *, param_dtype: str = "float32", dtype: Optional[str] = None,
+            **overrides) -> tuple[dict, ModelConfig]:
+    """Load a local Hugging Face checkpoint -> (params, cfg). No pickle, no network."""
+    cfg = from_hf_config(read_config(directory), param_dtype=param_dtype, dtype=dtype or param_dtype, **overrides)
+    reader = SafetensorsReader(directory)
+    params = params_from_tensors(reader.names(), reader.get, cfg, source=str(directory))
+    return params, cfg
+
+
+def params_from_tensors(names: set[str], get: Callable[[str], np.ndarray], cfg: ModelConfig, *, source: str = "checkpoint") -> dict:
+    """Assemble the jaxtune param tree from named HF tensors, checking names and shapes."""
+    maps = tensor_maps(cfg)
+    strip = _bare_model_prefix(names, maps)
+    expected = jax.eval_shape(Model(cfg).init, jax.random.key(0))
+    params: dict = {}
+    used: set[str] = set()
+    missing = []
+    for m in maps:
+        name = m.hf_name[len(strip):] if strip and m.hf_name.startswith(strip) else m.hf_name
+        if name not in names:
+            missing.append(name)
+            continue
+        used.add(name)
+        for path, value in zip(m.paths, m.to_jax(get(name))):
+            want = get_path(expected, path)
+            if tuple(value.shape) != tuple(want.shape):
+                raise CheckpointMismatchError(
+                    f"{source}: tensor {name!r} -> {path_str(path)} has shape {tuple(value.shape)}, "
+                    f"config.json implies {tuple(want.shape)}"
+                )
+            set_path(params, path, jax.numpy.asarray(value, dtype=cfg.weight_dtype))
+    if missing:
+        raise CheckpointMismatchError(f"{source}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    unexpected = sorted(n for n in names - used if not n.endswith(_IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    if unexpected:
+        raise CheckpointMismatchError(
+            f"{source}: unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
+            f"(not part of a {cfg.family} model with this config.json)"
+        )
+    return params
+
+
+def hf_tensors(params: dict, cfg: ModelConfig, dtype: Optional[str] = None) -> dict[str, np.ndarray]:
+    """The HF-named tensors of a plain (merged, unquantized) param tree."""
+    out = {}
+    for m in tensor_maps(cfg):
+        leaves = []
+        for path in m.paths:
+            leaf = get_path(params, path, missing_ok=True)
+            if leaf is None:
+                raise CheckpointMismatchError(f"params: missing leaf {path_str(path)} needed for {m.hf_name!r}")
+            if not isinstance(leaf, (jax.Array, np.ndarray)):
+                raise TypeError(
+                    f"params: leaf {path_str(path)} is a {type(leaf).__name__}, not an array; merge adapters "
+                    "or dequantize before exporting to Hugging Face format"
+                )
+            leaves.append(np.asarray(jax.device_get(leaf)))
+        tensor = m.to_hf(*leaves)
+        out[m.hf_name] = np.ascontiguousarray(tensor.astype(jax.numpy.dtype(dtype)) if dtype else tensor)
+    return out
+
+
+def save_hf(params: dict, cfg: ModelConfig, directory: str | os.PathLike, *, dtype: Optional[str] = None,
+            max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:
+    """Write config.json + safetensors (sharded above max_shard_bytes) that transformers loads."""
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace its files)")
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = hf_tensors(params, cfg, dtype)
+    torch_dtype = str(np.dtype(next(iter(tensors.values())).dtype)) if dtype is None else dtype
+    hf_config = check_expressible(cfg)
+    hf_config["torch_dtype"] = hf_config["dtype"] = torch_dtype
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    shards = list(_shard(tensors, max_shard_bytes))
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return directory
+    weight_map = {}
+    for k, shard in enumerate(shards, 1):
+        name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        weight_map.update({t: name for t in shard})
+    total = sum(t.nbytes for t in tensors.values())
+    (directory / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return directory
+
+
+def _shard(tensors: dict[str, np.ndarray], max_bytes: int) -> Iterable[dict[str, np.ndarray]]:
+    shard, size = {}, 0
+    for name, t in tensors.items():
+        if shard and size + t.nbytes > max_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[name] = t
+        size += t.nbytes
+    if shard:
+        yield shard

@@ -1,0 +1,86 @@
+"""Attention masks, the KV cache, and scaled dot-product attention.
+
+Masks are built from ``segment_ids`` (0 marks padding; equal non-zero ids mark
+one packed document) and slot indices, so padding, packing and causality are
+one rule: query i sees key j iff j <= i, both lie in the same non-zero segment,
+and (with a sliding window) i - j < window.
+
+Two numerically equivalent implementations: ``dpa`` calls
+`jax.nn.dot_product_attention` (which picks cuDNN flash attention on GPU where it
+applies) and ``xla`` is a grouped-query einsum that never repeats K/V heads.
+Softmax runs in float32 in both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+
+class KVCache(NamedTuple):
+    """Decoding state. keys/values: per layer [batch, max_len, kv_heads, head_dim];
+    segment_ids: [batch, max_len] int32 (0 = empty or padding); end: int32 scalar,
+    the number of slots written so far (the next write goes to slot ``end``)."""
+
+    keys: tuple
+    values: tuple
+    segment_ids: jax.Array
+    end: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.segment_ids.shape[1]
+
+
+def init_cache(num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
+    zeros = lambda: jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)  # noqa: E731
+    return KVCache(
+        keys=tuple(zeros() for _ in range(num_layers)),
+        values=tuple(zeros() for _ in range(num_layers)),
+        segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+        end=jnp.zeros((), jnp.int32),
+    )
+
+
+def attention_mask(
+    q_segments: jax.Array,
+    k_segments: jax.Array,
+    q_index: jax.Array,
+    k_index: jax.Array,
+    window: Optional[int] = None,
+) -> jax.Array:
+    """q_segments: [batch, q]; k_segments: [batch, k]; q_index: [q]; k_index: [k]
+    -> boolean mask [batch, 1, q, k] (True = may attend)."""
+    same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
+    delta = q_index[:, None] - k_index[None, :]
+    visible = delta >= 0
+    if window is not None:
+        visible = visible & (delta < window)
+    return (same & visible[None])[:, None]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "dpa") -> jax.Array:
+    """q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
+    mask: [batch, 1, q_len, kv_len] -> [batch, q_len, heads, head_dim]."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if impl == "dpa":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    if impl == "xla":
+        return _grouped_attention(q, k, v, mask, scale)
+    raise ValueError(f"attention_impl: unknown implementation {impl!r} (dpa | xla)")
+
+
+def _grouped_attention(q, k, v, mask, scale):
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    qg = q.reshape(batch, q_len, kv_heads, groups, head_dim)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    big_negative = jnp.float32(-0.7 * jnp.finfo(jnp.float32).max)
+    logits = jnp.where(mask[:, :, None], logits, big_negative)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", weights, v)
+    return out.reshape(batch, q_len, heads, head_dim)

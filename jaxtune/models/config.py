@@ -1,0 +1,103 @@
+"""`ModelConfig`: one frozen description that covers every supported decoder family.
+
+A config is plain data (hashable, so it can be a static argument of `jax.jit`).
+It says nothing about how weights are stored on disk; `jaxtune.interop.hf_config`
+reads and writes Hugging Face ``config.json`` files into and out of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import jax.numpy as jnp
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding. kind: default | linear | llama3 (Llama-3.x frequency scaling)."""
+
+    kind: Literal["default", "linear", "llama3"] = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder LM. Shapes: embed = hidden_size, heads x head_dim per projection."""
+
+    family: str = "llama"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 16
+    intermediate_size: int = 128
+    max_position_embeddings: int = 2048
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-6
+    mlp: Literal["gated", "plain"] = "gated"  # gated = SwiGLU-style, plain = GPT-2 style
+    activation: Literal["silu", "gelu", "gelu_tanh", "relu"] = "silu"
+    position: Literal["rope", "learned"] = "rope"
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: Optional[int] = None
+    # Per layer "full" or "sliding"; empty means every layer is "full" unless
+    # sliding_window is set, in which case every layer slides (Mistral).
+    layer_types: tuple[str, ...] = ()
+    initializer_range: float = 0.02
+    bos_token_id: Optional[int] = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: Optional[int] = None
+    # Numerics: parameters are stored in param_dtype, matmuls run in dtype;
+    # norms, softmax and returned logits are always float32.
+    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attention_impl: Literal["dpa", "xla"] = "dpa"
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"ModelConfig.family: unsupported family {self.family!r}; supported: {', '.join(FAMILIES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ValueError(
+                f"ModelConfig.layer_types has {len(self.layer_types)} entries for {self.num_layers} layers"
+            )
+        for t in self.layer_types:
+            if t not in ("full", "sliding"):
+                raise ValueError(f"ModelConfig.layer_types: unknown layer type {t!r} (full | sliding)")
+
+    def window_for_layer(self, i: int) -> Optional[int]:
+        """Sliding-window size for layer i, or None for full causal attention."""
+        if self.sliding_window is None:
+            return None
+        if not self.layer_types:
+            return self.sliding_window
+        return self.sliding_window if self.layer_types[i] == "sliding" else None
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,155 @@
+"""Flax Linen building blocks of a decoder: Linear, norms, attention, MLP, Block.
+
+Every projection goes through `jaxtune.ops.linear`, so a kernel may be a plain
+array or any registered typed leaf. Kernels are declared with
+``self.variable('params', ...)`` rather than ``self.param`` because Linen's
+shape check would reject typed leaves (a quantized kernel is not [in, out]).
+Norms and softmax compute in float32; matmuls in ``cfg.dtype``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxtune.models.attention import attend
+from jaxtune.models.config import ModelConfig
+from jaxtune.models.rope import apply_rotary
+from jaxtune.ops import linear
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+class Linear(nn.Module):
+    """y = x @ kernel (+ bias). kernel: [in, features] or a typed leaf."""
+
+    features: int
+    use_bias: bool
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        init = nn.initializers.normal(cfg.initializer_range)
+        kernel = self.variable(
+            "params",
+            "kernel",
+            lambda: init(self.make_rng("params"), (x.shape[-1], self.features), cfg.weight_dtype),
+        ).value
+        y = linear(x, kernel, dtype=cfg.compute_dtype)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), cfg.weight_dtype)
+            y = y + bias.astype(y.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale over the last axis, computed in float32."""
+
+    eps: float
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.cfg.weight_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+
+
+class LayerNorm(nn.Module):
+    """(x - mean) / std * scale + bias over the last axis, computed in float32."""
+
+    eps: float
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dim = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (dim,), self.cfg.weight_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (dim,), self.cfg.weight_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+
+
+def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+    cls = RMSNorm if cfg.norm == "rmsnorm" else LayerNorm
+    return cls(eps=cfg.norm_eps, cfg=cfg, name=name)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with optional q/k norm, rotary embeddings and KV cache."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, rotary, mask, kv_cache=None, cache_end=None):
+        """x: [batch, seq, embed]; rotary: (cos, sin) [batch, seq, head_dim] or None;
+        mask: [batch, 1, seq, kv_len]; kv_cache: (keys, values) [batch, max_len, kv_heads, head_dim].
+        Returns (out [batch, seq, embed], updated (keys, values) or None)."""
+        cfg = self.cfg
+        batch, seq, _ = x.shape
+        q = Linear(cfg.num_heads * cfg.head_dim, cfg.qkv_bias, cfg, name="q_proj")(x)
+        k = Linear(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, cfg, name="k_proj")(x)
+        v = Linear(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, cfg, name="v_proj")(x)
+        q = q.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.norm_eps, cfg, name="q_norm")(q)
+            k = RMSNorm(cfg.norm_eps, cfg, name="k_norm")(k)
+        if rotary is not None:
+            q = apply_rotary(q, *rotary)
+            k = apply_rotary(k, *rotary)
+        new_cache = None
+        if kv_cache is not None:
+            keys, values = kv_cache
+            keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, cache_end, 0, 0))
+            values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, cache_end, 0, 0))
+            new_cache = (keys, values)
+            k, v = keys.astype(q.dtype), values.astype(q.dtype)
+        out = attend(q, k, v, mask, cfg.attention_impl)
+        out = out.reshape(batch, seq, cfg.num_heads * cfg.head_dim)
+        return Linear(cfg.hidden_size, cfg.o_bias, cfg, name="o_proj")(out), new_cache
+
+
+class MLP(nn.Module):
+    """Gated: down(act(gate(x)) * up(x)) (SwiGLU). Plain: down(act(up(x))) (GPT-2)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        act = ACTIVATIONS[cfg.activation]
+        up = Linear(cfg.intermediate_size, cfg.mlp_bias, cfg, name="up_proj")(x)
+        if cfg.mlp == "gated":
+            gate = Linear(cfg.intermediate_size, cfg.mlp_bias, cfg, name="gate_proj")(x)
+            h = act(gate) * up
+        else:
+            h = act(up)
+        return Linear(cfg.hidden_size, cfg.mlp_bias, cfg, name="down_proj")(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, rotary, mask, kv_cache=None, cache_end=None):
+        attn_out, new_cache = Attention(self.cfg, name="attn")(
+            make_norm(self.cfg, "attn_norm")(x), rotary, mask, kv_cache, cache_end
+        )
+        h = x + attn_out
+        h = h + MLP(self.cfg, name="mlp")(make_norm(self.cfg, "mlp_norm")(h))
+        return h, new_cache

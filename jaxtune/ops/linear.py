@@ -1,0 +1,70 @@
+"""The one linear op: every projection in every jaxtune model calls `linear`.
+
+A weight leaf is either a plain array ``w: [in, out]`` or a registered typed
+leaf (a pytree node such as a LoRA weight or a quantized weight). `linear`
+dispatches on the leaf's type to the rule registered for it, so a model never
+writes ``x @ w`` and never needs to know which kind of weight it was handed.
+
+This module must not import any PEFT or quantization code: those modules
+register their own rules here (``@register_linear(MyLeaf)``), which keeps the
+dependency pointing one way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class LinearRule(Protocol):
+    def __call__(self, x: jax.Array, w: Any, *, dtype: Any) -> jax.Array: ...
+
+
+_RULES: dict[type, LinearRule] = {}
+
+
+def register_linear(leaf_type: type) -> Callable[[LinearRule], LinearRule]:
+    """Register ``rule(x, w, *, dtype) -> y`` as the linear op for ``leaf_type``.
+
+    The rule receives activations ``x: [..., in]`` and the typed leaf and must
+    return ``y: [..., out]`` in ``dtype`` (the compute dtype; None keeps
+    ``x.dtype``). Subclasses of a registered type use their parent's rule
+    unless they register their own.
+    """
+
+    def decorator(rule: LinearRule) -> LinearRule:
+        _RULES[leaf_type] = rule
+        return rule
+
+    return decorator
+
+
+def linear_rule(w: Any) -> LinearRule:
+    """The rule that `linear` would use for weight leaf ``w``."""
+    if isinstance(w, (jax.Array, np.ndarray)):
+        return _dense
+    for cls in type(w).__mro__:
+        rule = _RULES.get(cls)
+        if rule is not None:
+            return rule
+    raise TypeError(
+        f"no linear rule for weight leaf of type {type(w).__module__}.{type(w).__qualname__}; "
+        "register one with @jaxtune.ops.register_linear(ThatType)"
+    )
+
+
+def linear(x: jax.Array, w: Any, *, dtype: Any = None) -> jax.Array:
+    """``y = x @ w`` for any weight leaf. x: [..., in]; w: [in, out] (or a typed leaf)."""
+    return linear_rule(w)(x, w, dtype=dtype)
+
+
+def _dense(x: jax.Array, w: jax.Array, *, dtype: Any) -> jax.Array:
+    dtype = x.dtype if dtype is None else dtype
+    if w.ndim != 2:
+        raise ValueError(f"linear expects a 2-D kernel [in, out], got shape {w.shape}")
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(f"linear: x has {x.shape[-1]} input features, kernel expects {w.shape[0]}")
+    return jnp.matmul(x.astype(dtype), jnp.asarray(w).astype(dtype))
