@@ -23,7 +23,7 @@ class ModelSource:
     config: Optional[ModelConfig] = None  # inline architecture, random init
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attention_impl: Literal["dpa", "xla"] = "dpa"
+    attention_impl: Literal["dpa", "cudnn", "xla"] = "dpa"
     init_seed: int = 0
 
     def __post_init__(self):

@@ -5,19 +5,26 @@ one packed document) and slot indices, so padding, packing and causality are
 one rule: query i sees key j iff j <= i, both lie in the same non-zero segment,
 and (with a sliding window) i - j < window.
 
-Two numerically equivalent implementations: ``dpa`` calls
-`jax.nn.dot_product_attention` (which picks cuDNN flash attention on GPU where it
-applies) and ``xla`` is a grouped-query einsum that never repeats K/V heads.
-Softmax runs in float32 in both.
+Implementations (``ModelConfig.attention_impl``), numerically equivalent:
+- ``dpa``: `jax.nn.dot_product_attention` with its default (XLA) backend;
+- ``cudnn``: the same call asking for cuDNN's fused attention on NVIDIA GPUs
+  (the mask is passed as cuDNN's bias). Where cuDNN does not apply (no GPU, an
+  unsupported dtype or head size) it falls back to ``dpa`` with one warning;
+- ``xla``: a grouped-query einsum that never repeats K/V heads.
+Softmax runs in float32 in all of them.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+_warned_cudnn_fallback = False
 
 
 class KVCache(NamedTuple):
@@ -66,11 +73,24 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str 
     """q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
     mask: [batch, 1, q_len, kv_len] -> [batch, q_len, heads, head_dim]."""
     scale = 1.0 / math.sqrt(q.shape[-1])
+    if impl == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+        except (RuntimeError, ValueError, NotImplementedError) as err:
+            _warn_cudnn_fallback(err)
+            impl = "dpa"
     if impl == "dpa":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
     if impl == "xla":
         return _grouped_attention(q, k, v, mask, scale)
-    raise ValueError(f"attention_impl: unknown implementation {impl!r} (dpa | xla)")
+    raise ValueError(f"attention_impl: unknown implementation {impl!r} (dpa | cudnn | xla)")
+
+
+def _warn_cudnn_fallback(err: Exception) -> None:
+    global _warned_cudnn_fallback
+    if not _warned_cudnn_fallback:
+        log.warning("attention_impl=cudnn does not apply here (%s); using jax.nn.dot_product_attention's XLA path", err)
+        _warned_cudnn_fallback = True
 
 
 def _grouped_attention(q, k, v, mask, scale):

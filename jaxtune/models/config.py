@@ -64,7 +64,7 @@ class ModelConfig:
     # norms, softmax and returned logits are always float32.
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attention_impl: Literal["dpa", "xla"] = "dpa"
+    attention_impl: Literal["dpa", "cudnn", "xla"] = "dpa"
 
     def __post_init__(self):
         if self.family not in FAMILIES:
