@@ -8,8 +8,10 @@ wrong mapping cannot hide behind ones and zeros.
 
 from __future__ import annotations
 
-import torch
-import transformers
+from tests.reference import require
+
+torch = require("torch")
+transformers = require("transformers")
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)

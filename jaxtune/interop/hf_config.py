@@ -206,7 +206,6 @@ def to_hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, An
             "n_inner": cfg.intermediate_size, "n_positions": cfg.max_position_embeddings,
             "n_ctx": cfg.max_position_embeddings, "layer_norm_epsilon": cfg.norm_eps,
             "activation_function": _ACTIVATIONS_OUT[cfg.activation],
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
         }
     rope = {"rope_type": cfg.rope.kind, "rope_theta": cfg.rope.theta}
     if cfg.rope.kind == "linear":
@@ -225,7 +224,6 @@ def to_hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, An
         "rope_theta": cfg.rope.theta,
         "rope_scaling": None if cfg.rope.kind == "default" else dict(rope),
         "rope_parameters": rope,
-        "attention_dropout": 0.0,
     }
     if cfg.family in ("llama", "qwen3"):
         out["attention_bias"] = cfg.qkv_bias

@@ -5,10 +5,12 @@ import subprocess
 import sys
 
 import numpy as np
-import torch
-import transformers
 
 from jaxtune.cli.main import main
+from tests.reference import require
+
+torch = require('torch')
+transformers = require('transformers')
 
 
 def test_convert_round_trip_through_orbax(hf_checkpoint, tmp_path, capsys):

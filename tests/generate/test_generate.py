@@ -4,17 +4,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from jaxtune.generate import SamplingConfig, filter_logits, generate, left_pad, sample_next
 from jaxtune.interop import load_hf
 from jaxtune.models import Model
+from tests.reference import require
 
 PROMPTS = [[5, 17, 33, 8, 61, 12, 9], [44, 3, 90], [70, 21, 21, 6, 30]]
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
 def test_greedy_matches_transformers_generate(hf_checkpoint, name):
+    torch = require("torch")
     directory, torch_model = hf_checkpoint(name)
     params, cfg = load_hf(directory)
     tokens, mask = left_pad(PROMPTS)

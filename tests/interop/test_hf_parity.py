@@ -2,11 +2,13 @@
 
 import numpy as np
 import pytest
-import torch
 
 from jaxtune.interop import load_hf
 from jaxtune.models import Model
 from tests.hf_reference import CONFIGS
+from tests.reference import require
+
+torch = require('torch')
 
 FAMILIES = list(CONFIGS)
 

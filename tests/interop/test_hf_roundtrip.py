@@ -5,13 +5,15 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
-import transformers
 from safetensors.numpy import load_file, save_file
 
 from jaxtune.interop import CheckpointMismatchError, UnsupportedModelError, load_hf, save_hf
 from jaxtune.interop.hf_weights import SafetensorsReader
 from tests.hf_reference import CONFIGS
+from tests.reference import require
+
+torch = require('torch')
+transformers = require('transformers')
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
