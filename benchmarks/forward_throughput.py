@@ -8,7 +8,9 @@ save_pretrained and loaded into jaxtune, so both sides run identical weights.
 Both produce full fp32 logits. PyTorch uses as many threads as this machine
 has cores (torch.get_num_threads after set_num_threads(os.cpu_count())).
 Reports the median of --repeats timed calls after warm-up, the jaxtune compile
-time, the ratio, and the max logit difference as a sanity check.
+time, the ratio, and the max logit difference as a sanity check; then the raw
+fp32 matmul throughput of XLA and PyTorch on the model's own GEMM shapes, which
+bounds what either side can reach.
 """
 
 from __future__ import annotations
@@ -78,6 +80,24 @@ def main():
     print(f"jaxtune      {n_tokens / jax_s:10.0f} tokens/s  ({jax_s * 1e3:.1f} ms/step, first call incl. compile {compile_s:.2f} s)")
     print(f"transformers {n_tokens / torch_s:10.0f} tokens/s  ({torch_s * 1e3:.1f} ms/step)")
     print(f"ratio jaxtune / transformers: {torch_s / jax_s:.2f}x   max |logit diff| {diff:.2e}")
+    matmul_floor(cfg, n_tokens, args.repeats)
+
+
+def matmul_floor(cfg, rows, repeats):
+    """fp32 GEMM GFLOP/s of XLA and PyTorch on the shapes this model's forward runs."""
+    shapes = [(rows, cfg.hidden_size, cfg.intermediate_size), (rows, cfg.intermediate_size, cfg.hidden_size),
+              (rows, cfg.hidden_size, cfg.vocab_size)]
+    matmul = jax.jit(jnp.matmul)
+    for m, k, n in shapes:
+        a = np.random.default_rng(1).random((m, k), np.float32)
+        b = np.random.default_rng(2).random((k, n), np.float32)
+        ja, jb = jnp.asarray(a), jnp.asarray(b)
+        matmul(ja, jb).block_until_ready()
+        xla_s = median_seconds(lambda: matmul(ja, jb).block_until_ready(), repeats)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        torch_s = median_seconds(lambda: ta @ tb, repeats)
+        flops = 2 * m * k * n / 1e9
+        print(f"matmul {m}x{k}x{n}: XLA {flops / xla_s:6.0f} GFLOP/s, PyTorch {flops / torch_s:6.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -97,3 +97,18 @@ def test_top_k_and_top_p_filters():
     assert np.isfinite(np.asarray(filter_logits(logits, 0, 0.7))).tolist() == [[True, True, False, False]]
     assert np.isfinite(np.asarray(filter_logits(logits, 0, 0.81))).tolist() == [[True, True, True, False]]
     assert np.isfinite(np.asarray(filter_logits(logits, 0, 1e-6))).tolist() == [[True, False, False, False]]
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.3), (0, 0.9), (12, 0.8)])
+def test_filters_match_transformers_warpers(top_k, top_p):
+    torch = require("torch")
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = np.random.default_rng(0).normal(size=(6, 50)).astype(np.float32) * 3
+    ref = torch.tensor(logits)
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p < 1.0:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    ours = np.asarray(filter_logits(jnp.asarray(logits), top_k, top_p))
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref.numpy()))
