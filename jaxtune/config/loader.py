@@ -54,7 +54,10 @@ def apply_override(cls: type, data: dict, item: str) -> None:
         if part not in hints:
             _unknown(dotted, [".".join(parts[:i] + [k]) for k in hints])
         if i == len(parts) - 1:
-            node[part] = yaml.safe_load(raw) if raw.strip() else ""
+            try:
+                node[part] = _parse_override_value(hints[part], raw)
+            except yaml.YAMLError as err:
+                raise ConfigError(f"config key {dotted!r}: cannot parse value {raw!r} ({err.problem})") from err
             return
         target = _dataclass_in(hints[part])
         if target is None:
@@ -65,6 +68,20 @@ def apply_override(cls: type, data: dict, item: str) -> None:
         elif not isinstance(existing, dict):
             raise ConfigError(f"config key {dotted!r} must be a mapping")
         node = existing
+
+
+def _parse_override_value(tp, raw: str):
+    """YAML-parse an override value, except for string fields: there the text is kept as
+    typed (YAML would turn '0123' into 83 and 'a # b' into 'a'); ``null`` still clears an
+    optional string. A tuple of strings takes one bare string or a [bracketed, list]."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    optional = type(None) in typing.get_args(tp)
+    if tp is str or (optional and args == [str]):
+        return None if optional and raw.strip() == "null" else raw
+    if typing.get_origin(tp) is tuple and typing.get_args(tp)[:1] == (str,):
+        # BaseLoader keeps every scalar a string: '[0123, yes]' -> ['0123', 'yes']
+        return yaml.load(raw, Loader=yaml.BaseLoader) if raw.lstrip().startswith("[") else [raw]
+    return yaml.safe_load(raw) if raw.strip() else ""
 
 
 def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:

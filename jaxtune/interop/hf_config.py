@@ -7,7 +7,7 @@ the export. Anything jaxtune cannot reproduce exactly raises, naming the field.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from jaxtune.models.config import ModelConfig, RopeConfig
 
@@ -53,8 +53,8 @@ def _require(hf: dict, key: str):
     return hf[key]
 
 
-def _activation(hf: dict, key: str) -> str:
-    name = hf.get(key, "silu")
+def _activation(hf: dict, key: str, default: str) -> str:
+    name = hf.get(key, default)
     if name not in _ACTIVATIONS:
         raise UnsupportedModelError(f"config.json: unsupported {key}={name!r}; supported: {sorted(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]
@@ -66,15 +66,24 @@ def _rope(hf: dict) -> RopeConfig:
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     scaling = {**legacy, **params} if params else dict(legacy)
     kind = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+
+    def field(name, default=None):
+        value = scaling.get(name, default)
+        if value is None:
+            raise UnsupportedModelError(f"config.json: rope_parameters.rope_type={kind!r} needs field {name!r}")
+        return value
+
     if kind == "default":
         return RopeConfig(theta=float(theta))
     if kind == "linear":
-        return RopeConfig(kind="linear", theta=float(theta), factor=float(scaling["factor"]))
+        return RopeConfig(kind="linear", theta=float(theta), factor=float(field("factor")))
     if kind == "llama3":
+        # transformers falls back to max_position_embeddings when the original length is absent
+        original = field("original_max_position_embeddings", hf.get("max_position_embeddings"))
         return RopeConfig(
-            kind="llama3", theta=float(theta), factor=float(scaling["factor"]),
-            low_freq_factor=float(scaling["low_freq_factor"]), high_freq_factor=float(scaling["high_freq_factor"]),
-            original_max_position=int(scaling["original_max_position_embeddings"]),
+            kind="llama3", theta=float(theta), factor=float(field("factor")),
+            low_freq_factor=float(field("low_freq_factor")), high_freq_factor=float(field("high_freq_factor")),
+            original_max_position=int(original),
         )
     raise UnsupportedModelError(
         f"config.json: unsupported rope_parameters.rope_type={kind!r}; supported: default, linear, llama3"
@@ -94,6 +103,28 @@ def _layer_types(hf: dict, num_layers: int) -> tuple[str, ...]:
     return tuple(names[t] for t in types)
 
 
+def _sliding(hf: dict, model_type: str, layers: int) -> tuple[Optional[int], tuple[str, ...]]:
+    """(sliding_window, layer_types) as transformers applies them for this family."""
+    if model_type == "llama":  # LlamaModel ignores sliding_window / layer_types
+        return None, ()
+    if model_type == "mistral":
+        window = hf.get("sliding_window", 4096)  # MistralConfig's default; explicit null = no window
+        layer_types = _layer_types(hf, layers)
+    else:  # qwen2 / qwen3
+        if not hf.get("use_sliding_window", False):
+            return None, ()
+        window = hf.get("sliding_window")
+        layer_types = _layer_types(hf, layers)
+        if not layer_types:
+            max_window = int(hf.get("max_window_layers", 28))  # transformers' default
+            layer_types = tuple("sliding" if i >= max_window else "full" for i in range(layers))
+    if window is None or (layer_types and "sliding" not in layer_types):
+        return None, ()
+    if layer_types and all(t == "sliding" for t in layer_types):
+        layer_types = ()  # every layer slides: the plain sliding_window form
+    return int(window), layer_types
+
+
 def _llama_like_fields(hf: dict, model_type: str) -> dict:
     hidden = int(_require(hf, "hidden_size"))
     heads = int(_require(hf, "num_attention_heads"))
@@ -107,31 +138,22 @@ def _llama_like_fields(hf: dict, model_type: str) -> dict:
         "qwen2": (True, False),
         "qwen3": (attention_bias, attention_bias),
     }[model_type]
-    sliding_window = hf.get("sliding_window")
-    layer_types = _layer_types(hf, layers)
-    if model_type in ("qwen2", "qwen3"):
-        if not hf.get("use_sliding_window", False):
-            sliding_window, layer_types = None, ()
-        elif not layer_types:
-            max_window = int(hf.get("max_window_layers", layers))
-            layer_types = tuple("sliding" if i >= max_window else "full" for i in range(layers))
-    if sliding_window is not None and layer_types and "sliding" not in layer_types:
-        sliding_window, layer_types = None, ()
-    if sliding_window is None:
-        layer_types = ()
+    sliding_window, layer_types = _sliding(hf, model_type, layers)
+    # transformers' per-family defaults when config.json omits head_dim
+    head_dim = hf.get("head_dim") or (128 if model_type == "qwen3" else hidden // heads)
     return dict(
         vocab_size=int(_require(hf, "vocab_size")),
         hidden_size=hidden,
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or hidden // heads),
+        head_dim=int(head_dim),
         intermediate_size=int(_require(hf, "intermediate_size")),
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
         norm="rmsnorm",
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         mlp="gated",
-        activation=_activation(hf, "hidden_act"),
+        activation=_activation(hf, "hidden_act", "silu"),
         position="rope",
         rope=_rope(hf),
         qkv_bias=qkv_bias,
@@ -139,7 +161,7 @@ def _llama_like_fields(hf: dict, model_type: str) -> dict:
         mlp_bias=bool(hf.get("mlp_bias", False)),
         qk_norm=model_type == "qwen3",
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        sliding_window=None if sliding_window is None else int(sliding_window),
+        sliding_window=sliding_window,
         layer_types=layer_types,
     )
 
@@ -162,7 +184,7 @@ def _gpt2_fields(hf: dict) -> dict:
         norm="layernorm",
         norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         mlp="plain",
-        activation=_activation(hf, "activation_function"),
+        activation=_activation(hf, "activation_function", "gelu_new"),
         position="learned",
         qkv_bias=True,
         o_bias=True,
@@ -244,6 +266,11 @@ _NON_ARCHITECTURE = ("param_dtype", "dtype", "attention_impl", "initializer_rang
 
 def check_expressible(cfg: ModelConfig) -> dict[str, Any]:
     """to_hf_config(cfg), after checking transformers would rebuild exactly this architecture."""
+    if cfg.family == "llama" and cfg.hidden_size % cfg.num_heads:
+        raise UnsupportedModelError(
+            f"ModelConfig cannot be exported as a Hugging Face 'llama' model: transformers requires hidden_size "
+            f"({cfg.hidden_size}) to be a multiple of num_heads ({cfg.num_heads}); use family 'qwen3' for free head_dim"
+        )
     hf = to_hf_config(cfg)
     back = from_hf_config(hf, **{k: getattr(cfg, k) for k in _NON_ARCHITECTURE})
     if back != cfg:

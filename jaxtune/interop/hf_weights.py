@@ -233,8 +233,10 @@ def save_hf(params: dict, cfg: ModelConfig, directory: str | os.PathLike, *, dty
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace its files)")
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = hf_tensors(params, cfg, dtype)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in [*directory.glob("*.safetensors"), directory / SAFE_INDEX, directory / "config.json"]:
+        stale.unlink(missing_ok=True)  # overwrite=True: no shard of an earlier export may survive
     torch_dtype = str(np.dtype(next(iter(tensors.values())).dtype)) if dtype is None else dtype
     hf_config = check_expressible(cfg)
     hf_config["torch_dtype"] = hf_config["dtype"] = torch_dtype

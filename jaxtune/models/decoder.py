@@ -84,6 +84,20 @@ class Decoder(nn.Module):
         return x, KVCache(tuple(new_keys), tuple(new_values), k_segments, end + seq)
 
 
+def _check_cache_room(cache: KVCache, new_tokens: int) -> None:
+    """Refuse writes past the end of the cache (dynamic_update_slice would clamp them onto
+    the last slots). Checked whenever ``cache.end`` is a concrete value; under jit the caller
+    sizes the cache, as `jaxtune.generate` does."""
+    if new_tokens > cache.max_len:
+        raise ValueError(f"{new_tokens} tokens do not fit a cache of length {cache.max_len}")
+    try:
+        end = int(cache.end)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError, TypeError):
+        return
+    if end + new_tokens > cache.max_len:
+        raise ValueError(f"cache holds {end} of {cache.max_len} slots; {new_tokens} more tokens do not fit")
+
+
 def lm_head(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """hidden: [..., embed] -> logits [..., vocab] float32 (tied heads reuse the embedding)."""
     if cfg.tie_word_embeddings:
@@ -133,8 +147,8 @@ class Model:
             if cache is not None:
                 raise ValueError("positions are required when decoding with a cache")
             positions = positions_from_segments(segment_ids)
-        if cache is not None and tokens.shape[1] > cache.max_len:
-            raise ValueError(f"{tokens.shape[1]} tokens do not fit a cache of length {cache.max_len}")
+        if cache is not None:
+            _check_cache_room(cache, tokens.shape[1])
         decoder_params = {k: v for k, v in params.items() if k != "lm_head"}
         return self._decoder.apply({"params": decoder_params}, tokens, positions, segment_ids, cache)
 

@@ -53,3 +53,12 @@ def test_inline_model_config_round_trips():
     assert from_dict(ModelConfig, to_dict(cfg)) == cfg
     job = load_config(JobConfig, None, ["model.config.family=mistral", "model.config.rope.kind=llama3"])
     assert job.model.config.family == "mistral" and job.model.config.rope.kind == "llama3"
+
+
+def test_string_overrides_are_kept_as_typed():
+    job = load_config(JobConfig, None, ["prompts=0123", "tokenizer.path=~/tok", "model.preset=1.10"])
+    assert job.prompts == ("0123",) and job.tokenizer.path == "~/tok" and job.model.preset == "1.10"
+    job = load_config(JobConfig, None, ["prompts=[0123, yes]", "tokenizer.path=null"])
+    assert job.prompts == ("0123", "yes") and job.tokenizer.path is None
+    with pytest.raises(ConfigError, match="config key 'sampling.stop_tokens': cannot parse value"):
+        load_config(JobConfig, None, ["sampling.stop_tokens=[1, 2"])

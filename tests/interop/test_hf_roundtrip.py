@@ -125,3 +125,14 @@ def test_export_refuses_to_overwrite(hf_checkpoint, tmp_path):
     (tmp_path / "x" / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
         save_hf(params, cfg, tmp_path / "x")
+
+
+def test_overwrite_removes_earlier_shards(hf_checkpoint, tmp_path):
+    directory, _ = hf_checkpoint("llama")
+    params, cfg = load_hf(directory)
+    save_hf(params, cfg, tmp_path / "x", max_shard_bytes=60_000)
+    changed = dict(params, final_norm={"scale": params["final_norm"]["scale"] * 2})
+    save_hf(changed, cfg, tmp_path / "x", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["config.json", "model.safetensors"]
+    again, _ = load_hf(tmp_path / "x")
+    np.testing.assert_array_equal(np.asarray(again["final_norm"]["scale"]), np.asarray(changed["final_norm"]["scale"]))

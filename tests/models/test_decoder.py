@@ -141,3 +141,12 @@ def test_bad_inputs_are_named(model_and_params):
         ModelConfig(num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="unsupported family"):
         ModelConfig(family="bert")
+
+
+def test_cache_overflow_is_refused(model_and_params):
+    model, params = model_and_params
+    cache = model.init_cache(1, 4)
+    tokens = jnp.ones((1, 4), jnp.int32)
+    _, cache = model.apply(params, tokens, positions=jnp.arange(4)[None], cache=cache)
+    with pytest.raises(ValueError, match="cache holds 4 of 4 slots"):
+        model.apply(params, tokens[:, :1], positions=jnp.array([[4]]), cache=cache)
