@@ -7,13 +7,6 @@ import sys
 
 from jaxtune.config import ConfigError
 
-NOT_BUILT = {
-    "train": "the training loop (sharded jit step, optimizer, Orbax checkpoints) is not built yet; "
-             "it lands with the training-loop issue. Nothing was run.",
-    "eval": "evaluation from checkpoints is not built yet; it lands with the training-loop and SFT/eval issues. "
-            "Nothing was run.",
-}
-
 
 def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
     """[CONFIG.yaml] key=value ... -> (config path or None, overrides)."""
@@ -30,23 +23,15 @@ def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jaxtune.cli import convert, estimate, generate
+    from jaxtune.cli import convert, estimate, generate, train
 
     parser = argparse.ArgumentParser(prog="jaxtune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     generate.add_parser(sub)
     convert.add_parser(sub)
     estimate.add_parser(sub)
-    for name, message in NOT_BUILT.items():
-        p = sub.add_parser(name, help=f"(not built yet) {name}")
-        p.add_argument("args", nargs="*")
-        p.set_defaults(func=lambda _a, m=message, n=name: _not_built(n, m))
+    train.add_parsers(sub)
     return parser
-
-
-def _not_built(name: str, message: str) -> int:
-    print(f"jaxtune {name}: {message}", file=sys.stderr)
-    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError, FloatingPointError) as err:
         print(f"jaxtune {args.command}: error: {err}", file=sys.stderr)
         return 1
 

@@ -1,7 +1,9 @@
-"""The config tree of a jaxtune job (what YAML files in configs/ describe).
+"""The config trees of jaxtune jobs (what YAML files in configs/ describe).
 
-Sections land as their engines do: `model`, `tokenizer`, `sampling` and
-`prompts` drive `jaxtune generate`; training sections join with the loop.
+`JobConfig` drives `jaxtune generate` (model, tokenizer, sampling, prompts);
+`TrainJobConfig` drives `jaxtune train` / `jaxtune eval` (model, tokenizer,
+data, train, optim, mesh, checkpoint, logging). Each section is the dataclass
+of the module that consumes it.
 """
 
 from __future__ import annotations
@@ -9,8 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from jaxtune.checkpoint.manager import CheckpointConfig
+from jaxtune.data.streams import DataConfig
 from jaxtune.generate.sampling import SamplingConfig
 from jaxtune.models.config import ModelConfig
+from jaxtune.parallel.mesh import MeshConfig
+from jaxtune.train.config import LoggingConfig, TrainConfig
+from jaxtune.train.optim import OptimConfig
 
 
 @dataclass(frozen=True)
@@ -47,3 +54,15 @@ class JobConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prompts: tuple[str, ...] = ("To be, or not to be",)
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainJobConfig:
+    model: ModelSource = field(default_factory=lambda: ModelSource(preset="tiny-llama"))
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -16,6 +16,9 @@ import jax.numpy as jnp
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 
 
+REMAT_POLICIES = ("none", "full", "save_dots", "save_layer_inputs")
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding. kind: default | linear | llama3 (Llama-3.x frequency scaling)."""
@@ -65,6 +68,10 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attention_impl: Literal["dpa", "cudnn", "xla"] = "dpa"
+    # Rematerialisation of each block in the backward pass (jax.checkpoint):
+    # none | full (keep block inputs only) | save_dots (keep matmul outputs) |
+    # save_layer_inputs (keep the normed inputs of attention and MLP).
+    remat: Literal["none", "full", "save_dots", "save_layer_inputs"] = "none"
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -79,6 +86,8 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.layer_types has {len(self.layer_types)} entries for {self.num_layers} layers"
             )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"ModelConfig.remat: unknown policy {self.remat!r} ({' | '.join(REMAT_POLICIES)})")
         for t in self.layer_types:
             if t not in ("full", "sliding"):
                 raise ValueError(f"ModelConfig.layer_types: unknown layer type {t!r} (full | sliding)")

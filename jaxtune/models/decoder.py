@@ -21,9 +21,10 @@ import jax.numpy as jnp
 
 from jaxtune.models.attention import KVCache, attention_mask, init_cache
 from jaxtune.models.config import ModelConfig
-from jaxtune.models.layers import Block, make_norm
+from jaxtune.models.layers import Embed, block_class, make_norm
 from jaxtune.models.rope import inverse_frequencies, rotary_tables
 from jaxtune.ops import linear
+from jaxtune.parallel.rules import constrain
 
 Params = dict[str, Any]
 
@@ -47,15 +48,9 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions, segment_ids, cache: Optional[KVCache] = None):
         cfg = self.cfg
-        init = nn.initializers.normal(cfg.initializer_range)
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, param_dtype=cfg.weight_dtype, name="embed")
-        x = embed(tokens).astype(cfg.compute_dtype)
+        x = Embed(cfg.vocab_size, cfg.hidden_size, cfg, name="embed")(tokens)
         if cfg.position == "learned":
-            pos_embed = nn.Embed(
-                cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
-                param_dtype=cfg.weight_dtype, name="pos_embed",
-            )
-            x = x + pos_embed(positions).astype(cfg.compute_dtype)
+            x = x + Embed(cfg.max_position_embeddings, cfg.hidden_size, cfg, name="pos_embed")(positions)
         rotary = rotary_tables(positions, inverse_frequencies(cfg.rope, cfg.head_dim)) if cfg.position == "rope" else None
 
         seq = tokens.shape[1]
@@ -67,6 +62,8 @@ class Decoder(nn.Module):
             q_index = end + jnp.arange(seq, dtype=jnp.int32)
             k_index = jnp.arange(cache.max_len, dtype=jnp.int32)
             k_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, end))
+        x = constrain(x)
+        block = block_class(cfg)
         masks = {}
         new_keys, new_values = [], []
         for i in range(cfg.num_layers):
@@ -74,7 +71,8 @@ class Decoder(nn.Module):
             if window not in masks:
                 masks[window] = attention_mask(segment_ids, k_segments, q_index, k_index, window)
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, updated = Block(cfg, name=f"layers_{i}")(x, rotary, masks[window], layer_cache, end)
+            x, updated = block(cfg, name=f"layers_{i}")(x, rotary, masks[window], layer_cache, end)
+            x = constrain(x)
             if updated is not None:
                 new_keys.append(updated[0])
                 new_values.append(updated[1])

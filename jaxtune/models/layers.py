@@ -12,11 +12,13 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.models.attention import attend
 from jaxtune.models.config import ModelConfig
 from jaxtune.models.rope import apply_rotary
 from jaxtune.ops import linear
+from jaxtune.parallel.rules import constrain_weight
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -47,6 +49,23 @@ class Linear(nn.Module):
             bias = self.param("bias", nn.initializers.zeros, (self.features,), cfg.weight_dtype)
             y = y + bias.astype(y.dtype)
         return y
+
+
+class Embed(nn.Module):
+    """Token (or position) embedding table ``embedding: [num, features]``; ids -> [..., features]."""
+
+    num: int
+    features: int
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        init = nn.initializers.normal(self.cfg.initializer_range)
+        table = self.param("embedding", init, (self.num, self.features), self.cfg.weight_dtype)
+        # Under a mesh the table may be split along features (fsdp); gather it for the lookup so
+        # the result is split by batch like every other activation.
+        table = constrain_weight(table, "tensor", None)
+        return jnp.take(table, ids, axis=0).astype(self.cfg.compute_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -147,9 +166,23 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, rotary, mask, kv_cache=None, cache_end=None):
-        attn_out, new_cache = Attention(self.cfg, name="attn")(
-            make_norm(self.cfg, "attn_norm")(x), rotary, mask, kv_cache, cache_end
-        )
+        attn_input = checkpoint_name(make_norm(self.cfg, "attn_norm")(x), "attn_input")
+        attn_out, new_cache = Attention(self.cfg, name="attn")(attn_input, rotary, mask, kv_cache, cache_end)
         h = x + attn_out
-        h = h + MLP(self.cfg, name="mlp")(make_norm(self.cfg, "mlp_norm")(h))
+        mlp_input = checkpoint_name(make_norm(self.cfg, "mlp_norm")(h), "mlp_input")
+        h = h + MLP(self.cfg, name="mlp")(mlp_input)
         return h, new_cache
+
+
+REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_layer_inputs": jax.checkpoint_policies.save_only_these_names("attn_input", "mlp_input"),
+}
+
+
+def block_class(cfg: ModelConfig) -> type[nn.Module]:
+    """`Block`, wrapped in ``jax.checkpoint`` with the policy ``cfg.remat`` names."""
+    if cfg.remat == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT[cfg.remat])

@@ -31,3 +31,8 @@ def set_path(tree: dict, path: Path, value: Any) -> None:
     if path[-1] in node:
         raise KeyError(f"leaf {path_str(path)} is already set")
     node[path[-1]] = value
+
+
+def keypath_str(path) -> str:
+    """A jax key path (from ``tree_map_with_path``) as ``a/b/c``, the form rules and errors use."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)

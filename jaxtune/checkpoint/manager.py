@@ -1,0 +1,304 @@
+"""Training checkpoints: save (async), keep the last N and the best N, resume the exact state.
+
+A training checkpoint directory::
+
+    model_config.json        the ModelConfig (same file as a params checkpoint), so the directory explains itself
+    train_meta.json          ``extra_meta`` given by the caller (e.g. the run config), if any
+    <step>/params/           Orbax PyTree checkpoint of the param tree
+    <step>/state/            Orbax PyTree checkpoint of everything else that resumes training exactly:
+                             optimizer state, step counter, RNG key data, counters
+    <step>/data/             JSON: the data iterator's position
+    <step>/metrics/          JSON: the metrics given at save time (only when keep_best > 0)
+
+`TrainCheckpointer` is what the training loop holds: ``should_save`` / ``save`` / ``restore``
+/ ``wait``. `restore_params` reads the params of one step alone, onto any mesh, for evaluation
+or serving.
+
+What this module must not do: decide *when* to save (the loop asks ``should_save`` and forces
+the last and the preemption save), checkpoint a state holding NaN/inf (``save`` refuses it),
+or silently resume from a broken step (``restore`` warns, naming the step and the reason,
+before it falls back to the one before).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers
+
+from jaxtune.checkpoint.params import MODEL_CONFIG_FILE, load_model_config
+from jaxtune.config.loader import to_dict
+from jaxtune.models import Model, ModelConfig
+
+TRAIN_META_FILE = "train_meta.json"
+PARAMS_ITEM, STATE_ITEM, DATA_ITEM = "params", "state", "data"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """The ``checkpoint`` section of a training config."""
+
+    directory: Optional[str] = None  # None = no checkpoints
+    every_steps: int = 1000  # save when step % every_steps == 0 (the loop forces the last step)
+    keep_last: int = 3  # keep the N most recent
+    keep_best: int = 0  # additionally keep the N best by best_metric (0 = off)
+    best_metric: str = "eval/loss"
+    best_mode: Literal["min", "max"] = "min"
+    async_save: bool = True
+
+    def __post_init__(self):
+        if self.every_steps < 1:
+            raise ValueError(f"checkpoint.every_steps must be >= 1, got {self.every_steps}")
+        if self.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+        if self.keep_best < 0:
+            raise ValueError(f"checkpoint.keep_best must be >= 0, got {self.keep_best}")
+        if self.best_mode not in ("min", "max"):
+            raise ValueError(f"checkpoint.best_mode must be 'min' or 'max', got {self.best_mode!r}")
+
+
+class NonFiniteStateError(FloatingPointError):
+    """A params or state leaf holds NaN or inf; such a state is never checkpointed."""
+
+
+class TrainCheckpointer:
+    """Orbax `CheckpointManager` over steps of (params, state, data position).
+
+    With ``cfg.directory=None`` every method is a no-op (``restore`` returns None), so the
+    loop calls it unconditionally.
+    """
+
+    def __init__(self, cfg: CheckpointConfig, model_cfg: ModelConfig, extra_meta: Optional[dict] = None):
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self._manager: Optional[ocp.CheckpointManager] = None
+        self._closed = False
+        self._invalid_steps: set[int] = set()  # steps restore() found broken; a new save may replace them
+        self.directory: Optional[epath.Path] = None if cfg.directory is None else _absolute(cfg.directory)
+        if self.directory is None:
+            return
+        if jax.process_index() == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _write_model_config(self.directory, model_cfg)
+            if extra_meta is not None:
+                (self.directory / TRAIN_META_FILE).write_text(json.dumps(extra_meta, indent=2) + "\n")
+        policies: list = [checkpoint_managers.LatestN(n=cfg.keep_last)]
+        best_fn = None
+        if cfg.keep_best:
+            best_fn = _metric_score(cfg.best_metric, cfg.best_mode)
+            # BestN sorts ascending by score and keeps the tail: reverse=True keeps the smallest.
+            policies.append(checkpoint_managers.BestN(
+                get_metric_fn=best_fn, reverse=cfg.best_mode == "min", n=cfg.keep_best,
+                keep_checkpoints_without_metrics=False,
+            ))
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=cfg.async_save,
+            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+            # best_fn only makes Orbax write each step's metrics to disk, so the best steps are
+            # still known after a restart; which steps survive is decided by the policy above.
+            best_fn=best_fn,
+            best_mode=cfg.best_mode,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def should_save(self, step: int) -> bool:
+        """True every ``every_steps`` steps (never at step 0) when checkpointing is on."""
+        return self._manager is not None and step > 0 and step % self.cfg.every_steps == 0
+
+    def save(self, step: int, *, params: Any, state: Any, data_state: dict,
+             metrics: Optional[dict] = None, force: bool = False) -> bool:
+        """Start saving ``step``; returns whether a save started.
+
+        ``force`` skips the ``every_steps`` rule (last step, preemption). A step already on
+        disk is not saved again (returns False), unless ``restore`` found it broken.
+        Raises `NonFiniteStateError` before anything is written if a float leaf is NaN/inf.
+        """
+        if self._closed:
+            raise RuntimeError(f"TrainCheckpointer for {self.directory} is closed; cannot save step {step}")
+        if self._manager is None:
+            return False
+        step = int(step)
+        if not force and not self.should_save(step):
+            return False
+        if step in self._manager.all_steps():
+            if step not in self._invalid_steps:
+                return False
+            warnings.warn(f"checkpoint step {step} in {self.directory} is broken; replacing it", stacklevel=2)
+            self._manager.delete(step)
+            self._invalid_steps.discard(step)
+        bad = _non_finite_leaves({PARAMS_ITEM: params, STATE_ITEM: state})
+        if bad:
+            more = f" (and {len(bad) - 1} more leaves)" if len(bad) > 1 else ""
+            raise NonFiniteStateError(f"refusing to checkpoint step {step}: {bad[0]} holds NaN or inf{more}")
+        try:
+            json.dumps(data_state)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"checkpoint step {step}: data_state must be JSON-serialisable ({err})") from err
+        if metrics is not None and self.cfg.keep_best:
+            metrics = {str(k): float(v) for k, v in metrics.items()}
+        else:
+            metrics = None  # Orbax stores metrics only to rank steps for keep_best
+        args = ocp.args.Composite(**{
+            PARAMS_ITEM: ocp.args.StandardSave(params),
+            STATE_ITEM: ocp.args.StandardSave(state),
+            DATA_ITEM: ocp.args.JsonSave(data_state),
+        })
+        return bool(self._manager.save(step, args=args, metrics=metrics, force=True))
+
+    def latest_step(self) -> Optional[int]:
+        """The newest step on disk (committed, not necessarily readable: `restore` checks that)."""
+        return None if self._manager is None else self._manager.latest_step()
+
+    def restore(self, abstract_params: Any, abstract_state: Any) -> Optional[tuple[int, Any, Any, dict]]:
+        """-> (step, params, state, data_state) of the newest readable step, or None if there is none.
+
+        ``abstract_*`` are pytrees of `jax.ShapeDtypeStruct` with ``.sharding`` set; leaves are
+        restored onto those shardings. A step that fails to restore is reported with
+        `warnings.warn` and the previous one is tried; if every step fails, raises RuntimeError.
+        """
+        if self._manager is None:
+            return None
+        self.wait()
+        args = ocp.args.Composite(**{
+            PARAMS_ITEM: ocp.args.StandardRestore(abstract_params),
+            STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+            DATA_ITEM: ocp.args.JsonRestore(),
+        })
+        found = _restore_newest_readable(self._manager, self.directory, args, self._invalid_steps)
+        if found is None:
+            return None
+        step, restored = found
+        return step, restored[PARAMS_ITEM], restored[STATE_ITEM], restored[DATA_ITEM]
+
+    def wait(self) -> None:
+        """Block until every started save is committed (raises what a background save raised)."""
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves, then release Orbax's threads. Idempotent."""
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None
+        self._closed = True
+
+    def __enter__(self) -> "TrainCheckpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def restore_params(directory: str | os.PathLike, *, step: Optional[int] = None, shardings: Any = None,
+                   **config_overrides) -> tuple[Any, ModelConfig, int]:
+    """-> (params, cfg, step) from a training checkpoint directory, onto any mesh or device count.
+
+    ``step=None`` takes the newest readable step (broken ones are warned about and skipped).
+    ``shardings`` is a pytree of `jax.sharding.Sharding` matching the param tree; default is
+    the first local device. ``config_overrides`` change numerics only (param_dtype, dtype,
+    attention_impl); a changed param_dtype casts on restore.
+    """
+    directory = _absolute(directory)
+    cfg = load_model_config(directory).replace(**config_overrides)
+    abstract = jax.eval_shape(Model(cfg).init, jax.random.key(0))
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    args = ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(abstract)})
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    with ocp.CheckpointManager(directory, options=options) as manager:
+        if step is not None:
+            if step not in manager.all_steps():
+                steps = sorted(manager.all_steps())
+                raise FileNotFoundError(f"{directory}: no checkpoint step {step} (steps: {steps})")
+            return manager.restore(step, args=args)[PARAMS_ITEM], cfg, step
+        found = _restore_newest_readable(manager, directory, args, set())
+    if found is None:
+        raise FileNotFoundError(f"{directory}: no checkpoint steps")
+    step, restored = found
+    return restored[PARAMS_ITEM], cfg, step
+
+
+def _restore_newest_readable(manager: ocp.CheckpointManager, directory, args, invalid: set[int]):
+    """-> (step, restored Composite) of the newest step that restores, or None if there are no steps."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        return None
+    failures = []
+    for step in steps:
+        try:
+            return step, manager.restore(step, args=args)
+        except Exception as err:  # orbax/tensorstore raise ValueError, KeyError, OSError, JSONDecodeError...
+            reason = f"{type(err).__name__}: {_first_line(err)}"
+            failures.append((step, reason, err))
+            invalid.add(step)
+            if step != steps[-1]:
+                warnings.warn(f"checkpoint step {step} in {directory} cannot be restored ({reason}); "
+                              "falling back to the previous step", stacklevel=3)
+    listing = "; ".join(f"step {s}: {r}" for s, r, _ in failures)
+    raise RuntimeError(f"no checkpoint in {directory} can be restored ({listing})") from failures[-1][2]
+
+
+def _non_finite_leaves(tree: Any) -> list[str]:
+    """Paths ('state/opt/0/mu/w') of float leaves holding NaN or inf, in tree order."""
+    leaves = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if _is_float(x)]
+    if not leaves:
+        return []
+    finite = jax.device_get(_all_finite([x for _, x in leaves]))
+    return [jax.tree_util.keystr(path, simple=True, separator="/") for (path, _), ok in zip(leaves, finite) if not ok]
+
+
+@jax.jit
+def _all_finite(xs: list) -> jax.Array:
+    """[n_leaves] bool: every element of leaf i is finite."""
+    return jnp.stack([jnp.isfinite(x).all() for x in xs])
+
+
+def _is_float(x: Any) -> bool:
+    if isinstance(x, float):
+        return True
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+
+
+def _metric_score(name: str, mode: str):
+    """Score of a step's metrics for BestN; a missing or non-finite metric ranks worst."""
+    worst = math.inf if mode == "min" else -math.inf
+
+    def score(metrics: dict) -> float:
+        value = metrics.get(name) if isinstance(metrics, dict) else None
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else worst
+
+    return score
+
+
+def _write_model_config(directory: epath.Path, cfg: ModelConfig) -> None:
+    path = directory / MODEL_CONFIG_FILE
+    new = to_dict(cfg)
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            warnings.warn(f"{path}: the model being trained differs from the saved config in "
+                          f"{', '.join(changed)}; rewriting it", stacklevel=3)
+    path.write_text(json.dumps(new, indent=2) + "\n")
+
+
+def _absolute(directory: str | os.PathLike) -> epath.Path:
+    text = os.fspath(directory)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0][:300] if text else "") or repr(err)

@@ -1,0 +1,73 @@
+"""`jaxtune train [CONFIG] [key=value ...]` and `jaxtune eval [CONFIG] [key=value ...]`."""
+
+from __future__ import annotations
+
+import json
+
+from jaxtune.config import TrainJobConfig, load_config
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("train", help="train a model (resumes from checkpoint.directory if it holds a run)")
+    p.add_argument("args", nargs="*", help="[CONFIG.yaml] key=value ... (e.g. train.steps=200 checkpoint.directory=runs/a)")
+    p.set_defaults(func=run_train)
+    e = sub.add_parser("eval", help="evaluate a checkpoint on the held-out stream (loss, perplexity)")
+    e.add_argument("args", nargs="*", help="[CONFIG.yaml] key=value ... (e.g. model.checkpoint=runs/a)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=run_eval)
+
+
+MODEL_SOURCES = ("hf_dir", "checkpoint", "preset", "config")
+
+
+def _job(args) -> TrainJobConfig:
+    from jaxtune.cli.main import split_config_args
+
+    config_path, overrides = split_config_args(args.args)
+    return load_config(TrainJobConfig, config_path, source_overrides(overrides))
+
+
+def source_overrides(overrides: list[str]) -> list[str]:
+    """A model source given on the command line replaces the config file's
+    (``model.checkpoint=runs/a`` over a file that says ``model.preset: tiny-llama``)."""
+    given = {o.split("=", 1)[0].removeprefix("model.") for o in overrides if o.startswith("model.")}
+    if not given & set(MODEL_SOURCES):
+        return overrides
+    return [f"model.{k}=null" for k in MODEL_SOURCES if k not in given] + overrides
+
+
+def run_train(args) -> int:
+    from jaxtune.train.loop import PREEMPTED_EXIT_CODE
+    from jaxtune.train.runner import run_training
+
+    job = _job(args)
+    result = run_training(job)
+    done = result.history[-1] if result.history else {}
+    where = f"; checkpoint in {job.checkpoint.directory}" if job.checkpoint.directory else ""
+    resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from is not None else ""
+    step = int(result.state.step)
+    if result.status == "preempted":
+        print(f"jaxtune train: preempted (SIGTERM) at step {step}; state saved{where}. Run the same command to resume.",
+              flush=True)
+        return PREEMPTED_EXIT_CODE
+    summary = f"step {step}{resumed}"
+    if done:
+        summary += f", last loss {done['loss']:.4f}, skipped {int(done['skipped'])}"
+    if result.evals:
+        summary += f", eval loss {result.evals[-1]['loss']:.4f}"
+    print(f"jaxtune train: done: {summary}{where}", flush=True)
+    return 0
+
+
+def run_eval(args) -> int:
+    from jaxtune.train.runner import run_evaluation
+
+    job = _job(args)
+    metrics = run_evaluation(job)
+    if not metrics:
+        raise ValueError("the held-out stream produced no batches with real tokens (train.eval_batches > 0?)")
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    return 0

@@ -1,0 +1,150 @@
+"""Batch streams the training loop consumes: the protocol, a synthetic stream and a text-file stream.
+
+A stream yields global batches (dicts of numpy ``[global_batch, seq]`` arrays
+in the language-modelling layout of `jaxtune.train.losses`) and can report and
+restore its position, which the loop stores in every checkpoint so a resumed
+run sees exactly the batches the uninterrupted run would have. Streams are
+deterministic functions of (seed, position): no hidden RNG state.
+
+The full data pipeline (datasets, packing, host sharding) arrives with the
+data issue; these two streams exist so the loop can run and be tested today.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Optional, Protocol
+
+import numpy as np
+
+
+class BatchStream(Protocol):
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]: ...
+    def __next__(self) -> dict[str, np.ndarray]: ...
+    def get_state(self) -> dict: ...
+    def set_state(self, state: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    kind: Literal["synthetic", "text"] = "synthetic"
+    path: Optional[str] = None  # text: a UTF-8 file tokenized with the job's tokenizer
+    eval_path: Optional[str] = None  # text: held-out file; default: the last eval_fraction of `path`
+    eval_fraction: float = 0.05
+    pad_fraction: float = 0.0  # synthetic: share of each row that is padding, drawn per row up to this
+
+
+def lm_batch(rows: np.ndarray, lengths: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+    """rows: [batch, seq + 1] token ids -> the LM batch dict; ``lengths`` real tokens per row (rest padding)."""
+    batch, width = rows.shape
+    seq = width - 1
+    if lengths is None:
+        lengths = np.full((batch,), width)
+    real = np.arange(width)[None, :] < lengths[:, None]
+    segment_ids = real[:, :-1].astype(np.int32)
+    loss_mask = (real[:, 1:] & real[:, :-1]).astype(np.float32)
+    return {
+        "tokens": rows[:, :seq].astype(np.int32),
+        "targets": rows[:, 1:].astype(np.int32),
+        "segment_ids": segment_ids,
+        "loss_mask": loss_mask,
+    }
+
+
+class SyntheticStream:
+    """Learnable synthetic sequences: each row counts up from a random start by a random stride
+    (mod vocab), so a model's loss falls as it learns. Batch ``i`` depends only on (seed, i).
+    ``pad_fraction`` > 0 pads each row by a random share up to that fraction, so batches carry
+    different numbers of real tokens."""
+
+    def __init__(self, batch_size: int, seq_len: int, vocab_size: int, *, seed: int = 0, pad_fraction: float = 0.0, pad_id: int = 0):
+        if not 0.0 <= pad_fraction < 1.0:
+            raise ValueError(f"data.pad_fraction must be in [0, 1), got {pad_fraction}")
+        self.batch_size, self.seq_len, self.vocab_size = batch_size, seq_len, vocab_size
+        self.seed, self.pad_fraction, self.pad_id = seed, pad_fraction, pad_id
+        self.position = 0
+
+    def batch_at(self, index: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, index])
+        start = rng.integers(0, self.vocab_size, (self.batch_size, 1))
+        stride = rng.integers(1, 8, (self.batch_size, 1))
+        rows = (start + stride * np.arange(self.seq_len + 1)[None, :]) % self.vocab_size
+        lengths = None
+        if self.pad_fraction:
+            width = self.seq_len + 1
+            lengths = width - rng.integers(0, int(width * self.pad_fraction) + 1, (self.batch_size,))
+            rows = np.where(np.arange(width)[None, :] < lengths[:, None], rows, self.pad_id)
+        return lm_batch(rows, lengths)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = self.batch_at(self.position)
+        self.position += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"kind": "synthetic", "position": self.position, "seed": self.seed}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("kind") != "synthetic" or state.get("seed") != self.seed:
+            raise ValueError(f"data state {state} is not from a synthetic stream with seed {self.seed}")
+        self.position = int(state["position"])
+
+
+class TokenRowStream:
+    """Fixed-length rows cut from one token array (a tokenized text file), visited in a
+    seeded permutation that changes every epoch. Position = rows consumed."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0, shuffle: bool = True, name: str = "text"):
+        width = seq_len + 1
+        self.num_rows = len(tokens) // width
+        if self.num_rows < batch_size:
+            raise ValueError(
+                f"{name}: {len(tokens)} tokens give {self.num_rows} rows of {width}, fewer than one batch of {batch_size}"
+            )
+        self.rows = np.asarray(tokens[: self.num_rows * width]).reshape(self.num_rows, width)
+        self.batch_size, self.seed, self.shuffle, self.name = batch_size, seed, shuffle, name
+        self.position = 0
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_rows)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        idx = []
+        pos = self.position
+        while len(idx) < self.batch_size:
+            epoch, offset = divmod(pos, self.num_rows)
+            take = min(self.batch_size - len(idx), self.num_rows - offset)
+            idx.extend(self._order(epoch)[offset: offset + take])
+            pos += take
+        self.position = pos
+        return lm_batch(self.rows[np.asarray(idx)])
+
+    def get_state(self) -> dict:
+        return {"kind": "rows", "name": self.name, "position": self.position, "seed": self.seed, "rows": self.num_rows}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("kind") != "rows" or state.get("rows") != self.num_rows or state.get("seed") != self.seed:
+            raise ValueError(
+                f"data state {state} does not match this stream ({self.name}: {self.num_rows} rows, seed {self.seed})"
+            )
+        self.position = int(state["position"])
+
+
+def text_tokens(path: str | Path, tokenizer) -> np.ndarray:
+    """Tokenize a UTF-8 text file in one pass (no BOS/EOS: it is one continuous document)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data.path: {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"data.path: {path} is empty")
+    return np.asarray(tokenizer.encode(text), dtype=np.int32)

@@ -1,0 +1,41 @@
+"""Config sections of a training run (plain frozen dataclasses, loaded from YAML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100  # optimizer steps (batches consumed)
+    batch_size: int = 8  # global rows per optimizer step, summed over devices and micro-batches
+    seq_len: int = 256
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+    remat: Literal["none", "full", "save_dots", "save_layer_inputs"] = "none"
+    z_loss: float = 0.0  # PaLM z-loss coefficient on logsumexp^2
+    loss_chunk_tokens: int = 0  # >0: logits for the loss are built this many tokens at a time
+    trainable: Optional[tuple[str, ...]] = None  # regexes over param paths; None = every parameter
+    max_nonfinite_in_row: int = 10  # stop after this many consecutive skipped (NaN/inf) steps
+    log_every: int = 10
+    eval_every: int = 0  # 0 = evaluate only at the end (when there is an eval stream)
+    eval_batches: int = 4
+    seed: int = 0  # RNG of the train state (dropout, sampling); init uses model.init_seed
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "max_nonfinite_in_row"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must divide by train.grad_accum ({self.grad_accum})")
+        if self.eval_every < 0 or self.eval_batches < 0 or self.loss_chunk_tokens < 0:
+            raise ValueError("train.eval_every, train.eval_batches and train.loss_chunk_tokens must be >= 0")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    directory: Optional[str] = None  # metrics.jsonl + TensorBoard events; default: the checkpoint directory
+    tensorboard: bool = True
+    jsonl: bool = True
+    progress: bool = True
+    peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU; default: looked up by device kind

@@ -1,0 +1,304 @@
+"""The one training loop (DESIGN contract 6).
+
+``train(...)`` takes a loss function, params (or an init function), an
+optimizer and a batch stream, and owns everything around them: the mesh and
+declared shardings, the jitted step with gradient accumulation and the
+non-finite guard, evaluation on a held-out stream, logging (progress bar,
+JSONL, TensorBoard, MFU), Orbax checkpoints (resume exactly, keep-N, keep-best)
+and preemption (SIGTERM: save, then stop). Pretraining, SFT, reward models and
+preference losses are only different ``loss_fn`` + stream pairs; RL methods
+add a rollout phase that produces the stream.
+
+It must not know what the loss computes or where batches come from.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxtune.checkpoint.manager import CheckpointConfig, TrainCheckpointer
+from jaxtune.models import ModelConfig
+from jaxtune.parallel.mesh import batch_sharding
+from jaxtune.parallel.rules import Rule, param_specs
+from jaxtune.train.config import LoggingConfig, TrainConfig
+from jaxtune.train.losses import LossFn
+from jaxtune.train.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
+from jaxtune.train.partition import join, mask_by_regex, split
+from jaxtune.train.step import TrainState, make_eval_step, make_train_step, named, state_specs
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the state was saved; schedulers should requeue the job
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Too many consecutive steps had a NaN/inf loss or gradient; the run stopped."""
+
+
+@dataclass
+class TrainResult:
+    state: TrainState  # final train state (trainable params, optimizer state, counters)
+    frozen: Any  # the frozen half of the params (None leaves where trainable)
+    history: list[dict] = field(default_factory=list)  # one dict per step: step, loss, grad_norm, lr, ...
+    evals: list[dict] = field(default_factory=list)
+    status: str = "completed"  # completed | preempted
+    first_step_s: Optional[float] = None  # wall time of this session's first step, compilation included
+    resumed_from: Optional[int] = None
+
+    @property
+    def params(self) -> Any:
+        return join(self.state.params, self.frozen)
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:  # every host must stop at the same step
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(step)) or self.requested
+        return self.requested
+
+
+def place_batch(batch: dict, mesh: Mesh) -> dict:
+    """Host numpy global batch -> global jax arrays split over data x fsdp (each process fills its shards)."""
+
+    def put(x):
+        x = np.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return {k: put(v) for k, v in batch.items()}
+
+
+def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Mesh, max_batches: int) -> dict:
+    """Token-weighted mean loss and perplexity over up to ``max_batches`` batches."""
+    totals: dict[str, float] = {}
+    n = 0
+    for batch in batches:
+        if n >= max_batches:
+            break
+        out = jax.device_get(eval_step(params, place_batch(batch, mesh)))
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        n += 1
+    if not n or totals.get("weight", 0.0) <= 0:
+        return {}
+    weight = totals.pop("weight")
+    result = {"loss": totals.pop("loss_sum") / weight, "tokens": weight, "batches": n}
+    result.update({k: v / weight for k, v in totals.items()})
+    if "nll" in result:
+        result["perplexity"] = math.exp(min(result["nll"], 700.0))
+    return result
+
+
+def train(
+    *,
+    loss_fn: LossFn,
+    params: Any,
+    model_cfg: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    schedule: Optional[optax.Schedule],
+    cfg: TrainConfig,
+    batches: Iterator[dict],
+    mesh: Mesh,
+    eval_batches: Optional[Callable[[], Iterable[dict]]] = None,
+    checkpointer: Optional[TrainCheckpointer] = None,
+    logging: LoggingConfig = LoggingConfig(progress=False, tensorboard=False, jsonl=False),
+    log_dir: Optional[str] = None,
+    trainable_mask: Any = None,
+    rules: Sequence[Rule] = (),
+    callbacks: Sequence[Callable[[int, dict], None]] = (),
+) -> TrainResult:
+    """Run ``cfg.steps`` optimizer steps (resuming from ``checkpointer`` if it holds a state).
+
+    ``params``: a param tree, or a function ``rng -> params`` that is jitted straight onto the
+    mesh so large models never sit whole on one device. ``batches``: global batches (dicts of
+    host arrays); if it has ``get_state``/``set_state`` its position is checkpointed and restored.
+    ``trainable_mask``: bools per array leaf (default: `cfg.trainable` regexes, or everything).
+    ``callbacks``: ``fn(step, metrics)`` after each step's metrics reach the host.
+    """
+    rules = tuple(rules)
+    init_rng, state_rng = jax.random.split(jax.random.key(cfg.seed))
+    abstract_params = jax.eval_shape(params, init_rng) if callable(params) else params
+    if trainable_mask is None:
+        trainable_mask = mask_by_regex(abstract_params, cfg.trainable)
+    abs_trainable, abs_frozen = split(abstract_params, trainable_mask)
+
+    frozen_sh = named(param_specs(abs_frozen, mesh, rules), mesh)
+    abstract_state = jax.eval_shape(lambda p: TrainState.create(p, optimizer, state_rng), abs_trainable)
+    state_sh = named(state_specs(abstract_state, optimizer, mesh, rules), mesh)
+    data_sh = batch_sharding(mesh)
+
+    def fresh_state(p):
+        trainable, frozen = split(p(init_rng) if callable(p) else p, trainable_mask)
+        return TrainState.create(trainable, optimizer, state_rng), frozen
+
+    checkpointer = checkpointer or TrainCheckpointer(CheckpointConfig(), model_cfg)  # directory None: no-op
+    restored = checkpointer.restore(
+        _with_shardings(abstract_state.params, state_sh.params),
+        _with_shardings(_state_extras(abstract_state), _state_extras(state_sh)),
+    )
+    if callable(params):
+        init = jax.jit(fresh_state, static_argnums=0, out_shardings=(state_sh, frozen_sh))
+        state, frozen = init(params)
+    else:
+        state, frozen = jax.jit(fresh_state, out_shardings=(state_sh, frozen_sh))(params)
+    resumed_from = None
+    if restored is not None:
+        step0, r_params, r_extras, data_state = restored
+        state = state.replace(params=r_params, **r_extras)
+        resumed_from = step0
+        if data_state and hasattr(batches, "set_state"):
+            batches.set_state(data_state)
+
+    step_fn = make_train_step(
+        loss_fn, optimizer, schedule, grad_accum=cfg.grad_accum, mesh=mesh,
+        state_shardings=state_sh, frozen_shardings=frozen_sh, batch_shardings=data_sh,
+    )
+    eval_step = None
+    if eval_batches is not None and cfg.eval_batches:
+        params_sh = named(param_specs(abstract_params, mesh, rules, warn=False), mesh)
+        eval_step = make_eval_step(loss_fn, mesh=mesh, params_shardings=params_sh, batch_shardings=data_sh)
+
+    devices = mesh.devices.size
+    flops_per_token = model_flops_per_token(model_cfg, cfg.seq_len)
+    peak = device_peak_flops(jax.devices()[0].device_kind, model_cfg.dtype, logging.peak_flops)
+    start = int(jax.device_get(state.step))
+    result = TrainResult(state=state, frozen=frozen, resumed_from=resumed_from)
+    last_eval: dict = {}
+    logger = MetricsLogger(
+        log_dir if (logging.jsonl or logging.tensorboard) else None, total_steps=cfg.steps,
+        tensorboard=logging.tensorboard, jsonl=logging.jsonl, progress=logging.progress, start_step=start,
+    )
+
+    def run_eval(step: int):
+        nonlocal last_eval
+        if eval_step is None:
+            return
+        last_eval = evaluate(eval_step, join(state.params, frozen), eval_batches(), mesh, cfg.eval_batches)
+        if last_eval:
+            result.evals.append({"step": step, **last_eval})
+            logger.log(step, last_eval, prefix="eval")
+
+    def save(step: int, force: bool = False):
+        data_state = batches.get_state() if hasattr(batches, "get_state") else {}
+        metrics = {f"eval/{k}": v for k, v in last_eval.items()} if last_eval else None
+        checkpointer.save(step, params=state.params, state=_state_extras(state), data_state=data_state,
+                          metrics=metrics, force=force)
+
+    window = {"t": time.perf_counter(), "tokens": 0.0, "steps": 0, "loss": 0.0, "finite": 0, "compiling": False}
+
+    def finish_step(step: int, metrics: dict):
+        """Host side of a step whose metrics arrived: NaN policy, history, logging, callbacks."""
+        metrics = {k: float(v) for k, v in metrics.items()}
+        result.history.append({"step": step, **metrics})
+        if step == start + 1:
+            # The first step includes compilation: report that once, and keep the window it falls in
+            # out of the throughput figures.
+            result.first_step_s = time.perf_counter() - window["t"]
+            logger.log(step, {"first_step_s": result.first_step_s}, prefix="compile")
+            window["compiling"] = True
+        window["tokens"] += metrics["tokens"]
+        window["steps"] += 1
+        if metrics["finite"]:
+            window["loss"] += metrics["loss"]
+            window["finite"] += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            elapsed = time.perf_counter() - window["t"]
+            tokens_per_s = window["tokens"] / max(elapsed, 1e-9)
+            logged = {
+                "loss": window["loss"] / max(window["finite"], 1) if window["finite"] else float("nan"),
+                "grad_norm": metrics["grad_norm"], "skipped": metrics["skipped"],
+            }
+            if not window["compiling"]:
+                logged.update(tokens_per_s=tokens_per_s, step_time_s=elapsed / max(window["steps"], 1))
+            if "lr" in metrics:
+                logged["lr"] = metrics["lr"]
+            logged.update({k: metrics[k] for k in metrics if k not in ("loss", "grad_norm", "tokens", "finite", "skipped", "streak", "lr")})
+            if peak and not window["compiling"]:
+                # tokens counts real (loss) tokens; MFU counts every position the model processed.
+                positions_per_s = window["steps"] * cfg.batch_size * cfg.seq_len / max(elapsed, 1e-9)
+                logged["mfu"] = mfu(positions_per_s / devices, flops_per_token, peak)
+            logger.log(step, logged)
+            window.update(t=time.perf_counter(), tokens=0.0, steps=0, loss=0.0, finite=0, compiling=False)
+        for callback in callbacks:
+            callback(step, metrics)
+        if metrics["streak"] >= cfg.max_nonfinite_in_row:
+            raise NonFiniteLossError(
+                f"step {step}: loss or gradients were NaN/inf for {int(metrics['streak'])} steps in a row "
+                f"(train.max_nonfinite_in_row={cfg.max_nonfinite_in_row}); those updates were skipped and the "
+                f"last checkpoint holds the last finite state. Lower optim.lr, raise warmup or check the data."
+            )
+
+    status = "completed"
+    pending: Optional[tuple[int, dict]] = None
+    try:
+        with _Preemption() as preemption:
+            step = start
+            while step < cfg.steps:
+                batch = place_batch(next(batches), mesh)
+                state, metrics = step_fn(state, frozen, batch)
+                step += 1
+                if pending is not None:
+                    finish_step(*jax.device_get(pending))
+                pending = (step, metrics)
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    run_eval(step)
+                if checkpointer.should_save(step):
+                    finish_step(*jax.device_get(pending))  # never save past an unchecked step
+                    pending = None
+                    save(step)
+                if preemption.reached(step):
+                    status = "preempted"
+                    break
+            if pending is not None:
+                finish_step(*jax.device_get(pending))
+                pending = None
+            if status == "completed" and (not cfg.eval_every or step % cfg.eval_every):
+                run_eval(step)
+            if step > start or status == "preempted":
+                save(step, force=True)
+            checkpointer.wait()
+    finally:
+        logger.close()
+        result.state = state
+        result.frozen = frozen
+    result.status = status
+    return result
+
+
+def _state_extras(state: TrainState) -> dict:
+    """Everything in a TrainState but the params (the checkpoint's "state" item)."""
+    return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
+            "skipped": state.skipped, "streak": state.streak}
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

@@ -1,0 +1,221 @@
+"""Training throughput accounting (model FLOPs, peak FLOP/s, MFU) and metric logging.
+
+`model_flops_per_token` and `device_peak_flops` give the two halves of model FLOPs utilization;
+`MetricsLogger` writes scalars to ``metrics.jsonl``, TensorBoard and a tqdm bar, on process 0 only.
+This module only reports numbers it is handed: it must not compute losses, touch parameters,
+or block on device work by itself (the caller chooses when a metric is fetched from the device).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import tqdm
+
+from jaxtune.models.config import ModelConfig
+
+_T = 1e12
+
+# Dense (no structured sparsity) peak FLOP/s of one JAX device, by matmul input dtype.
+# NVIDIA datasheets quote tensor-core figures "with sparsity"; the numbers here are half of those.
+# NVIDIA "float32" is the TF32 tensor-core dense figure: XLA runs float32 matmuls as TF32 unless
+# jax_default_matmul_precision is "highest", in which case true fp32 is far slower and MFU reads high.
+# TPU "float32" and "float16" use the bf16 figure: the MXU multiplies bf16, and float32 matmuls at
+# default precision are one bf16 pass ("highest" takes several, so MFU reads high there too).
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    # H100 datasheet (SXM5 / PCIe / NVL): BF16 1979 / 1513 / 1671 sparse, TF32 989 / 756 / 835 sparse.
+    "H100 SXM": {"bfloat16": 989 * _T, "float16": 989 * _T, "float32": 494.5 * _T},
+    "H100 PCIe": {"bfloat16": 756.5 * _T, "float16": 756.5 * _T, "float32": 378 * _T},
+    "H100 NVL": {"bfloat16": 835.5 * _T, "float16": 835.5 * _T, "float32": 417.5 * _T},
+    # H200 datasheet: same tensor cores and clocks as H100 SXM; the NVL card as H100 NVL.
+    "H200": {"bfloat16": 989 * _T, "float16": 989 * _T, "float32": 494.5 * _T},
+    "H200 NVL": {"bfloat16": 835.5 * _T, "float16": 835.5 * _T, "float32": 417.5 * _T},
+    # A100 datasheet (SXM4 and PCIe, 40 and 80 GB alike): BF16 312, TF32 156 dense.
+    "A100": {"bfloat16": 312 * _T, "float16": 312 * _T, "float32": 156 * _T},
+    # L4 datasheet: BF16 242, TF32 120 sparse.
+    "L4": {"bfloat16": 121 * _T, "float16": 121 * _T, "float32": 60 * _T},
+    # A10G (AWS G5) has no NVIDIA datasheet; AWS-reported tensor figures (the A10 datasheet's
+    # 125 / 62.5 are for a different clock and tensor configuration).
+    "A10G": {"bfloat16": 70 * _T, "float16": 70 * _T, "float32": 35 * _T},
+    # V100 datasheet (SXM2 / PCIe / V100S): FP16 tensor 125 / 112 / 130; FP32 15.7 / 14 / 16.4.
+    # Volta has no bf16 tensor cores or TF32: XLA runs bfloat16 and float32 matmuls at the fp32 rate.
+    "V100 SXM2": {"bfloat16": 15.7 * _T, "float16": 125 * _T, "float32": 15.7 * _T},
+    "V100 PCIe": {"bfloat16": 14 * _T, "float16": 112 * _T, "float32": 14 * _T},
+    "V100S": {"bfloat16": 16.4 * _T, "float16": 130 * _T, "float32": 16.4 * _T},
+    # Ada whitepaper, RTX 4090: BF16/FP16 with FP32 accumulate 165.2, TF32 82.6 dense.
+    "RTX 4090": {"bfloat16": 165.2 * _T, "float16": 165.2 * _T, "float32": 82.6 * _T},
+    # Cloud TPU docs, bf16 per chip; on v4, v5e, v5p and v6e one JAX device is one chip.
+    "TPU v4": {"bfloat16": 275 * _T, "float16": 275 * _T, "float32": 275 * _T},
+    "TPU v5e": {"bfloat16": 197 * _T, "float16": 197 * _T, "float32": 197 * _T},
+    "TPU v5p": {"bfloat16": 459 * _T, "float16": 459 * _T, "float32": 459 * _T},
+    "TPU v6e": {"bfloat16": 918 * _T, "float16": 918 * _T, "float32": 918 * _T},
+}
+
+# `jax.Device.device_kind` -> PEAK_FLOPS key; first match wins, so variants come before the base name.
+_DEVICE_KINDS: tuple[tuple[str, str], ...] = (
+    (r"H100.*NVL", "H100 NVL"),
+    (r"H100.*PCIe", "H100 PCIe"),
+    (r"H100", "H100 SXM"),  # "NVIDIA H100 80GB HBM3"
+    (r"H200.*NVL", "H200 NVL"),
+    (r"H200", "H200"),
+    (r"\bA100\b", "A100"),  # "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"
+    (r"\bA10G\b", "A10G"),
+    (r"\bL4\b", "L4"),  # not L40 / L40S
+    (r"V100S", "V100S"),
+    (r"V100.*PCIe", "V100 PCIe"),  # "Tesla V100-PCIE-32GB"
+    (r"V100", "V100 SXM2"),
+    (r"RTX 4090$", "RTX 4090"),  # not the cut-down "RTX 4090 D"
+    (r"^TPU v4$", "TPU v4"),
+    (r"^TPU v5( lite|e)$", "TPU v5e"),
+    (r"^TPU v5p?$", "TPU v5p"),  # jax has reported v5p as both "TPU v5" and "TPU v5p"
+    (r"^TPU v6( lite|e)$", "TPU v6e"),
+)
+
+
+def device_peak_flops(device_kind: str, dtype: Any, override: float | None = None) -> float | None:
+    """Dense peak FLOP/s of one device of `device_kind` (as `jax.Device.device_kind` spells it)
+    for matmuls in `dtype`; `override` wins when given. None for unknown kinds (CPU) and dtypes."""
+    if override is not None:
+        return float(override)
+    for pattern, name in _DEVICE_KINDS:
+        if re.search(pattern, device_kind, re.IGNORECASE):
+            return PEAK_FLOPS[name].get(jnp.dtype(dtype).name)
+    return None
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training (forward + backward) FLOPs per token: 6 * N_matmul + attention.
+
+    N_matmul counts the parameters that multiply activations: every projection kernel of every
+    layer (q, k, v, o; gate, up, down) and the LM head, which does its matmul even when tied to
+    the embedding. The embedding lookup, norms and biases are not counted. Attention is
+    12 * layers * heads * head_dim * seq_len: forward and backward of QK^T and AV over the full
+    seq_len x seq_len score matrix, with no halving for the causal mask and no shortening for
+    sliding windows (PaLM, appendix B). For LoRA-style training on a frozen base this overstates
+    the work, since frozen kernels get no weight gradient; the convention is kept for comparability.
+    """
+    q_features = cfg.num_heads * cfg.head_dim
+    kv_features = cfg.num_kv_heads * cfg.head_dim
+    attention = cfg.hidden_size * (q_features + 2 * kv_features) + q_features * cfg.hidden_size
+    mlp = (3 if cfg.mlp == "gated" else 2) * cfg.hidden_size * cfg.intermediate_size
+    n_matmul = cfg.num_layers * (attention + mlp) + cfg.hidden_size * cfg.vocab_size
+    return 6.0 * n_matmul + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+
+
+def mfu(tokens_per_second_per_device: float, flops_per_token: float, peak: float) -> float:
+    """Model FLOPs utilization: achieved model FLOP/s of one device over its peak (0..1)."""
+    return tokens_per_second_per_device * flops_per_token / peak
+
+
+def _number(value: Any) -> int | float:
+    """A Python int or float from a Python, numpy or (fetched) JAX scalar."""
+    value = value.item() if hasattr(value, "item") else value
+    return value if isinstance(value, int) else float(value)
+
+
+def _json_safe(value: int | float) -> int | float | str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def _postfix(values: dict[str, int | float]) -> str:
+    shown = []
+    if "loss" in values:
+        shown.append(f"loss={values['loss']:.4f}")
+    if "lr" in values:
+        shown.append(f"lr={values['lr']:.2e}")
+    if "tokens_per_s" in values:
+        shown.append(f"tok/s={values['tokens_per_s']:,.0f}")
+    if "step_time_s" in values:
+        shown.append(f"step={values['step_time_s']:.3f}s")
+    return ", ".join(shown)
+
+
+class MetricsLogger:
+    """Scalar metrics to ``{log_dir}/metrics.jsonl``, TensorBoard and a progress bar.
+
+    Only process 0 logs; other processes get a logger that does nothing. With `log_dir` None only
+    the bar is shown. Files are opened for appending, so a resumed run continues the same logs.
+    Each `log` call writes one JSON line ``{"step", "time", "<prefix>/<name>": value, ...}`` with
+    NaN and infinities as the strings "nan", "inf", "-inf". The bar's postfix shows loss, lr,
+    tokens/s and step time from "train" metrics; every call advances the bar to `step`.
+    """
+
+    def __init__(
+        self,
+        log_dir: str | None,
+        *,
+        total_steps: int,
+        tensorboard: bool = True,
+        jsonl: bool = True,
+        progress: bool = True,
+        start_step: int = 0,
+    ):
+        self._active = jax.process_index() == 0
+        self._jsonl = None
+        self._tensorboard = None
+        self._bar = None
+        if not self._active:
+            return
+        if log_dir is not None and (jsonl or tensorboard):
+            os.makedirs(log_dir, exist_ok=True)
+            if jsonl:
+                self._jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            if tensorboard:
+                from tensorboardX import SummaryWriter  # only when TensorBoard output is asked for
+
+                self._tensorboard = SummaryWriter(log_dir)
+        if progress:
+            self._bar = tqdm.tqdm(
+                total=total_steps, initial=start_step, file=sys.stderr, unit="step", dynamic_ncols=True
+            )
+
+    def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
+        """Record `metrics` at `step` under tags "<prefix>/<name>" (just "<name>" if prefix is "")."""
+        if not self._active:
+            return
+        values = {name: _number(value) for name, value in metrics.items()}
+        tagged = {(f"{prefix}/{name}" if prefix else name): value for name, value in values.items()}
+        if self._jsonl is not None:
+            record = {"step": int(step), "time": time.time()}
+            record.update({tag: _json_safe(value) for tag, value in tagged.items()})
+            self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+            self._jsonl.flush()
+        if self._tensorboard is not None:
+            for tag, value in tagged.items():
+                self._tensorboard.add_scalar(tag, value, global_step=int(step))
+            self._tensorboard.flush()
+        if self._bar is not None:
+            if prefix == "train":
+                self._bar.set_postfix_str(_postfix(values), refresh=False)
+            if step > self._bar.n:
+                self._bar.update(step - self._bar.n)
+            else:
+                self._bar.refresh()
+
+    def close(self) -> None:
+        """Flush and close every sink; safe to call twice."""
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

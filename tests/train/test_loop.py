@@ -1,0 +1,155 @@
+"""The loop end to end: exact resume after SIGKILL, SIGTERM save, corrupt-checkpoint fallback,
+the non-finite stop, logs, and `jaxtune train` / `jaxtune eval`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxtune.cli.main import main
+from jaxtune.config import TrainJobConfig, from_dict
+from jaxtune.data.streams import SyntheticStream
+from jaxtune.models import Model
+from jaxtune.models.presets import preset
+from jaxtune.parallel import MeshConfig, make_mesh
+from jaxtune.train.config import TrainConfig
+from jaxtune.train.loop import PREEMPTED_EXIT_CODE, NonFiniteLossError, train
+from jaxtune.train.losses import causal_lm_loss
+from jaxtune.train.optim import OptimConfig, build_optimizer
+from jaxtune.train.runner import run_training
+from tests.train.resume_worker import job
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+
+
+def _losses(result, steps):
+    by_step = {h["step"]: h["loss"] for h in result.history}
+    return np.array([by_step[s] for s in steps])
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+    full = run_training(job(None))
+    assert [h["step"] for h in full.history] == list(range(1, 21))
+
+    ckpt = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("resume_worker.py")), str(ckpt)],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [10]
+
+    resumed = run_training(job(str(ckpt)))
+    assert resumed.resumed_from == 10
+    assert [h["step"] for h in resumed.history] == list(range(11, 21))
+    np.testing.assert_array_equal(_losses(resumed, range(11, 21)), _losses(full, range(11, 21)))
+    for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Resuming a finished run does no more steps.
+    again = run_training(job(str(ckpt)))
+    assert again.resumed_from == 20 and again.history == []
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
+    ckpt = tmp_path / "run"
+    first = run_training(job(str(ckpt)))
+    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [10, 20]
+    for f in (ckpt / "20" / "params" / "d").iterdir():  # the array bytes of step 20
+        f.write_bytes(f.read_bytes()[:7])
+    with pytest.warns(UserWarning, match="20"):
+        resumed = run_training(job(str(ckpt)))
+    assert resumed.resumed_from == 10
+    np.testing.assert_array_equal(_losses(resumed, range(11, 21)), _losses(first, range(11, 21)))
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    ckpt = tmp_path / "run"
+    args = ["train", "train.steps=100000", "train.batch_size=4", "train.seq_len=32", "train.log_every=1",
+            f"checkpoint.directory={ckpt}", "checkpoint.every_steps=1000000", "logging.progress=false",
+            "logging.tensorboard=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "jaxtune.cli.main", *args], env=ENV, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = ckpt / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    assert "preempted" in out
+    steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+    assert len(steps) == 1 and steps[0] >= 3
+    logged = [json.loads(line)["step"] for line in log.read_text().splitlines() if "train/loss" in line]
+    assert logged[-1] == steps[0]  # saved exactly where it stopped
+    # The same command resumes from there.
+    assert main([*args[:1], f"train.steps={steps[0] + 2}", *args[2:]]) == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in lines if "train/loss" in r][-2:] == [steps[0] + 1, steps[0] + 2]
+
+
+class PoisonedStream(SyntheticStream):
+    """Batches from index 3 on carry a flag that makes the loss NaN."""
+
+    def batch_at(self, index):
+        batch = super().batch_at(index)
+        batch["poison"] = np.full(batch["tokens"].shape, int(index >= 3), np.int32)
+        return batch
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
+    cfg = preset("tiny-llama")
+    model = Model(cfg)
+    base = causal_lm_loss(model)
+
+    def loss_fn(params, batch, rng):
+        total, weight, metrics = base(params, batch, rng)
+        return total * jax.numpy.where(batch["poison"][0, 0] > 0, jax.numpy.nan, 1.0), weight, metrics
+
+    tc = TrainConfig(steps=20, batch_size=2, seq_len=16, max_nonfinite_in_row=3, log_every=1)
+    opt, sched = build_optimizer(OptimConfig(lr=1e-3), tc.steps)
+    seen = []
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+        train(loss_fn=loss_fn, params=model.init, model_cfg=cfg, optimizer=opt, schedule=sched, cfg=tc,
+              batches=PoisonedStream(2, 16, cfg.vocab_size), mesh=make_mesh(MeshConfig()),
+              callbacks=[lambda step, m: seen.append((step, m["finite"], m["skipped"]))])
+    assert seen == [(1, 1.0, 0.0), (2, 1.0, 0.0), (3, 1.0, 0.0), (4, 0.0, 1.0), (5, 0.0, 2.0), (6, 0.0, 3.0)]
+
+
+def test_train_and_eval_cli_with_logs(tmp_path, capsys):
+    ckpt = tmp_path / "run"
+    common = ["train.batch_size=4", "train.seq_len=32", "train.eval_batches=2", "logging.progress=false"]
+    assert main(["train", "configs/train_demo.yaml", "train.steps=6", "train.eval_every=3", "train.log_every=2", "optim.warmup_steps=1",
+                 f"checkpoint.directory={ckpt}", "checkpoint.every_steps=3", *common]) == 0
+    out = capsys.readouterr().out
+    assert "done: step 6" in out and "eval loss" in out
+    records = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if "train/loss" in r]
+    assert train_steps == [2, 4, 6]
+    logged = [r for r in records if "train/loss" in r]
+    assert all({"train/lr", "train/grad_norm", "train/skipped"} <= r.keys() for r in logged)
+    # Throughput is reported for windows without compilation (not the first one).
+    assert "train/tokens_per_s" not in logged[0] and all("train/tokens_per_s" in r for r in logged[1:])
+    assert [r["step"] for r in records if "compile/first_step_s" in r] == [1]
+    evals = [r for r in records if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert all(r["eval/perplexity"] == pytest.approx(np.exp(r["eval/nll"]), rel=1e-6) for r in evals)
+    assert list(ckpt.glob("events.out.tfevents.*"))
+    assert (ckpt / "model_config.json").exists()
+
+    assert main(["eval", "--json", "configs/train_demo.yaml", f"model.checkpoint={ckpt}", *common]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["loss"] == pytest.approx(evals[-1]["eval/loss"], rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(np.exp(metrics["nll"]), rel=1e-6)
+
+
+def test_bad_train_config_names_the_key(capsys):
+    assert main(["train", "train.stepz=3"]) == 1
+    assert "train.steps" in capsys.readouterr().err
+    assert main(["train", "train.batch_size=6", "train.grad_accum=4"]) == 1
+    assert "grad_accum" in capsys.readouterr().err
