@@ -86,6 +86,10 @@ class TrainCheckpointer:
         self.directory: Optional[epath.Path] = None if cfg.directory is None else _absolute(cfg.directory)
         if self.directory is None:
             return
+        # Every process checks (so all fail alike); only process 0 writes.
+        has_steps = self.directory.exists() and any(p.name.isdigit() for p in self.directory.iterdir())
+        if has_steps:
+            _check_resumable(self.directory, model_cfg, extra_meta or {})
         if jax.process_index() == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
             _write_model_config(self.directory, model_cfg)
@@ -199,7 +203,7 @@ class TrainCheckpointer:
 
 
 def restore_params(directory: str | os.PathLike, *, step: Optional[int] = None, shardings: Any = None,
-                   **config_overrides) -> tuple[Any, ModelConfig, int]:
+                   base_params: Any = None, **config_overrides) -> tuple[Any, ModelConfig, int]:
     """-> (params, cfg, step) from a training checkpoint directory, onto any mesh or device count.
 
     ``step=None`` takes the newest readable step (broken ones are warned about and skipped).
@@ -221,12 +225,29 @@ def restore_params(directory: str | os.PathLike, *, step: Optional[int] = None, 
             if step not in manager.all_steps():
                 steps = sorted(manager.all_steps())
                 raise FileNotFoundError(f"{directory}: no checkpoint step {step} (steps: {steps})")
-            return manager.restore(step, args=args)[PARAMS_ITEM], cfg, step
+            return _fill_frozen(manager.restore(step, args=args)[PARAMS_ITEM], base_params, directory), cfg, step
         found = _restore_newest_readable(manager, directory, args, set())
     if found is None:
         raise FileNotFoundError(f"{directory}: no checkpoint steps")
     step, restored = found
-    return restored[PARAMS_ITEM], cfg, step
+    return _fill_frozen(restored[PARAMS_ITEM], base_params, directory), cfg, step
+
+
+def _fill_frozen(params: Any, base_params: Any, directory) -> Any:
+    """A run with frozen params checkpoints only the trainable half (None elsewhere): take the
+    frozen leaves from ``base_params`` (the run's base model), or say what is missing."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)
+    holes = [jax.tree_util.keystr(p, simple=True, separator="/") for p, x in leaves if x is None]
+    if not holes:
+        return params
+    if base_params is None:
+        raise ValueError(f"{directory} holds only the trainable params of its run ({len(holes)} frozen leaves such as "
+                         f"{holes[0]} are not in it); restore with base_params= the run's base model "
+                         f"(model.checkpoint does this from {TRAIN_META_FILE})")
+    base = jax.tree.leaves(base_params)
+    if len(base) != len(leaves):
+        raise ValueError(f"{directory}: base_params has {len(base)} leaves, the checkpoint's tree {len(leaves)}")
+    return jax.tree.unflatten(treedef, [b if x is None else x for (_, x), b in zip(leaves, base)])
 
 
 def _restore_newest_readable(manager: ocp.CheckpointManager, directory, args, invalid: set[int]):
@@ -280,6 +301,30 @@ def _metric_score(name: str, mode: str):
         return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else worst
 
     return score
+
+
+NUMERICS = ("param_dtype", "dtype", "attention_impl", "remat")  # may change between runs of one model
+MATCH_ON_RESUME = ("trainable",)  # extra_meta keys a resumed run must keep
+
+
+def _check_resumable(directory: epath.Path, cfg: ModelConfig, extra_meta: dict) -> None:
+    """Refuse (before anything is written) to resume a run of another model or another
+    trainable/frozen split: its steps would fail to restore and its config would be lost."""
+    path = directory / MODEL_CONFIG_FILE
+    if path.exists():
+        old, new = json.loads(path.read_text()), to_dict(cfg)
+        changed = sorted(k for k in set(old) | set(new) if k not in NUMERICS and old.get(k) != new.get(k))
+        if changed:
+            detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+            raise ValueError(f"checkpoint.directory {directory} holds a run of another model ({detail}); "
+                             "use a new directory or the same model")
+    meta_path = directory / TRAIN_META_FILE
+    if meta_path.exists():
+        old_meta = json.loads(meta_path.read_text())
+        for key in MATCH_ON_RESUME:
+            if key in old_meta and key in extra_meta and old_meta[key] != extra_meta[key]:
+                raise ValueError(f"checkpoint.directory {directory} was trained with {key}={old_meta[key]!r}; "
+                                 f"this run asks for {extra_meta[key]!r}. Resume with the same {key} or use a new directory")
 
 
 def _write_model_config(directory: epath.Path, cfg: ModelConfig) -> None:

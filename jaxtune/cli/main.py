@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError, FloatingPointError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError, FloatingPointError, RuntimeError) as err:
         print(f"jaxtune {args.command}: error: {err}", file=sys.stderr)
         return 1
 

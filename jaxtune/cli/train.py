@@ -22,7 +22,9 @@ MODEL_SOURCES = ("hf_dir", "checkpoint", "preset", "config")
 
 def _job(args) -> TrainJobConfig:
     from jaxtune.cli.main import split_config_args
+    from jaxtune.parallel.distributed import maybe_initialize
 
+    maybe_initialize()
     config_path, overrides = split_config_args(args.args)
     return load_config(TrainJobConfig, config_path, source_overrides(overrides))
 

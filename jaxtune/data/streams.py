@@ -34,6 +34,12 @@ class DataConfig:
     eval_fraction: float = 0.05
     pad_fraction: float = 0.0  # synthetic: share of each row that is padding, drawn per row up to this
 
+    def __post_init__(self):
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if not 0.0 <= self.pad_fraction < 1.0:
+            raise ValueError(f"data.pad_fraction must be in [0, 1), got {self.pad_fraction}")
+
 
 def lm_batch(rows: np.ndarray, lengths: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
     """rows: [batch, seq + 1] token ids -> the LM batch dict; ``lengths`` real tokens per row (rest padding)."""
@@ -95,18 +101,27 @@ class SyntheticStream:
 
 
 class TokenRowStream:
-    """Fixed-length rows cut from one token array (a tokenized text file), visited in a
-    seeded permutation that changes every epoch. Position = rows consumed."""
+    """Rows of ``seq_len + 1`` tokens cut from one token array (a tokenized text file) with a
+    stride of ``seq_len``, so every token after the first is a target exactly once per epoch; the
+    last, shorter row is padded (no loss on the padding): nothing is dropped. Rows are visited in
+    a seeded permutation that changes every epoch. ``epochs=None`` repeats forever; a finite
+    count ends the stream, the last batch padded with empty rows. Position = rows consumed."""
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0, shuffle: bool = True, name: str = "text"):
-        width = seq_len + 1
-        self.num_rows = len(tokens) // width
-        if self.num_rows < batch_size:
-            raise ValueError(
-                f"{name}: {len(tokens)} tokens give {self.num_rows} rows of {width}, fewer than one batch of {batch_size}"
-            )
-        self.rows = np.asarray(tokens[: self.num_rows * width]).reshape(self.num_rows, width)
-        self.batch_size, self.seed, self.shuffle, self.name = batch_size, seed, shuffle, name
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0, shuffle: bool = True,
+                 epochs: Optional[int] = None, pad_id: int = 0, name: str = "text"):
+        tokens = np.asarray(tokens)
+        if len(tokens) < 2:
+            raise ValueError(f"{name}: {len(tokens)} tokens, need at least 2 for one target")
+        self.num_rows = -(-(len(tokens) - 1) // seq_len)
+        starts = np.arange(self.num_rows) * seq_len
+        self.lengths = np.minimum(seq_len + 1, len(tokens) - starts)
+        padded = np.concatenate([tokens, np.full(seq_len + 1, pad_id, tokens.dtype)])
+        self.rows = padded[starts[:, None] + np.arange(seq_len + 1)[None, :]]
+        if epochs is None and self.num_rows < batch_size:
+            raise ValueError(f"{name}: {len(tokens)} tokens give {self.num_rows} rows of {seq_len + 1}, "
+                             f"fewer than one batch of {batch_size}")
+        self.batch_size, self.seq_len, self.seed, self.shuffle = batch_size, seq_len, seed, shuffle
+        self.epochs, self.pad_id, self.name = epochs, pad_id, name
         self.position = 0
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -118,15 +133,24 @@ class TokenRowStream:
         return self
 
     def __next__(self):
+        end = None if self.epochs is None else self.epochs * self.num_rows
+        if end is not None and self.position >= end:
+            raise StopIteration
         idx = []
         pos = self.position
-        while len(idx) < self.batch_size:
+        while len(idx) < self.batch_size and (end is None or pos < end):
             epoch, offset = divmod(pos, self.num_rows)
             take = min(self.batch_size - len(idx), self.num_rows - offset)
             idx.extend(self._order(epoch)[offset: offset + take])
             pos += take
         self.position = pos
-        return lm_batch(self.rows[np.asarray(idx)])
+        idx = np.asarray(idx)
+        rows, lengths = self.rows[idx], self.lengths[idx]
+        if len(idx) < self.batch_size:  # the end of a finite stream: fill with empty rows
+            fill = self.batch_size - len(idx)
+            rows = np.concatenate([rows, np.full((fill, self.seq_len + 1), self.pad_id, rows.dtype)])
+            lengths = np.concatenate([lengths, np.zeros(fill, lengths.dtype)])
+        return lm_batch(rows, lengths)
 
     def get_state(self) -> dict:
         return {"kind": "rows", "name": self.name, "position": self.position, "seed": self.seed, "rows": self.num_rows}

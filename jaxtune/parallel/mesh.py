@@ -61,6 +61,6 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Optional[Sequence[jax.Dev
     return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=auto)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of a batch array ``[batch, ...]``: batch over data x fsdp, the rest replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of any batch array ``[batch, ...]`` (of any rank): batch over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))

@@ -114,10 +114,16 @@ def param_specs(params: Any, mesh: Mesh, rules: Sequence[Rule] = (), *, warn: bo
         if rule is None:
             return fit_spec(base_spec(where), tuple(leaf.shape), mesh_shape, where, dropped)
         specs = rule(leaf, base_spec(where))
-        return jax.tree.map(
-            lambda s, a: fit_spec(s, tuple(a.shape), mesh_shape, where, dropped),
-            specs, leaf, is_leaf=lambda s: isinstance(s, P),
-        )
+        # A split typed leaf (frozen base, trainable adapters) has None where the other half lives.
+        is_none_or_spec = lambda x: x is None or isinstance(x, P)  # noqa: E731
+        arrays, treedef = jax.tree.flatten(leaf, is_leaf=lambda x: x is None)
+        spec_list = jax.tree.leaves(specs, is_leaf=is_none_or_spec)
+        if len(spec_list) != len(arrays):
+            raise ValueError(f"{where}: the sharding rule for {type(leaf).__name__} returned "
+                             f"{len(spec_list)} specs for {len(arrays)} arrays")
+        fitted = [None if a is None else fit_spec(s, tuple(a.shape), mesh_shape, where, dropped)
+                  for s, a in zip(spec_list, arrays)]
+        return jax.tree.unflatten(treedef, fitted)
 
     specs = jax.tree_util.tree_map_with_path(leaf_specs, params, is_leaf=lambda x: _spec_rule(x) is not None)
     if dropped and warn:

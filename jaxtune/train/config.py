@@ -28,8 +28,11 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size ({self.batch_size}) must divide by train.grad_accum ({self.grad_accum})")
-        if self.eval_every < 0 or self.eval_batches < 0 or self.loss_chunk_tokens < 0:
-            raise ValueError("train.eval_every, train.eval_batches and train.loss_chunk_tokens must be >= 0")
+        for name in ("eval_every", "eval_batches", "loss_chunk_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.z_loss < 0:
+            raise ValueError(f"train.z_loss must be >= 0, got {self.z_loss}")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from jaxtune.train.metrics import MetricsLogger, device_peak_flops, mfu, model_f
 from jaxtune.train.partition import join, mask_by_regex, split
 from jaxtune.train.step import TrainState, make_eval_step, make_train_step, named, state_specs
 
+STEP_KEYS = frozenset({"loss", "grad_norm", "tokens", "finite", "skipped", "streak", "lr"})  # set by the step itself
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the state was saved; schedulers should requeue the job
 
 
@@ -60,14 +61,18 @@ class TrainResult:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
+    """SIGTERM -> stop at a step boundary. Single process: a Python signal handler sets a flag.
+    Several processes: JAX's preemption sync point (jax.distributed's preemption service, which
+    watches SIGTERM itself), so every host stops after the same step; no handler is installed
+    there, since it would replace the service's."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._multi = jax.process_count() > 1
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if not self._multi and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -79,10 +84,10 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
     def reached(self, step: int) -> bool:
-        if jax.process_count() > 1:  # every host must stop at the same step
+        if self._multi:
             from jax.experimental import multihost_utils
 
-            return bool(multihost_utils.reached_preemption_sync_point(step)) or self.requested
+            return bool(multihost_utils.reached_preemption_sync_point(step))
         return self.requested
 
 
@@ -91,7 +96,7 @@ def place_batch(batch: dict, mesh: Mesh) -> dict:
 
     def put(x):
         x = np.asarray(x)
-        sharding = batch_sharding(mesh, x.ndim)
+        sharding = batch_sharding(mesh)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return {k: put(v) for k, v in batch.items()}
@@ -145,6 +150,13 @@ def train(
     ``callbacks``: ``fn(step, metrics)`` after each step's metrics reach the host.
     """
     rules = tuple(rules)
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % (cfg.grad_accum * batch_devices):
+        raise ValueError(
+            f"train.batch_size ({cfg.batch_size}) must divide by train.grad_accum ({cfg.grad_accum}) x "
+            f"mesh.data ({mesh.shape['data']}) x mesh.fsdp ({mesh.shape['fsdp']}): every micro-batch is split "
+            "over the data-parallel devices"
+        )
     init_rng, state_rng = jax.random.split(jax.random.key(cfg.seed))
     abstract_params = jax.eval_shape(params, init_rng) if callable(params) else params
     if trainable_mask is None:
@@ -156,25 +168,30 @@ def train(
     state_sh = named(state_specs(abstract_state, optimizer, mesh, rules), mesh)
     data_sh = batch_sharding(mesh)
 
+    def materialise(p):
+        return p(init_rng) if callable(p) else p
+
     def fresh_state(p):
-        trainable, frozen = split(p(init_rng) if callable(p) else p, trainable_mask)
+        trainable, frozen = split(materialise(p), trainable_mask)
         return TrainState.create(trainable, optimizer, state_rng), frozen
+
+    def frozen_only(p):
+        return split(materialise(p), trainable_mask)[1]
 
     checkpointer = checkpointer or TrainCheckpointer(CheckpointConfig(), model_cfg)  # directory None: no-op
     restored = checkpointer.restore(
         _with_shardings(abstract_state.params, state_sh.params),
         _with_shardings(_state_extras(abstract_state), _state_extras(state_sh)),
     )
-    if callable(params):
-        init = jax.jit(fresh_state, static_argnums=0, out_shardings=(state_sh, frozen_sh))
-        state, frozen = init(params)
-    else:
-        state, frozen = jax.jit(fresh_state, out_shardings=(state_sh, frozen_sh))(params)
+    static = (0,) if callable(params) else ()
     resumed_from = None
-    if restored is not None:
-        step0, r_params, r_extras, data_state = restored
-        state = state.replace(params=r_params, **r_extras)
-        resumed_from = step0
+    if restored is None:
+        state, frozen = jax.jit(fresh_state, static_argnums=static, out_shardings=(state_sh, frozen_sh))(params)
+    else:
+        # Only the frozen half is built (no second copy of the trainable params and optimizer state).
+        frozen = jax.jit(frozen_only, static_argnums=static, out_shardings=frozen_sh)(params)
+        resumed_from, r_params, r_extras, data_state = restored
+        state = TrainState(params=r_params, **r_extras)
         if data_state and hasattr(batches, "set_state"):
             batches.set_state(data_state)
 
@@ -193,27 +210,30 @@ def train(
     start = int(jax.device_get(state.step))
     result = TrainResult(state=state, frozen=frozen, resumed_from=resumed_from)
     last_eval: dict = {}
+    last_eval_step = -1
     logger = MetricsLogger(
         log_dir if (logging.jsonl or logging.tensorboard) else None, total_steps=cfg.steps,
         tensorboard=logging.tensorboard, jsonl=logging.jsonl, progress=logging.progress, start_step=start,
     )
 
     def run_eval(step: int):
-        nonlocal last_eval
+        nonlocal last_eval, last_eval_step
         if eval_step is None:
             return
         last_eval = evaluate(eval_step, join(state.params, frozen), eval_batches(), mesh, cfg.eval_batches)
+        last_eval_step = step
         if last_eval:
             result.evals.append({"step": step, **last_eval})
             logger.log(step, last_eval, prefix="eval")
 
     def save(step: int, force: bool = False):
         data_state = batches.get_state() if hasattr(batches, "get_state") else {}
-        metrics = {f"eval/{k}": v for k, v in last_eval.items()} if last_eval else None
+        # keep-best ranks a step only by an evaluation of that very step
+        metrics = {f"eval/{k}": v for k, v in last_eval.items()} if last_eval and last_eval_step == step else None
         checkpointer.save(step, params=state.params, state=_state_extras(state), data_state=data_state,
                           metrics=metrics, force=force)
 
-    window = {"t": time.perf_counter(), "tokens": 0.0, "steps": 0, "loss": 0.0, "finite": 0, "compiling": False}
+    window = {"t": time.perf_counter(), "tokens": 0.0, "steps": 0, "loss": 0.0, "finite": 0, "compiling": False, "extra": {}}
 
     def finish_step(step: int, metrics: dict):
         """Host side of a step whose metrics arrived: NaN policy, history, logging, callbacks."""
@@ -230,6 +250,8 @@ def train(
         if metrics["finite"]:
             window["loss"] += metrics["loss"]
             window["finite"] += 1
+            for k in metrics.keys() - STEP_KEYS:  # the loss function's own metrics, e.g. nll, z_loss
+                window["extra"][k] = window["extra"].get(k, 0.0) + metrics[k]
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.perf_counter() - window["t"]
             tokens_per_s = window["tokens"] / max(elapsed, 1e-9)
@@ -241,13 +263,13 @@ def train(
                 logged.update(tokens_per_s=tokens_per_s, step_time_s=elapsed / max(window["steps"], 1))
             if "lr" in metrics:
                 logged["lr"] = metrics["lr"]
-            logged.update({k: metrics[k] for k in metrics if k not in ("loss", "grad_norm", "tokens", "finite", "skipped", "streak", "lr")})
+            logged.update({k: v / max(window["finite"], 1) for k, v in window["extra"].items()})
             if peak and not window["compiling"]:
                 # tokens counts real (loss) tokens; MFU counts every position the model processed.
                 positions_per_s = window["steps"] * cfg.batch_size * cfg.seq_len / max(elapsed, 1e-9)
                 logged["mfu"] = mfu(positions_per_s / devices, flops_per_token, peak)
             logger.log(step, logged)
-            window.update(t=time.perf_counter(), tokens=0.0, steps=0, loss=0.0, finite=0, compiling=False)
+            window.update(t=time.perf_counter(), tokens=0.0, steps=0, loss=0.0, finite=0, compiling=False, extra={})
         for callback in callbacks:
             callback(step, metrics)
         if metrics["streak"] >= cfg.max_nonfinite_in_row:
@@ -256,6 +278,17 @@ def train(
                 f"(train.max_nonfinite_in_row={cfg.max_nonfinite_in_row}); those updates were skipped and the "
                 f"last checkpoint holds the last finite state. Lower optim.lr, raise warmup or check the data."
             )
+
+    def _eval_then_save(step: int, do_eval: bool, force: bool = False):
+        """Evaluate (for keep-best) then save; if the evaluation fails, the state is saved first."""
+        try:
+            if do_eval:
+                run_eval(step)
+        except BaseException:
+            save(step, force=True)
+            checkpointer.wait()
+            raise
+        save(step, force=force)
 
     status = "completed"
     pending: Optional[tuple[int, dict]] = None
@@ -269,22 +302,20 @@ def train(
                 if pending is not None:
                     finish_step(*jax.device_get(pending))
                 pending = (step, metrics)
-                if cfg.eval_every and step % cfg.eval_every == 0:
-                    run_eval(step)
                 if checkpointer.should_save(step):
                     finish_step(*jax.device_get(pending))  # never save past an unchecked step
                     pending = None
-                    save(step)
+                    _eval_then_save(step, cfg.eval_every and step % cfg.eval_every == 0)
+                elif cfg.eval_every and step % cfg.eval_every == 0:
+                    run_eval(step)
                 if preemption.reached(step):
                     status = "preempted"
                     break
             if pending is not None:
                 finish_step(*jax.device_get(pending))
                 pending = None
-            if status == "completed" and (not cfg.eval_every or step % cfg.eval_every):
-                run_eval(step)
             if step > start or status == "preempted":
-                save(step, force=True)
+                _eval_then_save(step, status == "completed" and last_eval_step != step, force=True)
             checkpointer.wait()
     finally:
         logger.close()

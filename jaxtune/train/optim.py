@@ -22,9 +22,9 @@ from jaxtune.utils.tree import keypath_str
 class OptimConfig:
     name: Literal["adamw", "adafactor", "lion"] = "adamw"
     lr: float = 3e-4  # peak learning rate
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
+    b1: Optional[float] = None  # default 0.9 (AdamW, Lion)
+    b2: Optional[float] = None  # default 0.95 (AdamW), 0.99 (Lion)
+    eps: Optional[float] = None  # default 1e-8 (AdamW)
     weight_decay: float = 0.0  # decoupled (AdamW-style); Adafactor/Lion scale it by the lr as optax does
     decay_norms: bool = False
     decay_biases: bool = False
@@ -96,11 +96,19 @@ def decay_mask(params: Any, cfg: OptimConfig) -> Any:
 def build_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = build_schedule(cfg, total_steps)
     mask = lambda params: decay_mask(params, cfg)  # noqa: E731  (a callable, so it follows any trainable tree)
+    pick = lambda value, default: default if value is None else value  # noqa: E731
     if cfg.name == "adamw":
-        opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
+        opt = optax.adamw(schedule, b1=pick(cfg.b1, 0.9), b2=pick(cfg.b2, 0.95), eps=pick(cfg.eps, 1e-8),
+                          weight_decay=cfg.weight_decay, mask=mask)
     elif cfg.name == "lion":
-        opt = optax.lion(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=mask)
+        if cfg.eps is not None:
+            raise ValueError("optim.eps: Lion has no epsilon (sign update); leave it unset")
+        opt = optax.lion(schedule, b1=pick(cfg.b1, 0.9), b2=pick(cfg.b2, 0.99), weight_decay=cfg.weight_decay, mask=mask)
     elif cfg.name == "adafactor":
+        given = [k for k in ("b1", "b2", "eps") if getattr(cfg, k) is not None]
+        if given:
+            raise ValueError(f"optim.{given[0]}: Adafactor (optax defaults: factored second moment, decay rate 0.8) "
+                             "does not take b1/b2/eps; leave them unset")
         opt = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=mask)
     else:
         raise ValueError(f"optim.name: unknown optimizer {cfg.name!r} (adamw | adafactor | lion)")

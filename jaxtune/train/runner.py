@@ -58,10 +58,18 @@ def build_streams(job: TrainJobConfig, cfg: ModelConfig, tokenizer=None) -> tupl
         else:
             cut = int(len(tokens) * (1.0 - d.eval_fraction))
             tokens, held_out = tokens[:cut], tokens[cut:]
-        if int(tokens.max()) >= cfg.vocab_size:
-            raise ValueError(f"data.path: token id {int(tokens.max())} >= model vocab_size {cfg.vocab_size}")
-        train_stream = TokenRowStream(tokens, t.batch_size, t.seq_len, seed=t.seed, name=str(d.path))
-        return train_stream, lambda: TokenRowStream(held_out, t.batch_size, t.seq_len, shuffle=False, name=f"{d.path} (held out)")
+        for name, ids in ((d.path, tokens), (d.eval_path or f"{d.path} (held-out tail)", held_out)):
+            if len(ids) and int(ids.max()) >= cfg.vocab_size:
+                raise ValueError(f"data: {name} has token id {int(ids.max())} >= the model's vocab_size {cfg.vocab_size}")
+        pad = cfg.pad_token_id or 0
+        train_stream = TokenRowStream(tokens, t.batch_size, t.seq_len, seed=t.seed, pad_id=pad, name=str(d.path))
+        held_out_name = str(d.eval_path or f"{d.path} (held-out tail, data.eval_fraction={d.eval_fraction})")
+
+        def eval_streams():  # one pass over the held-out rows, in order
+            return TokenRowStream(held_out, t.batch_size, t.seq_len, shuffle=False, epochs=1, pad_id=pad, name=held_out_name)
+
+        eval_streams()  # validate now, not at the first evaluation
+        return train_stream, eval_streams
     raise ValueError(f"data.kind: unknown kind {d.kind!r} (synthetic | text)")
 
 
@@ -81,7 +89,9 @@ def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict
     mesh = make_mesh(job.mesh)
     own_checkpointer = checkpointer is None
     if own_checkpointer:
-        checkpointer = TrainCheckpointer(job.checkpoint, cfg, extra_meta={"job": to_dict(job)})
+        meta = {"job": to_dict(job), "base": to_dict(job.model),
+                "trainable": None if job.train.trainable is None else list(job.train.trainable)}
+        checkpointer = TrainCheckpointer(job.checkpoint, cfg, extra_meta=meta)
     if tokenizer is not None and job.checkpoint.directory and jax.process_index() == 0:
         tokenizer.save(job.checkpoint.directory)  # so generate / eval on the checkpoint need no tokenizer flags
     try:

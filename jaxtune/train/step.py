@@ -58,7 +58,7 @@ def state_specs(state: TrainState, optimizer: optax.GradientTransformation, mesh
     def moment_spec(leaf, spec):
         return fit_spec(spec, tuple(getattr(leaf, "shape", ())), mesh_shape)
 
-    opt_specs = optax.tree_map_params(
+    opt_specs = optax.tree_utils.tree_map_params(
         optimizer, moment_spec, state.opt_state, p_specs,
         transform_non_params=lambda _: P(), is_leaf=is_spec,
     )
@@ -136,14 +136,15 @@ def make_train_step(
             denom = jnp.maximum(weight, 1e-6)
             loss = total / denom
             grads = jax.tree.map(lambda g: g / denom, grads)
-            grad_norm = optax.global_norm(grads)
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-            def apply(_):
-                updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-                return optax.apply_updates(state.params, updates), opt_state
-
-            params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state), None)
+            grad_norm = optax.tree.norm(grads)
+            updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+            # Finite gradients can still give a non-finite update (overflow in the optimizer).
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+            params, opt_state = jax.lax.cond(
+                finite,
+                lambda: (optax.apply_updates(state.params, updates), new_opt_state),
+                lambda: (state.params, state.opt_state),
+            )
             skipped = jnp.where(finite, 0, 1).astype(jnp.int32)
             applied_steps = state.step - state.skipped
             new_state = TrainState(

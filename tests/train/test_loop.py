@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxtune.cli.main import main
-from jaxtune.config import TrainJobConfig, from_dict
+from jaxtune.config import TrainJobConfig, from_dict, to_dict
 from jaxtune.data.streams import SyntheticStream
 from jaxtune.models import Model
 from jaxtune.models.presets import preset
@@ -49,7 +49,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     assert resumed.resumed_from == 10
     assert [h["step"] for h in resumed.history] == list(range(11, 21))
     np.testing.assert_array_equal(_losses(resumed, range(11, 21)), _losses(full, range(11, 21)))
-    for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params)):
+    # The whole train state matches: params, optimizer moments, step, RNG, skip counters.
+    for a, b in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(full.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # Resuming a finished run does no more steps.
     again = run_training(job(str(ckpt)))
@@ -153,3 +154,102 @@ def test_bad_train_config_names_the_key(capsys):
     assert "train.steps" in capsys.readouterr().err
     assert main(["train", "train.batch_size=6", "train.grad_accum=4"]) == 1
     assert "grad_accum" in capsys.readouterr().err
+
+
+def test_lr_schedule_does_not_advance_on_skipped_steps():
+    cfg = preset("tiny-llama")
+    model = Model(cfg)
+    base = causal_lm_loss(model)
+
+    def loss_fn(params, batch, rng):
+        total, weight, metrics = base(params, batch, rng)
+        return total * jax.numpy.where(batch["poison"][0, 0] > 0, jax.numpy.nan, 1.0), weight, metrics
+
+    class TwoBad(SyntheticStream):
+        def batch_at(self, index):
+            batch = super().batch_at(index)
+            batch["poison"] = np.full(batch["tokens"].shape, int(index in (2, 3)), np.int32)
+            return batch
+
+    tc = TrainConfig(steps=6, batch_size=2, seq_len=16, log_every=1)
+    opt, sched = build_optimizer(OptimConfig(lr=1.0, warmup_steps=10, schedule="constant"), tc.steps)
+    result = train(loss_fn=loss_fn, params=model.init, model_cfg=cfg, optimizer=opt, schedule=sched, cfg=tc,
+                   batches=TwoBad(2, 16, cfg.vocab_size), mesh=make_mesh(MeshConfig()))
+    # lr of the update each step would apply: warmup 0, .1, .2 (skipped), .2 (skipped), .2, .3
+    assert [round(h["lr"], 6) for h in result.history] == [0.0, 0.1, 0.2, 0.2, 0.2, 0.3]
+    assert [h["finite"] for h in result.history] == [1, 1, 0, 0, 1, 1]
+
+
+def test_rank_one_batch_fields_and_keep_best_through_the_loop(tmp_path):
+    """A loss with a per-row weight [batch] (as reward / preference losses have) runs sharded, and
+    keep-best keeps the step with the best evaluation."""
+    from jaxtune.checkpoint.manager import CheckpointConfig, TrainCheckpointer
+
+    cfg = preset("tiny-llama")
+    model = Model(cfg)
+    base = causal_lm_loss(model)
+
+    def loss_fn(params, batch, rng):
+        total, weight, metrics = base(params, batch, rng)
+        return total * batch["row_weight"][0], weight, metrics
+
+    class Weighted(SyntheticStream):
+        def batch_at(self, index):
+            batch = super().batch_at(index)
+            batch["row_weight"] = np.ones((batch["tokens"].shape[0],), np.float32)
+            return batch
+
+    evals = iter([3.0, 1.0, 2.0, 5.0])  # eval/loss at steps 2, 4, 6, 8: step 4 is the best
+
+    def fake_eval_stream():
+        value = next(evals)
+
+        class One:
+            def __iter__(self):
+                batch = Weighted(4, 16, cfg.vocab_size, seed=9).batch_at(0)
+                batch["row_weight"] = batch["row_weight"] * value / 5.0
+                yield batch
+        return One()
+
+    ckpt = TrainCheckpointer(CheckpointConfig(directory=str(tmp_path / "run"), every_steps=2, keep_last=1, keep_best=1,
+                                              async_save=False), cfg)
+    tc = TrainConfig(steps=8, batch_size=4, seq_len=16, eval_every=2, eval_batches=1)
+    opt, sched = build_optimizer(OptimConfig(lr=1e-3), tc.steps)
+    result = train(loss_fn=loss_fn, params=model.init, model_cfg=cfg, optimizer=opt, schedule=sched, cfg=tc,
+                   batches=Weighted(4, 16, cfg.vocab_size), mesh=make_mesh(MeshConfig()),
+                   eval_batches=fake_eval_stream, checkpointer=ckpt)
+    ckpt.close()
+    assert [e["step"] for e in result.evals] == [2, 4, 6, 8]
+    assert sorted(int(p.name) for p in (tmp_path / "run").iterdir() if p.name.isdigit()) == [4, 8]
+
+
+def test_resume_refuses_another_model_or_trainable_split(tmp_path):
+    ckpt = tmp_path / "run"
+    run_training(job(str(ckpt), steps=10))
+    other = from_dict(TrainJobConfig, {**to_dict(job(str(ckpt), steps=12)), "model": {"preset": "tiny-gpt2"}})
+    with pytest.raises(ValueError, match="another model"):
+        run_training(other)
+    partial = from_dict(TrainJobConfig, {**to_dict(job(str(ckpt), steps=12)),
+                                         "train": {**to_dict(job(None).train), "steps": 12, "trainable": ["mlp/"]}})
+    with pytest.raises(ValueError, match="trainable"):
+        run_training(partial)
+
+
+def test_partially_trainable_run_checkpoints_only_its_trainable_half(tmp_path, capsys):
+    ckpt = tmp_path / "run"
+    common = ["train.batch_size=4", "train.seq_len=32", "logging.progress=false", "optim.warmup_steps=1"]
+    assert main(["train", "train.steps=3", "train.trainable=[mlp/]", f"checkpoint.directory={ckpt}", *common]) == 0
+    from jaxtune.checkpoint.manager import restore_params
+
+    with pytest.raises(ValueError, match="only the trainable params"):
+        restore_params(ckpt)
+    # eval rebuilds the frozen half from the run's base model (recorded in train_meta.json)
+    assert main(["eval", "--json", f"model.checkpoint={ckpt}", *common, "train.eval_batches=1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] > 0
+    from jaxtune.interop.sources import load_model
+    from jaxtune.config import ModelSource
+
+    params, _, _ = load_model(ModelSource(checkpoint=str(ckpt)))
+    base = Model(preset("tiny-llama")).init(jax.random.key(0))
+    assert np.array_equal(params["layers_0"]["attn"]["q_proj"]["kernel"], base["layers_0"]["attn"]["q_proj"]["kernel"])
+    assert not np.array_equal(params["layers_0"]["mlp"]["up_proj"]["kernel"], base["layers_0"]["mlp"]["up_proj"]["kernel"])

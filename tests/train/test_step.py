@@ -156,6 +156,9 @@ def test_bf16_compute_keeps_fp32_master_weights():
     state32 = TrainState.create(params, opt, jax.random.key(0))
     _, m32 = make_train_step(causal_lm_loss(model), opt)(state32, None, batch)
     np.testing.assert_allclose(m16["loss"], m32["loss"], rtol=2e-2)
+    assert float(m16["loss"]) != float(m32["loss"])  # the bf16 run really computed in bf16
+    jaxpr = str(jax.make_jaxpr(lambda p: causal_lm_loss(bf16)(p, batch, None)[0])(params))
+    assert "bf16[8,16,64] = dot_general" in jaxpr.replace("\n", " ") or "bf16[8,16,64]" in jaxpr
 
 
 def test_frozen_half_gets_no_gradient_and_no_optimizer_state():
