@@ -13,8 +13,9 @@ of the first step on both sides (same weights and batch: they must agree), and
 achieved model GFLOP/s (6 N + attention per token) against the fp32 GEMM rate
 of each library on this model's own matmul shapes.
 
-jaxtune variants: default (the loop's defaults), chunked (loss logits built
-512 tokens at a time), remat (full block rematerialisation).
+jaxtune variants: default (the loop's defaults: attention_impl=dpa), xla_attn
+(attention_impl=xla, heads-major grouped attention), chunked (xla_attn + loss
+logits built 512 tokens at a time), remat (xla_attn + full block remat).
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ from jaxtune.train.optim import OptimConfig, build_optimizer
 from jaxtune.train.step import TrainState, make_train_step
 
 VARIANTS = {
-    "default": dict(remat="none", chunk=0),
-    "chunked": dict(remat="none", chunk=512),
-    "remat": dict(remat="full", chunk=0),
+    "default": dict(remat="none", chunk=0, attention="dpa"),
+    "xla_attn": dict(remat="none", chunk=0, attention="xla"),
+    "chunked": dict(remat="none", chunk=512, attention="xla"),
+    "remat": dict(remat="full", chunk=0, attention="xla"),
 }
 
 
@@ -59,7 +61,7 @@ def timed(fn, repeats):
 def jax_side(params, cfg, batch, variant, repeats):
     opt, schedule = build_optimizer(OptimConfig(lr=1e-4, weight_decay=0.1, clip_norm=1.0, schedule="constant",
                                                 decay_embeddings=True, decay_norms=True), 100)
-    model = Model(cfg.replace(remat=variant["remat"]))
+    model = Model(cfg.replace(remat=variant["remat"], attention_impl=variant["attention"]))
     step = make_train_step(causal_lm_loss(model, chunk_tokens=variant["chunk"]), opt, schedule)
     state = TrainState.create(params, opt, jax.random.key(0))
     start = time.perf_counter()
@@ -121,7 +123,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--variants", default="default,chunked,remat")
+    parser.add_argument("--variants", default="default,xla_attn,chunked,remat")
     args = parser.parse_args()
     jax.config.update("jax_default_matmul_precision", "highest")  # true fp32 on every backend
     torch.set_num_threads(os.cpu_count())

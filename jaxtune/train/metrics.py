@@ -42,9 +42,6 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
     "A100": {"bfloat16": 312 * _T, "float16": 312 * _T, "float32": 156 * _T},
     # L4 datasheet: BF16 242, TF32 120 sparse.
     "L4": {"bfloat16": 121 * _T, "float16": 121 * _T, "float32": 60 * _T},
-    # A10G (AWS G5) has no NVIDIA datasheet; AWS-reported tensor figures (the A10 datasheet's
-    # 125 / 62.5 are for a different clock and tensor configuration).
-    "A10G": {"bfloat16": 70 * _T, "float16": 70 * _T, "float32": 35 * _T},
     # V100 datasheet (SXM2 / PCIe / V100S): FP16 tensor 125 / 112 / 130; FP32 15.7 / 14 / 16.4.
     # Volta has no bf16 tensor cores or TF32: XLA runs bfloat16 and float32 matmuls at the fp32 rate.
     "V100 SXM2": {"bfloat16": 15.7 * _T, "float16": 125 * _T, "float32": 15.7 * _T},
@@ -67,7 +64,6 @@ _DEVICE_KINDS: tuple[tuple[str, str], ...] = (
     (r"H200.*NVL", "H200 NVL"),
     (r"H200", "H200"),
     (r"\bA100\b", "A100"),  # "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"
-    (r"\bA10G\b", "A10G"),
     (r"\bL4\b", "L4"),  # not L40 / L40S
     (r"V100S", "V100S"),
     (r"V100.*PCIe", "V100 PCIe"),  # "Tesla V100-PCIE-32GB"

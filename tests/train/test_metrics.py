@@ -78,7 +78,6 @@ def test_matmul_parameters_are_the_models_kernels(cfg):
         ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
         ("NVIDIA A100 80GB PCIe", "float32", 156e12),
         ("NVIDIA L4", "bfloat16", 121e12),
-        ("NVIDIA A10G", "float16", 70e12),
         ("Tesla V100-SXM2-16GB", "float16", 125e12),
         ("Tesla V100-PCIE-32GB", "float16", 112e12),
         ("NVIDIA GeForce RTX 4090", "bfloat16", 165.2e12),
