@@ -235,6 +235,8 @@ def train(
 
     window = {"t": time.perf_counter(), "tokens": 0.0, "steps": 0, "loss": 0.0, "finite": 0, "compiling": False, "extra": {}}
 
+    preempting = False
+
     def finish_step(step: int, metrics: dict):
         """Host side of a step whose metrics arrived: NaN policy, history, logging, callbacks."""
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -252,7 +254,7 @@ def train(
             window["finite"] += 1
             for k in metrics.keys() - STEP_KEYS:  # the loss function's own metrics, e.g. nll, z_loss
                 window["extra"][k] = window["extra"].get(k, 0.0) + metrics[k]
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == cfg.steps or preempting:
             elapsed = time.perf_counter() - window["t"]
             tokens_per_s = window["tokens"] / max(elapsed, 1e-9)
             logged = {
@@ -309,7 +311,7 @@ def train(
                 elif cfg.eval_every and step % cfg.eval_every == 0:
                     run_eval(step)
                 if preemption.reached(step):
-                    status = "preempted"
+                    status, preempting = "preempted", True  # the last step's window is logged too
                     break
             if pending is not None:
                 finish_step(*jax.device_get(pending))
