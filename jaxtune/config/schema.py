@@ -43,7 +43,7 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    kind: Literal["auto", "byte", "hf"] = "auto"  # auto: HF files beside the model, else bytes
+    kind: Literal["auto", "byte", "char", "hf"] = "auto"  # auto: HF files or a saved built-in tokenizer beside the model, else bytes
     path: Optional[str] = None  # defaults to the model's directory
 
 

@@ -1,5 +1,5 @@
-"""Data: tokenizers (batching, packing and datasets arrive with the data pipeline)."""
+"""Data: tokenizers, batch streams and embedded assets (packing and datasets arrive with the data pipeline)."""
 
-from jaxtune.data.tokenizer import ByteTokenizer, load_tokenizer
+from jaxtune.data.tokenizer import ByteTokenizer, CharTokenizer, load_tokenizer
 
-__all__ = ["ByteTokenizer", "load_tokenizer"]
+__all__ = ["ByteTokenizer", "CharTokenizer", "load_tokenizer"]

@@ -163,9 +163,25 @@ class TokenRowStream:
         self.position = int(state["position"])
 
 
+BUILTIN_PREFIX = "builtin:"  # data shipped inside the package: builtin:tinyshakespeare.txt
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A data path, with ``builtin:NAME`` meaning jaxtune/data/assets/NAME (works from any install)."""
+    text = str(path)
+    if text.startswith(BUILTIN_PREFIX):
+        name = text[len(BUILTIN_PREFIX):]
+        asset = Path(__file__).with_name("assets") / name
+        if not asset.exists():
+            known = sorted(p.name for p in asset.parent.iterdir() if p.suffix == ".txt")
+            raise FileNotFoundError(f"data.path: no built-in dataset {name!r} (built in: {', '.join(known)})")
+        return asset
+    return Path(path)
+
+
 def text_tokens(path: str | Path, tokenizer) -> np.ndarray:
     """Tokenize a UTF-8 text file in one pass (no BOS/EOS: it is one continuous document)."""
-    path = Path(path)
+    path = resolve_path(path)
     if not path.exists():
         raise FileNotFoundError(f"data.path: {path} does not exist")
     text = path.read_text(encoding="utf-8")

@@ -1,8 +1,11 @@
-"""Tokenizers: a built-in byte-level tokenizer and local Hugging Face tokenizers.
+"""Tokenizers: built-in byte-level and character-level tokenizers, and local Hugging Face ones.
 
 `ByteTokenizer` needs no files: ids 0-255 are UTF-8 bytes, then pad, bos, eos.
-`load_tokenizer(dir)` returns a transformers tokenizer from local files only
-(never the network) when the directory has one, else the byte tokenizer.
+`CharTokenizer` maps each distinct character of a training text to an id (nanoGPT's
+character-level setup); it is saved as ``jaxtune_tokenizer.json`` beside checkpoints.
+`load_tokenizer(dir)` returns, from local files only (never the network): a transformers
+tokenizer when the directory has one, the tokenizer described by ``jaxtune_tokenizer.json``
+when it has that, else the byte tokenizer.
 """
 
 from __future__ import annotations
@@ -34,6 +37,41 @@ class ByteTokenizer:
         (Path(directory) / BYTE_TOKENIZER_FILE).write_text(json.dumps({"kind": "byte", "vocab_size": self.vocab_size}))
 
 
+class CharTokenizer:
+    """One id per character, in sorted order of the characters seen in the training text.
+    No special tokens; characters outside the vocabulary are an error naming them."""
+
+    pad_token_id = None
+    bos_token_id = None
+    eos_token_id = None
+
+    def __init__(self, chars: Sequence[str]):
+        chars = list(chars)
+        if not chars or len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
+            raise ValueError("CharTokenizer: chars must be distinct single characters")
+        self.chars = chars
+        self.index = {c: i for i, c in enumerate(chars)}
+        self.vocab_size = len(chars)
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls(sorted(set(text)))
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        try:
+            return [self.index[c] for c in text]
+        except KeyError:
+            bad = sorted({c for c in text if c not in self.index})
+            raise ValueError(f"character tokenizer: {len(bad)} characters not in its vocabulary of "
+                             f"{self.vocab_size}: {''.join(bad)[:40]!r}") from None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.chars[int(i)] for i in ids if 0 <= int(i) < self.vocab_size)
+
+    def save(self, directory: str | Path) -> None:
+        (Path(directory) / BYTE_TOKENIZER_FILE).write_text(json.dumps({"kind": "char", "chars": "".join(self.chars)}))
+
+
 class HFTokenizer:
     """Thin adapter giving a transformers tokenizer the same encode/decode surface."""
 
@@ -59,12 +97,34 @@ def has_hf_tokenizer(directory: str | Path) -> bool:
     return any((Path(directory) / f).exists() for f in _HF_TOKENIZER_FILES)
 
 
+def _saved_builtin(directory: Optional[str | Path]):
+    path = None if directory is None else Path(directory) / BYTE_TOKENIZER_FILE
+    if path is None or not path.exists():
+        return None
+    spec = json.loads(path.read_text())
+    if spec.get("kind") == "char":
+        return CharTokenizer(spec["chars"])
+    if spec.get("kind") == "byte":
+        return ByteTokenizer()
+    raise ValueError(f"{path}: unknown tokenizer kind {spec.get('kind')!r}")
+
+
 def load_tokenizer(directory: Optional[str | Path] = None, kind: str = "auto"):
-    """kind: auto (HF files in ``directory`` if present, else bytes) | byte | hf."""
+    """kind: auto (HF files in ``directory``, else a saved built-in tokenizer, else bytes) | byte | char | hf.
+    ``char`` needs a saved character vocabulary in ``directory`` (training builds it from the text)."""
     if kind == "byte":
         return ByteTokenizer()
+    if kind == "char":
+        tokenizer = _saved_builtin(directory)
+        if not isinstance(tokenizer, CharTokenizer):
+            raise FileNotFoundError(f"tokenizer.kind=char but {directory} holds no character vocabulary ({BYTE_TOKENIZER_FILE})")
+        return tokenizer
     if kind not in ("auto", "hf"):
-        raise ValueError(f"tokenizer.kind: unknown kind {kind!r} (auto | byte | hf)")
+        raise ValueError(f"tokenizer.kind: unknown kind {kind!r} (auto | byte | char | hf)")
+    if kind == "auto" and directory is not None and not has_hf_tokenizer(directory):
+        saved = _saved_builtin(directory)
+        if saved is not None:
+            return saved
     if directory is not None and has_hf_tokenizer(directory):
         from transformers import AutoTokenizer
 

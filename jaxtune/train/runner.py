@@ -15,8 +15,8 @@ import jax
 from jaxtune.checkpoint.manager import TrainCheckpointer
 from jaxtune.config.loader import to_dict
 from jaxtune.config.schema import ModelSource, TrainJobConfig
-from jaxtune.data.streams import SyntheticStream, TokenRowStream, text_tokens
-from jaxtune.data.tokenizer import load_tokenizer
+from jaxtune.data.streams import SyntheticStream, TokenRowStream, resolve_path, text_tokens
+from jaxtune.data.tokenizer import BYTE_TOKENIZER_FILE, CharTokenizer, load_tokenizer
 from jaxtune.interop.sources import load_model
 from jaxtune.models import Model, ModelConfig
 from jaxtune.models.presets import preset
@@ -76,7 +76,12 @@ def build_streams(job: TrainJobConfig, cfg: ModelConfig, tokenizer=None) -> tupl
 def _tokenizer(job: TrainJobConfig, model_dir: Optional[Path]):
     if job.data.kind != "text":
         return None
-    return load_tokenizer(job.tokenizer.path or model_dir, job.tokenizer.kind)
+    directory = job.tokenizer.path or model_dir
+    if job.tokenizer.kind == "char" and not (directory and (Path(directory) / BYTE_TOKENIZER_FILE).exists()):
+        # nanoGPT's character-level setup: the vocabulary is every character of the whole file
+        # (train and held-out alike); it is saved beside the checkpoints.
+        return CharTokenizer.from_text(resolve_path(job.data.path).read_text(encoding="utf-8"))
+    return load_tokenizer(directory, job.tokenizer.kind)
 
 
 def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict], None]] = (),
