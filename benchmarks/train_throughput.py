@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 import transformers
 
+from forward_throughput import median_seconds  # benchmarks/ is on sys.path when run as a script
 from jaxtune.interop import load_hf
 from jaxtune.interop.hf_config import to_hf_config
 from jaxtune.models import Model
@@ -47,15 +47,6 @@ VARIANTS = {
     "chunked": dict(remat="none", chunk=512, attention="xla"),
     "remat": dict(remat="full", chunk=0, attention="xla"),
 }
-
-
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def jax_side(params, cfg, batch, variant, repeats):
@@ -76,7 +67,7 @@ def jax_side(params, cfg, batch, variant, repeats):
         holder["state"], m = step(holder["state"], None, batch)
         jax.block_until_ready(holder["state"])
 
-    return timed(one, repeats), first_s, first_loss
+    return median_seconds(one, repeats), first_s, first_loss
 
 
 def torch_side(model, tokens, repeats):
@@ -97,7 +88,7 @@ def torch_side(model, tokens, repeats):
 
     first_loss = one()
     one()
-    return timed(one, repeats), first_loss
+    return median_seconds(one, repeats), first_loss
 
 
 def gemm_rates(cfg, rows, repeats):
@@ -111,9 +102,9 @@ def gemm_rates(cfg, rows, repeats):
         b = np.random.default_rng(2).random((k, n), np.float32)
         ja, jb = jnp.asarray(a), jnp.asarray(b)
         matmul(ja, jb).block_until_ready()
-        xla_t += timed(lambda: matmul(ja, jb).block_until_ready(), repeats)
+        xla_t += median_seconds(lambda: matmul(ja, jb).block_until_ready(), repeats)
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        torch_t += timed(lambda: ta @ tb, repeats)
+        torch_t += median_seconds(lambda: ta @ tb, repeats)
         flops += 2 * m * k * n
     return flops / xla_t / 1e9, flops / torch_t / 1e9
 

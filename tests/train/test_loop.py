@@ -94,6 +94,17 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert [r["step"] for r in lines if "train/loss" in r][-2:] == [steps[0] + 1, steps[0] + 2]
 
 
+def poisonable_loss(model):
+    """The causal LM loss, made NaN for batches whose ``poison`` flag is set."""
+    base = causal_lm_loss(model)
+
+    def loss_fn(params, batch, rng):
+        total, weight, metrics = base(params, batch, rng)
+        return total * jax.numpy.where(batch["poison"][0, 0] > 0, jax.numpy.nan, 1.0), weight, metrics
+
+    return loss_fn
+
+
 class PoisonedStream(SyntheticStream):
     """Batches from index 3 on carry a flag that makes the loss NaN."""
 
@@ -106,11 +117,7 @@ class PoisonedStream(SyntheticStream):
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
     cfg = preset("tiny-llama")
     model = Model(cfg)
-    base = causal_lm_loss(model)
-
-    def loss_fn(params, batch, rng):
-        total, weight, metrics = base(params, batch, rng)
-        return total * jax.numpy.where(batch["poison"][0, 0] > 0, jax.numpy.nan, 1.0), weight, metrics
+    loss_fn = poisonable_loss(model)
 
     tc = TrainConfig(steps=20, batch_size=2, seq_len=16, max_nonfinite_in_row=3, log_every=1)
     opt, sched = build_optimizer(OptimConfig(lr=1e-3), tc.steps)
@@ -159,11 +166,7 @@ def test_bad_train_config_names_the_key(capsys):
 def test_lr_schedule_does_not_advance_on_skipped_steps():
     cfg = preset("tiny-llama")
     model = Model(cfg)
-    base = causal_lm_loss(model)
-
-    def loss_fn(params, batch, rng):
-        total, weight, metrics = base(params, batch, rng)
-        return total * jax.numpy.where(batch["poison"][0, 0] > 0, jax.numpy.nan, 1.0), weight, metrics
+    loss_fn = poisonable_loss(model)
 
     class TwoBad(SyntheticStream):
         def batch_at(self, index):
