@@ -38,6 +38,7 @@ from orbax.checkpoint import checkpoint_managers
 from jaxtune.checkpoint.params import MODEL_CONFIG_FILE, load_model_config
 from jaxtune.config.loader import to_dict
 from jaxtune.models import Model, ModelConfig
+from jaxtune.utils.tree import keypath_str
 
 TRAIN_META_FILE = "train_meta.json"
 PARAMS_ITEM, STATE_ITEM, DATA_ITEM = "params", "state", "data"
@@ -237,7 +238,7 @@ def _fill_frozen(params: Any, base_params: Any, directory) -> Any:
     """A run with frozen params checkpoints only the trainable half (None elsewhere): take the
     frozen leaves from ``base_params`` (the run's base model), or say what is missing."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)
-    holes = [jax.tree_util.keystr(p, simple=True, separator="/") for p, x in leaves if x is None]
+    holes = [keypath_str(p) for p, x in leaves if x is None]
     if not holes:
         return params
     if base_params is None:
@@ -276,7 +277,7 @@ def _non_finite_leaves(tree: Any) -> list[str]:
     if not leaves:
         return []
     finite = jax.device_get(_all_finite([x for _, x in leaves]))
-    return [jax.tree_util.keystr(path, simple=True, separator="/") for (path, _), ok in zip(leaves, finite) if not ok]
+    return [keypath_str(path) for (path, _), ok in zip(leaves, finite) if not ok]
 
 
 @jax.jit
