@@ -6,8 +6,9 @@ restore its position, which the loop stores in every checkpoint so a resumed
 run sees exactly the batches the uninterrupted run would have. Streams are
 deterministic functions of (seed, position): no hidden RNG state.
 
-The full data pipeline (datasets, packing, host sharding) arrives with the
-data issue; these two streams exist so the loop can run and be tested today.
+Documents from files and datasets (packing, mixtures, host sharding) are
+`jaxtune.data.pipeline.DocumentStream`; this module holds the config, the
+protocol and the two simplest streams.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Iterator, Literal, Optional, Protocol
 
 import numpy as np
+
+from jaxtune.data.sources import SourceConfig, resolve_path
 
 
 class BatchStream(Protocol):
@@ -28,17 +31,37 @@ class BatchStream(Protocol):
 
 @dataclass(frozen=True)
 class DataConfig:
-    kind: Literal["synthetic", "text"] = "synthetic"
+    """kind: synthetic (learnable counting sequences) | text (one continuous UTF-8 file cut into
+    rows, nanoGPT style) | documents (files / datasets of documents, packed or padded, mixed by
+    weight, host-sharded; `jaxtune.data.pipeline`)."""
+
+    kind: Literal["synthetic", "text", "documents"] = "synthetic"
     path: Optional[str] = None  # text: a UTF-8 file tokenized with the job's tokenizer
     eval_path: Optional[str] = None  # text: held-out file; default: the last eval_fraction of `path`
-    eval_fraction: float = 0.05
+    eval_fraction: float = 0.05  # text: tail share held out; documents: share of documents held out (by index hash)
     pad_fraction: float = 0.0  # synthetic: share of each row that is padding, drawn per row up to this
+    sources: tuple[SourceConfig, ...] = ()  # documents: what to train on (weights mix them by rows)
+    eval_sources: tuple[SourceConfig, ...] = ()  # documents: held-out data; default: eval_fraction of `sources`
+    packing: Literal["pack", "pad"] = "pack"  # documents: several per row (split at row ends), or one per row
+    add_bos: bool = False  # documents: put the tokenizer's BOS before each document
+    add_eos: Optional[bool] = None  # documents: EOS after each document; None: when the tokenizer has one
+    on_bad_row: Literal["error", "skip"] = "error"  # documents: malformed / empty rows stop the run, or are skipped and counted
+    shards: Optional[int] = None  # documents: logical data shards (default: the process count); must divide batch_size
+    shuffle: bool = True  # documents: a seeded permutation of documents per epoch
+    prefetch: int = 2  # documents: batches prepared ahead in a background thread (0: none)
+    tokenize_batch: int = 256  # documents: documents per tokenizer call
 
     def __post_init__(self):
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if not 0.0 <= self.pad_fraction < 1.0:
             raise ValueError(f"data.pad_fraction must be in [0, 1), got {self.pad_fraction}")
+        if self.kind == "documents" and not self.sources:
+            raise ValueError("data.sources: data.kind=documents needs at least one source")
+        if self.shards is not None and self.shards < 1:
+            raise ValueError(f"data.shards must be >= 1, got {self.shards}")
+        if self.tokenize_batch < 1:
+            raise ValueError(f"data.tokenize_batch must be >= 1, got {self.tokenize_batch}")
 
 
 def lm_batch(rows: np.ndarray, lengths: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
@@ -161,22 +184,6 @@ class TokenRowStream:
                 f"data state {state} does not match this stream ({self.name}: {self.num_rows} rows, seed {self.seed})"
             )
         self.position = int(state["position"])
-
-
-BUILTIN_PREFIX = "builtin:"  # data shipped inside the package: builtin:tinyshakespeare.txt
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A data path, with ``builtin:NAME`` meaning jaxtune/data/assets/NAME (works from any install)."""
-    text = str(path)
-    if text.startswith(BUILTIN_PREFIX):
-        name = text[len(BUILTIN_PREFIX):]
-        asset = Path(__file__).with_name("assets") / name
-        if not asset.exists():
-            known = sorted(p.name for p in asset.parent.iterdir() if p.suffix == ".txt")
-            raise FileNotFoundError(f"data.path: no built-in dataset {name!r} (built in: {', '.join(known)})")
-        return asset
-    return Path(path)
 
 
 def text_tokens(path: str | Path, tokenizer) -> np.ndarray:

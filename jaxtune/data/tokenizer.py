@@ -25,10 +25,14 @@ class ByteTokenizer:
     pad_token_id = 256
     bos_token_id = 257
     eos_token_id = 258
+    mask_token_id = None
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = list(text.encode("utf-8"))
         return [self.bos_token_id] + ids if add_bos else ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(t.encode("utf-8")) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
@@ -44,6 +48,7 @@ class CharTokenizer:
     pad_token_id = None
     bos_token_id = None
     eos_token_id = None
+    mask_token_id = None
 
     def __init__(self, chars: Sequence[str]):
         chars = list(chars)
@@ -65,6 +70,9 @@ class CharTokenizer:
             raise ValueError(f"character tokenizer: {len(bad)} characters not in its vocabulary of "
                              f"{self.vocab_size}: {''.join(bad)[:40]!r}") from None
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[int(i)] for i in ids if 0 <= int(i) < self.vocab_size)
 
@@ -81,10 +89,15 @@ class HFTokenizer:
         self.pad_token_id = tokenizer.pad_token_id
         self.bos_token_id = tokenizer.bos_token_id
         self.eos_token_id = tokenizer.eos_token_id
+        self.mask_token_id = tokenizer.mask_token_id
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return [self.bos_token_id] + ids if add_bos and self.bos_token_id is not None else ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Many texts in one call (fast tokenizers run the batch in Rust, in parallel)."""
+        return self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxtune.checkpoint.manager import CheckpointConfig, TrainCheckpointer
 from jaxtune.models import ModelConfig
+from jaxtune.parallel.collectives import allgather_json, any_process
 from jaxtune.parallel.mesh import batch_sharding
 from jaxtune.parallel.rules import Rule, param_specs
 from jaxtune.train.config import LoggingConfig, TrainConfig
@@ -91,25 +92,62 @@ class _Preemption:
         return self.requested
 
 
-def place_batch(batch: dict, mesh: Mesh) -> dict:
-    """Host numpy global batch -> global jax arrays split over data x fsdp (each process fills its shards)."""
+def place_batch(batch: dict, mesh: Mesh, local: bool = False) -> dict:
+    """Host numpy batch -> global jax arrays split over data x fsdp. ``local``: the batch holds
+    only this process's rows (a host-sharded stream) and the processes' rows, in process
+    order, make the global batch; otherwise every process holds the whole global batch and
+    each fills its own devices' shards from it."""
+    sharding = batch_sharding(mesh)
 
     def put(x):
         x = np.asarray(x)
-        sharding = batch_sharding(mesh)
+        if local:
+            return jax.make_array_from_process_local_data(sharding, x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return {k: put(v) for k, v in batch.items()}
 
 
+def is_process_local(batches: Any) -> bool:
+    return bool(getattr(batches, "process_local", False))
+
+
+def data_state(batches: Any) -> dict:
+    """The stream's position, the same on every process: a host-sharded stream's per-process
+    states are gathered and merged; any other stream must already agree across processes."""
+    if not hasattr(batches, "get_state"):
+        return {}
+    state = batches.get_state()
+    if jax.process_count() == 1:
+        return state
+    states = allgather_json(state)
+    if hasattr(batches, "merge_states"):
+        return batches.merge_states(states)
+    if any(s != states[0] for s in states):
+        raise RuntimeError("the data stream's position differs across processes; a stream that reads "
+                           "per-process slices must say so (process_local) and merge its states")
+    return state
+
+
 def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Mesh, max_batches: int) -> dict:
-    """Token-weighted mean loss and perplexity over up to ``max_batches`` batches."""
+    """Token-weighted mean loss and perplexity over up to ``max_batches`` batches. A host-sharded
+    stream may run dry on one process before another: it then contributes empty rows until
+    every process is done, so all take part in every step."""
     totals: dict[str, float] = {}
+    local = is_process_local(batches)
+    synced = local and jax.process_count() > 1
+    iterator = iter(batches)
     n = 0
-    for batch in batches:
-        if n >= max_batches:
+    while n < max_batches:
+        batch = next(iterator, None)
+        if synced:
+            if not any_process(batch is not None):
+                break
+            if batch is None:
+                batch = batches.empty_batch()
+        elif batch is None:
             break
-        out = jax.device_get(eval_step(params, place_batch(batch, mesh)))
+        out = jax.device_get(eval_step(params, place_batch(batch, mesh, local)))
         for k, v in out.items():
             totals[k] = totals.get(k, 0.0) + float(v)
         n += 1
@@ -190,10 +228,10 @@ def train(
     else:
         # Only the frozen half is built (no second copy of the trainable params and optimizer state).
         frozen = jax.jit(frozen_only, static_argnums=static, out_shardings=frozen_sh)(params)
-        resumed_from, r_params, r_extras, data_state = restored
+        resumed_from, r_params, r_extras, saved_position = restored
         state = TrainState(params=r_params, **r_extras)
-        if data_state and hasattr(batches, "set_state"):
-            batches.set_state(data_state)
+        if saved_position and hasattr(batches, "set_state"):
+            batches.set_state(saved_position)
 
     step_fn = make_train_step(
         loss_fn, optimizer, schedule, grad_accum=cfg.grad_accum, mesh=mesh,
@@ -227,10 +265,10 @@ def train(
             logger.log(step, last_eval, prefix="eval")
 
     def save(step: int, force: bool = False):
-        data_state = batches.get_state() if hasattr(batches, "get_state") else {}
+        position = data_state(batches)
         # keep-best ranks a step only by an evaluation of that very step
         metrics = {f"eval/{k}": v for k, v in last_eval.items()} if last_eval and last_eval_step == step else None
-        checkpointer.save(step, params=state.params, state=_state_extras(state), data_state=data_state,
+        checkpointer.save(step, params=state.params, state=_state_extras(state), data_state=position,
                           metrics=metrics, force=force)
 
     window = {"t": time.perf_counter(), "tokens": 0.0, "steps": 0, "loss": 0.0, "finite": 0, "compiling": False, "extra": {}}
@@ -292,13 +330,14 @@ def train(
             raise
         save(step, force=force)
 
+    local_batches = is_process_local(batches)
     status = "completed"
     pending: Optional[tuple[int, dict]] = None
     try:
         with _Preemption() as preemption:
             step = start
             while step < cfg.steps:
-                batch = place_batch(next(batches), mesh)
+                batch = place_batch(next(batches), mesh, local_batches)
                 state, metrics = step_fn(state, frozen, batch)
                 step += 1
                 if pending is not None:

@@ -7,6 +7,7 @@ callbacks). Recipes with other losses reuse `build_streams` and the loop directl
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -15,7 +16,10 @@ import jax
 from jaxtune.checkpoint.manager import TrainCheckpointer
 from jaxtune.config.loader import to_dict
 from jaxtune.config.schema import ModelSource, TrainJobConfig
-from jaxtune.data.streams import SyntheticStream, TokenRowStream, resolve_path, text_tokens
+from jaxtune.data.pipeline import DocumentOptions, DocumentStream
+from jaxtune.data.prefetch import Prefetch
+from jaxtune.data.sources import build_source, resolve_path
+from jaxtune.data.streams import DataConfig, SyntheticStream, TokenRowStream, text_tokens
 from jaxtune.data.tokenizer import BYTE_TOKENIZER_FILE, CharTokenizer, load_tokenizer
 from jaxtune.interop.sources import load_model
 from jaxtune.models import Model, ModelConfig
@@ -27,6 +31,7 @@ from jaxtune.train.losses import causal_lm_loss
 from jaxtune.train.optim import build_optimizer
 from jaxtune.train.step import make_eval_step
 
+log = logging.getLogger(__name__)
 EVAL_SEED_OFFSET = 1_000_003  # the synthetic held-out stream never repeats a training batch's seed
 
 
@@ -70,14 +75,57 @@ def build_streams(job: TrainJobConfig, cfg: ModelConfig, tokenizer=None) -> tupl
 
         eval_streams()  # validate now, not at the first evaluation
         return train_stream, eval_streams
-    raise ValueError(f"data.kind: unknown kind {d.kind!r} (synthetic | text)")
+    if d.kind == "documents":
+        return document_streams(d, t.batch_size, t.seq_len, t.seed, tokenizer, vocab_size=cfg.vocab_size,
+                                pad_id=cfg.pad_token_id or 0)
+    raise ValueError(f"data.kind: unknown kind {d.kind!r} (synthetic | text | documents)")
+
+
+def owned_shards(num_shards: int) -> list[int]:
+    """The logical data shards this process reads: an equal, contiguous share."""
+    processes, index = jax.process_count(), jax.process_index()
+    if num_shards % processes:
+        raise ValueError(f"data.shards ({num_shards}) must be a multiple of the number of processes ({processes})")
+    per = num_shards // processes
+    return list(range(index * per, (index + 1) * per))
+
+
+def document_streams(d: DataConfig, batch_size: int, seq_len: int, seed: int, tokenizer, *, vocab_size: int,
+                     pad_id: int = 0) -> tuple[Any, Callable[[], Iterable[dict]]]:
+    """-> (host-sharded training stream with prefetch, factory of one-pass held-out streams)."""
+    num_shards = d.shards or jax.process_count()
+    shards = owned_shards(num_shards)
+    add_eos = d.add_eos if d.add_eos is not None else getattr(tokenizer, "eos_token_id", None) is not None
+    options = DocumentOptions(add_bos=d.add_bos, add_eos=add_eos, on_bad_row=d.on_bad_row,
+                              block=d.tokenize_batch, vocab_size=vocab_size)
+    train_sources = [build_source(c) for c in d.sources]
+    if d.eval_sources:
+        eval_sources, eval_weights = [build_source(c) for c in d.eval_sources], [c.weight for c in d.eval_sources]
+        train_split, eval_split = "all", "all"
+    else:
+        eval_sources, eval_weights = train_sources, [c.weight for c in d.sources]
+        train_split, eval_split = "train", "eval"
+    common = dict(batch_size=batch_size, seq_len=seq_len, packing=d.packing, options=options,
+                  eval_fraction=d.eval_fraction, num_shards=num_shards, shards=shards, pad_id=pad_id)
+    train_stream = DocumentStream(train_sources, [c.weight for c in d.sources], tokenizer, split=train_split,
+                                  seed=seed, shuffle=d.shuffle, name="data.sources", **common)
+
+    def eval_streams():  # one pass over the held-out documents, in order
+        return DocumentStream(eval_sources, eval_weights, tokenizer, split=eval_split, seed=seed, shuffle=False,
+                              epochs=1, name="data.eval_sources" if d.eval_sources else "held-out documents", **common)
+
+    eval_streams()  # validate now (enough held-out documents per shard), not at the first evaluation
+    return Prefetch(train_stream, d.prefetch), eval_streams
 
 
 def _tokenizer(job: TrainJobConfig, model_dir: Optional[Path]):
-    if job.data.kind != "text":
+    if job.data.kind == "synthetic":
         return None
     directory = job.tokenizer.path or model_dir
     if job.tokenizer.kind == "char" and not (directory and (Path(directory) / BYTE_TOKENIZER_FILE).exists()):
+        if job.data.kind != "text":
+            raise ValueError("tokenizer.kind=char builds its vocabulary from data.path (data.kind=text); for "
+                             "documents, save a character vocabulary first or use tokenizer.kind byte / hf")
         # nanoGPT's character-level setup: the vocabulary is every character of the whole file
         # (train and held-out alike); it is saved beside the checkpoints.
         return CharTokenizer.from_text(resolve_path(job.data.path).read_text(encoding="utf-8"))
@@ -107,8 +155,18 @@ def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict
             logging=job.logging, log_dir=job.logging.directory or job.checkpoint.directory, callbacks=callbacks,
         )
     finally:
+        if hasattr(stream, "close"):
+            stream.close()
+        _report_skipped(stream)
         if own_checkpointer:
             checkpointer.close()
+
+
+def _report_skipped(stream) -> None:
+    skipped = stream.skipped() if hasattr(stream, "skipped") else {}
+    if skipped:
+        log.warning("data: this process skipped %d bad rows (data.on_bad_row=skip): %s", sum(skipped.values()),
+                    ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items())))
 
 
 def run_evaluation(job: TrainJobConfig) -> dict:

@@ -1,0 +1,60 @@
+"""`jaxtune tokenizer train FILE... --vocab-size N --out DIR`: a byte-level BPE tokenizer
+(Hugging Face `tokenizers`) trained on local text, saved as a transformers fast tokenizer
+(``tokenizer.json`` + config) that `tokenizer.path` / `tokenizer.kind=hf` load. For runs
+that have no tokenizer files of their own; to fine-tune a released model use its tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jaxtune.data.sources import SourceConfig, build_source
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on local text")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train and save a tokenizer (transformers format)")
+    t.add_argument("inputs", nargs="+", help="text / JSONL / JSON / Parquet files or globs (builtin:NAME for shipped data)")
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--out", required=True, help="directory to write (must not hold a tokenizer already)")
+    t.add_argument("--field", default="text", help="JSON / Parquet field holding the text")
+    t.add_argument("--min-frequency", type=int, default=2)
+    t.set_defaults(func=run)
+
+
+def documents(inputs: list[str], field: str):
+    for item in inputs:
+        source = build_source(SourceConfig(path=item, field=field, text_split="paragraph"))
+        for i in range(len(source)):
+            yield source.read(i)
+
+
+def train_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, *, field: str = "text", min_frequency: int = 2):
+    """Train byte-level BPE on the documents of ``inputs``; returns the transformers tokenizer saved in ``out``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(out)
+    if (out / "tokenizer.json").exists():
+        raise FileExistsError(f"{out} already holds a tokenizer; choose another --out")
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens)")
+    bpe = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(documents(inputs, field), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **SPECIAL_TOKENS)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out))
+    return tokenizer
+
+
+def run(args) -> int:
+    tokenizer = train_tokenizer(args.inputs, args.vocab_size, args.out, field=args.field, min_frequency=args.min_frequency)
+    print(f"saved a {len(tokenizer)}-token byte-level BPE tokenizer to {args.out}")
+    return 0

@@ -1,0 +1,379 @@
+"""Document sources: where pretraining text comes from, one document at a time.
+
+A source turns files or datasets into documents (strings) addressed by an index in
+the source's own order. Random-access sources (text, JSON, JSONL, Parquet files,
+Hugging Face datasets on disk, TFDS) read any index; streaming sources (a Hugging
+Face dataset with ``streaming: true``) read forward from an index. Every document
+carries its location (``file:line``, ``file row N``, ``dataset[split] row N``) so a
+malformed row, a missing field or an empty document is reported where it is, as a
+`BadRow`; the pipeline raises it or, when configured, skips and counts it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional
+
+import numpy as np
+
+BUILTIN_PREFIX = "builtin:"  # data shipped inside the package: builtin:tinyshakespeare.txt
+FORMATS = ("text", "json", "jsonl", "parquet")
+_SUFFIX_FORMAT = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "jsonl",
+                  ".ndjson": "jsonl", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One source of documents. Exactly one of ``path`` (local files: a file, a directory of
+    files, or a glob; ``builtin:NAME`` for shipped data), ``hf`` (a Hugging Face dataset: a
+    directory written by ``save_to_disk``, or a hub name, which needs a network) or ``tfds``
+    (a TensorFlow Datasets name; needs ``pip install jaxtune[tfds]``)."""
+
+    path: Optional[str] = None
+    format: Literal["auto", "text", "json", "jsonl", "parquet"] = "auto"  # auto: from the file suffix
+    text_split: Literal["document", "line", "paragraph"] = "document"  # text files: what one document is
+    hf: Optional[str] = None
+    hf_config: Optional[str] = None  # hub datasets: the configuration name
+    data_files: Optional[str] = None  # hf builders over local files (hf: json | parquet | text), e.g. shards/*.jsonl
+    tfds: Optional[str] = None
+    data_dir: Optional[str] = None  # tfds: where the prepared dataset lives
+    split: str = "train"  # hf / tfds split
+    streaming: bool = False  # hf hub datasets: stream instead of downloading everything
+    field: str = "text"  # json / jsonl / parquet / hf / tfds: the field that holds the text
+    weight: float = 1.0  # share of rows drawn from this source in a mixture
+
+    def __post_init__(self):
+        given = [k for k in ("path", "hf", "tfds") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"data source: set exactly one of path, hf, tfds (got {given or 'none'})")
+        if not self.weight > 0:
+            raise ValueError(f"data source {self.label}: weight must be > 0, got {self.weight}")
+
+    @property
+    def label(self) -> str:
+        return self.path or (f"hf:{self.hf}" if self.hf else f"tfds:{self.tfds}")
+
+
+class BadRow(ValueError):
+    """A row that is not a usable document. ``kind``: invalid_json | not_a_record | missing_field |
+    not_text | empty."""
+
+    def __init__(self, where: str, kind: str, detail: str):
+        super().__init__(f"{where}: {detail}")
+        self.where, self.kind, self.detail = where, kind, detail
+
+
+class DocumentSource:
+    """Base of all sources. Subclasses set ``name`` and ``random_access`` and implement ``read``
+    (random access) or ``stream`` (streaming)."""
+
+    name: str = "source"
+    random_access: bool = True
+
+    def __len__(self) -> int:
+        raise TypeError(f"{self.name}: a streaming source has no length")
+
+    def read(self, index: int) -> str:
+        """The document at ``index``; raises `BadRow` if that row is not a usable document."""
+        raise TypeError(f"{self.name}: a streaming source cannot be read at an index")
+
+    def stream(self, start: int = 0) -> Iterator[str | BadRow]:
+        """Documents in source order from ``start`` (a bad row is yielded as its `BadRow`)."""
+        for index in range(start, len(self)):
+            try:
+                yield self.read(index)
+            except BadRow as bad:
+                yield bad
+
+
+def text_of(record: Any, field: str, where: str) -> str:
+    """The non-empty text in ``record[field]``, or a `BadRow` naming what is wrong."""
+    if not isinstance(record, dict):
+        raise BadRow(where, "not_a_record", f"expected an object with a {field!r} field, got {type(record).__name__}")
+    if field not in record:
+        fields = ", ".join(map(str, list(record)[:12])) or "none"
+        raise BadRow(where, "missing_field", f"no field {field!r} (fields: {fields})")
+    return checked_text(record[field], where, field)
+
+
+def checked_text(value: Any, where: str, field: str = "text") -> str:
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise BadRow(where, "not_text", f"field {field!r} is not UTF-8 ({err.reason})") from None
+    if not isinstance(value, str):
+        raise BadRow(where, "not_text", f"field {field!r} is a {type(value).__name__}, not text")
+    if not value.strip():
+        raise BadRow(where, "empty", f"empty document in field {field!r}")
+    return value
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A data path, with ``builtin:NAME`` meaning jaxtune/data/assets/NAME (works from any install)."""
+    text = str(path)
+    if text.startswith(BUILTIN_PREFIX):
+        name = text[len(BUILTIN_PREFIX):]
+        asset = Path(__file__).with_name("assets") / name
+        if not asset.exists():
+            known = sorted(p.name for p in asset.parent.iterdir() if p.suffix == ".txt")
+            raise FileNotFoundError(f"data path: no built-in dataset {name!r} (built in: {', '.join(known)})")
+        return asset
+    return Path(path)
+
+
+def expand_files(path: str) -> list[Path]:
+    """A file, every file under a directory, or a glob -> sorted existing files (error if none)."""
+    resolved = resolve_path(path)
+    if resolved.is_dir():
+        files = sorted(p for p in resolved.rglob("*") if p.is_file() and not p.name.startswith("."))
+    elif any(ch in str(path) for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    else:
+        files = [resolved] if resolved.exists() else []
+    if not files:
+        raise FileNotFoundError(f"data source {path}: no such file, or no files match")
+    return files
+
+
+def file_format(path: Path, configured: str) -> str:
+    if configured != "auto":
+        return configured
+    fmt = _SUFFIX_FORMAT.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"data source {path}: cannot tell the format from the suffix {path.suffix!r}; "
+                         f"set format to one of {', '.join(FORMATS)}")
+    return fmt
+
+
+class TextFileSource(DocumentSource):
+    """A UTF-8 text file: the whole file is one document, or each non-blank line, or each
+    blank-line-separated paragraph (``text_split``)."""
+
+    def __init__(self, path: Path, text_split: str = "document"):
+        self.path, self.name = path, str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+        if text_split == "document":
+            self.docs, self.lines = [text], [1]
+        elif text_split in ("line", "paragraph"):
+            self.docs, self.lines = [], []
+            current, first = [], 0
+            for number, line in enumerate(text.splitlines(keepends=True), start=1):
+                if text_split == "line":
+                    if line.strip():
+                        self.docs.append(line.rstrip("\n"))
+                        self.lines.append(number)
+                    continue
+                if line.strip():
+                    first = first or number
+                    current.append(line)
+                elif current:
+                    self.docs.append("".join(current).rstrip("\n"))
+                    self.lines.append(first)
+                    current, first = [], 0
+            if current:
+                self.docs.append("".join(current).rstrip("\n"))
+                self.lines.append(first)
+        else:
+            raise ValueError(f"data source {path}: text_split must be document | line | paragraph, got {text_split!r}")
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def read(self, index: int) -> str:
+        return checked_text(self.docs[index], f"{self.path}:{self.lines[index]}")
+
+
+class JsonlSource(DocumentSource):
+    """One JSON object per line. Only line offsets are held in memory; each row is parsed when
+    read, so an invalid line is reported as ``file:line`` when it is reached. Blank lines are
+    not rows."""
+
+    def __init__(self, path: Path, field: str = "text"):
+        self.path, self.field, self.name = path, field, str(path)
+        offsets, numbers, lengths = [], [], []
+        with open(path, "rb") as f:
+            offset = 0
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    offsets.append(offset)
+                    numbers.append(number)
+                    lengths.append(len(line))
+                offset += len(line)
+        self.offsets = np.asarray(offsets, np.int64)
+        self.lengths = np.asarray(lengths, np.int64)
+        self.numbers = np.asarray(numbers, np.int64)
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def read(self, index: int) -> str:
+        where = f"{self.path}:{int(self.numbers[index])}"
+        raw = os.pread(self._fd, int(self.lengths[index]), int(self.offsets[index]))  # pread: safe from several threads
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BadRow(where, "invalid_json", f"invalid JSON ({err})") from None
+        return text_of(record, self.field, where)
+
+
+class JsonSource(DocumentSource):
+    """A JSON file holding a list of objects (or an object whose one list value holds them)."""
+
+    def __init__(self, path: Path, field: str = "text"):
+        self.path, self.field, self.name = path, field, str(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: invalid JSON ({err})") from None
+        if isinstance(data, dict):
+            lists = [k for k, v in data.items() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise ValueError(f"{path}: expected a list of records, or an object with exactly one list "
+                                 f"of records (found lists under {lists or 'no key'})")
+            self.key, data = lists[0], data[lists[0]]
+        elif isinstance(data, list):
+            self.key = None
+        else:
+            raise ValueError(f"{path}: expected a list of records, got {type(data).__name__}")
+        self.records = data
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def read(self, index: int) -> str:
+        where = f"{self.path} record {index}" + (f" of {self.key!r}" if self.key else "")
+        return text_of(self.records[index], self.field, where)
+
+
+class ParquetSource(DocumentSource):
+    """A Parquet file; only the text column is read (memory-mapped Arrow)."""
+
+    def __init__(self, path: Path, field: str = "text"):
+        import pyarrow.parquet as pq
+
+        self.path, self.field, self.name = path, field, str(path)
+        schema = pq.read_schema(path)
+        if field not in schema.names:
+            raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(schema.names)})")
+        self.column = pq.read_table(path, columns=[field], memory_map=True).column(field)
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    def read(self, index: int) -> str:
+        value = self.column[index].as_py()
+        where = f"{self.path} row {index}"
+        if value is None:
+            raise BadRow(where, "missing_field", f"column {self.field!r} is null")
+        return checked_text(value, where, self.field)
+
+
+class HFDatasetSource(DocumentSource):
+    """A Hugging Face dataset: a ``save_to_disk`` directory (memory-mapped, random access), or
+    anything `datasets.load_dataset` takes: a hub name (downloads, unless ``streaming``), or a
+    builder over local files (``hf: json`` with ``data_files``). Streaming reads forward and
+    resumes by skipping to the saved index."""
+
+    def __init__(self, cfg: SourceConfig):
+        import datasets
+
+        self.field, self.split = cfg.field, cfg.split
+        self.name = f"{cfg.hf}[{cfg.split}]"
+        local = Path(cfg.hf)
+        if local.is_dir() and ((local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                if cfg.split not in ds:
+                    raise ValueError(f"data source {cfg.hf}: no split {cfg.split!r} (splits: {', '.join(ds)})")
+                ds = ds[cfg.split]
+            self.random_access = True
+        else:
+            ds = datasets.load_dataset(cfg.hf, cfg.hf_config, data_files=cfg.data_files, split=cfg.split,
+                                       streaming=cfg.streaming)
+            self.random_access = not cfg.streaming
+        columns = getattr(ds, "column_names", None)
+        if columns is not None and cfg.field not in columns:
+            raise ValueError(f"data source {self.name}: no column {cfg.field!r} (columns: {', '.join(columns)})")
+        self.ds = ds
+
+    def __len__(self) -> int:
+        if not self.random_access:
+            return super().__len__()
+        return len(self.ds)
+
+    def read(self, index: int) -> str:
+        if not self.random_access:
+            return super().read(index)
+        return text_of(self.ds[int(index)], self.field, f"{self.name} row {index}")
+
+    def stream(self, start: int = 0) -> Iterator[str | BadRow]:
+        if self.random_access:
+            yield from super().stream(start)
+            return
+        for index, record in enumerate(self.ds.skip(start) if start else self.ds, start=start):
+            try:
+                yield text_of(record, self.field, f"{self.name} row {index}")
+            except BadRow as bad:
+                yield bad
+
+
+def open_source(cfg: SourceConfig) -> list[DocumentSource]:
+    """The sources one config names (a glob of files gives one source per file)."""
+    if cfg.hf is not None:
+        return [HFDatasetSource(cfg)]
+    if cfg.tfds is not None:
+        from jaxtune.data.tfds_source import TfdsSource
+
+        return [TfdsSource(cfg)]
+    sources: list[DocumentSource] = []
+    for path in expand_files(cfg.path):
+        fmt = file_format(path, cfg.format)
+        if fmt == "text":
+            sources.append(TextFileSource(path, cfg.text_split))
+        elif fmt == "jsonl":
+            sources.append(JsonlSource(path, cfg.field))
+        elif fmt == "json":
+            sources.append(JsonSource(path, cfg.field))
+        elif fmt == "parquet":
+            sources.append(ParquetSource(path, cfg.field))
+    return sources
+
+
+class ConcatSource(DocumentSource):
+    """Several random-access sources read as one (the files of one glob), index by index."""
+
+    def __init__(self, parts: list[DocumentSource], name: str):
+        if not all(p.random_access for p in parts):
+            raise ValueError(f"{name}: only random-access sources can be concatenated")
+        self.parts, self.name = parts, name
+        self.ends = np.cumsum([len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def read(self, index: int) -> str:
+        part = int(np.searchsorted(self.ends, index, side="right"))
+        start = 0 if part == 0 else int(self.ends[part - 1])
+        return self.parts[part].read(index - start)
+
+
+def build_source(cfg: SourceConfig) -> DocumentSource:
+    """One `DocumentSource` for a config (the files of a glob concatenated in sorted order)."""
+    parts = open_source(cfg)
+    source = parts[0] if len(parts) == 1 else ConcatSource(parts, cfg.label)
+    if source.random_access and len(source) == 0:
+        raise ValueError(f"data source {cfg.label}: holds no documents")
+    return source
