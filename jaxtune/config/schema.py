@@ -2,7 +2,7 @@
 
 `JobConfig` drives `jaxtune generate` (model, tokenizer, sampling, prompts);
 `TrainJobConfig` drives `jaxtune train` / `jaxtune eval` (model, tokenizer,
-data, train, optim, mesh, checkpoint, logging). Each section is the dataclass
+data, objective, train, optim, mesh, checkpoint, logging). Each section is the dataclass
 of the module that consumes it.
 """
 
@@ -17,6 +17,7 @@ from jaxtune.generate.sampling import SamplingConfig
 from jaxtune.models.config import ModelConfig
 from jaxtune.parallel.mesh import MeshConfig
 from jaxtune.train.config import LoggingConfig, TrainConfig
+from jaxtune.train.losses import ObjectiveConfig
 from jaxtune.train.optim import OptimConfig
 
 
@@ -61,6 +62,7 @@ class TrainJobConfig:
     model: ModelSource = field(default_factory=lambda: ModelSource(preset="tiny-llama"))
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # causal LM, or masked LM (bidirectional)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)

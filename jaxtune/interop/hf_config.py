@@ -209,6 +209,12 @@ def _eos_out(cfg: ModelConfig):
 
 def to_hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
     """A config.json dict that transformers' AutoModelForCausalLM loads as the same model."""
+    if not cfg.causal:
+        raise UnsupportedModelError(
+            f"ModelConfig cannot be exported as a Hugging Face {cfg.family!r} model: it has causal=False "
+            "(bidirectional attention, e.g. trained with a masked-LM objective), and the Hugging Face "
+            f"{ARCHITECTURES[cfg.family]} architecture always applies a causal mask"
+        )
     common = {
         "architectures": [ARCHITECTURES[cfg.family]],
         "model_type": cfg.family,

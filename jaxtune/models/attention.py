@@ -3,7 +3,9 @@
 Masks are built from ``segment_ids`` (0 marks padding; equal non-zero ids mark
 one packed document) and slot indices, so padding, packing and causality are
 one rule: query i sees key j iff j <= i, both lie in the same non-zero segment,
-and (with a sliding window) i - j < window.
+and (with a sliding window) i - j < window. Without causality (bidirectional
+models, ``ModelConfig.causal=False``) the j <= i condition is dropped and the
+window is symmetric: |i - j| < window.
 
 Implementations (``ModelConfig.attention_impl``), numerically equivalent:
 - ``dpa``: `jax.nn.dot_product_attention` with its default (XLA) backend;
@@ -58,14 +60,23 @@ def attention_mask(
     q_index: jax.Array,
     k_index: jax.Array,
     window: Optional[int] = None,
+    causal: bool = True,
 ) -> jax.Array:
     """q_segments: [batch, q]; k_segments: [batch, k]; q_index: [q]; k_index: [k]
-    -> boolean mask [batch, 1, q, k] (True = may attend)."""
+    -> boolean mask [batch, 1, q, k] (True = may attend).
+
+    causal: query i sees keys j <= i (within ``window``: i - j < window); otherwise
+    every key of its segment (within ``window``: |i - j| < window)."""
     same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
     delta = q_index[:, None] - k_index[None, :]
-    visible = delta >= 0
-    if window is not None:
-        visible = visible & (delta < window)
+    if causal:
+        visible = delta >= 0
+        if window is not None:
+            visible = visible & (delta < window)
+    else:
+        visible = jnp.ones(delta.shape, bool)
+        if window is not None:
+            visible = jnp.abs(delta) < window
     return (same & visible[None])[:, None]
 
 

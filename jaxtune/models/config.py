@@ -59,6 +59,9 @@ class ModelConfig:
     # Per layer "full" or "sliding"; empty means every layer is "full" unless
     # sliding_window is set, in which case every layer slides (Mistral).
     layer_types: tuple[str, ...] = ()
+    # False: bidirectional attention (masked-LM encoders). Segments (packing, padding) and
+    # sliding windows (|i - j| < window) still apply; KV-cache decoding and HF export refuse it.
+    causal: bool = True
     initializer_range: float = 0.02
     bos_token_id: Optional[int] = None
     eos_token_id: tuple[int, ...] = ()
@@ -93,7 +96,7 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.layer_types: unknown layer type {t!r} (full | sliding)")
 
     def window_for_layer(self, i: int) -> Optional[int]:
-        """Sliding-window size for layer i, or None for full causal attention."""
+        """Sliding-window size for layer i, or None for full attention."""
         if self.sliding_window is None:
             return None
         if not self.layer_types:

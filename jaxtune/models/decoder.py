@@ -48,6 +48,11 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions, segment_ids, cache: Optional[KVCache] = None):
         cfg = self.cfg
+        if cache is not None and not cfg.causal:
+            raise ValueError(
+                "KV-cache decoding needs a causal model: this ModelConfig has causal=False (bidirectional "
+                "attention), so every position attends to later ones; run the full sequence without a cache"
+            )
         x = Embed(cfg.vocab_size, cfg.hidden_size, cfg, name="embed")(tokens)
         if cfg.position == "learned":
             x = x + Embed(cfg.max_position_embeddings, cfg.hidden_size, cfg, name="pos_embed")(positions)
@@ -69,7 +74,7 @@ class Decoder(nn.Module):
         for i in range(cfg.num_layers):
             window = cfg.window_for_layer(i)
             if window not in masks:
-                masks[window] = attention_mask(segment_ids, k_segments, q_index, k_index, window)
+                masks[window] = attention_mask(segment_ids, k_segments, q_index, k_index, window, causal=cfg.causal)
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
             x, updated = block(cfg, name=f"layers_{i}")(x, rotary, masks[window], layer_cache, end)
             x = constrain(x)

@@ -15,15 +15,23 @@ Batches for language modelling are dicts of ``[batch, seq]`` arrays:
 ``tokens`` (inputs), ``targets`` (the token to predict at each position),
 ``loss_mask`` (1 where the target counts), ``segment_ids`` (0 = padding;
 packed documents get distinct ids) and optionally ``positions``.
+
+The masked-LM objective (`masked_lm_loss`, for ``ModelConfig(causal=False)``)
+reads only ``tokens``, ``segment_ids`` and ``positions`` from that layout and
+draws its masks from the loss's ``rng``, which the train step splits per step
+and per micro-batch.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from jaxtune.data.masking import check_mask_token_id, check_masking_rates, mask_tokens
 from jaxtune.models import Model
 from jaxtune.models.decoder import lm_head
 
@@ -31,14 +39,23 @@ LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
 
 
 def token_cross_entropy(
-    params: Any, hidden: jax.Array, targets: jax.Array, mask: jax.Array, model: Model, *, chunk_tokens: int = 0
-) -> tuple[jax.Array, jax.Array]:
-    """Sums of masked next-token NLL and of logsumexp^2 (for z-loss), from hidden states.
+    params: Any,
+    hidden: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array,
+    model: Model,
+    *,
+    chunk_tokens: int = 0,
+    count_correct: bool = False,
+) -> tuple[jax.Array, ...]:
+    """Sums of masked token NLL and of logsumexp^2 (for z-loss), from hidden states.
 
     hidden: [batch, seq, embed]; targets, mask: [batch, seq]. The float32
     logits ``[tokens, vocab]`` exist only ``chunk_tokens`` rows at a time when
     ``chunk_tokens > 0`` (each chunk is recomputed in the backward pass), so
     a large vocabulary does not hold a full logits tensor for the backward.
+    ``count_correct``: also return the masked count of positions whose argmax is the
+    target, as a third float32 sum ``(nll, z, correct)``.
     """
     embed = hidden.shape[-1]
     h = hidden.reshape(-1, embed)
@@ -49,7 +66,11 @@ def token_cross_entropy(
         logits = lm_head(params, h, model.cfg)  # [n, vocab] float32
         lse = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        return jnp.sum((lse - target_logit) * m), jnp.sum(jnp.square(lse) * m)
+        sums = (jnp.sum((lse - target_logit) * m), jnp.sum(jnp.square(lse) * m))
+        if count_correct:
+            hit = jax.lax.stop_gradient(jnp.argmax(logits, axis=-1) == t)
+            sums = (*sums, jnp.sum(hit.astype(jnp.float32) * m))
+        return sums
 
     n = h.shape[0]
     if chunk_tokens <= 0 or n <= chunk_tokens:
@@ -59,9 +80,9 @@ def token_cross_entropy(
     t = jnp.pad(t, (0, pad)).reshape(-1, chunk_tokens)
     m = jnp.pad(m, (0, pad)).reshape(-1, chunk_tokens)
     body = jax.checkpoint(lambda carry, xs: (jax.tree.map(jnp.add, carry, chunk_sums(*xs)), None))
-    zero = jnp.zeros((), jnp.float32)
-    (nll, z), _ = jax.lax.scan(body, (zero, zero), (h, t, m))
-    return nll, z
+    zeros = tuple(jnp.zeros((), jnp.float32) for _ in range(3 if count_correct else 2))
+    sums, _ = jax.lax.scan(body, zeros, (h, t, m))
+    return sums
 
 
 def causal_lm_loss(model: Model, *, z_loss: float = 0.0, chunk_tokens: int = 0) -> LossFn:
@@ -80,3 +101,112 @@ def causal_lm_loss(model: Model, *, z_loss: float = 0.0, chunk_tokens: int = 0) 
         return total, weight, metrics
 
     return loss_fn
+
+
+OBJECTIVES = ("causal", "masked")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Training objective. causal: next-token prediction. masked: BERT-style masked-LM
+    (needs a bidirectional model, ``ModelConfig(causal=False)``): each real token is selected
+    with probability ``mask_rate``; of those, ``random_rate`` become a uniformly random token,
+    ``keep_rate`` stay as they are and the rest become ``mask_token_id`` (default: the
+    tokenizer's mask token)."""
+
+    kind: Literal["causal", "masked"] = "causal"
+    mask_rate: float = 0.15
+    random_rate: float = 0.1
+    keep_rate: float = 0.1
+    mask_token_id: Optional[int] = None
+
+    def __post_init__(self):
+        if self.kind not in OBJECTIVES:
+            raise ValueError(f"ObjectiveConfig.kind: unknown objective {self.kind!r} ({' | '.join(OBJECTIVES)})")
+        check_masking_rates(
+            self.mask_rate, self.random_rate, self.keep_rate,
+            names=("ObjectiveConfig.mask_rate", "ObjectiveConfig.random_rate", "ObjectiveConfig.keep_rate"),
+        )
+        if self.mask_token_id is not None and (
+            isinstance(self.mask_token_id, bool) or not isinstance(self.mask_token_id, numbers.Integral)
+            or self.mask_token_id < 0
+        ):
+            raise ValueError(f"ObjectiveConfig.mask_token_id must be a non-negative integer, got {self.mask_token_id!r}")
+
+
+def masked_lm_loss(
+    model: Model,
+    *,
+    mask_token_id: int,
+    rate: float = 0.15,
+    random_rate: float = 0.1,
+    keep_rate: float = 0.1,
+    special_ids: Sequence[int] = (),
+    z_loss: float = 0.0,
+    chunk_tokens: int = 0,
+) -> LossFn:
+    """Masked-LM cross-entropy (+ ``z_loss * logsumexp^2``) at the tokens `mask_tokens` selects.
+
+    Uses ``batch["tokens"]``, ``batch["segment_ids"]`` (and ``positions`` if present);
+    ``targets`` and ``loss_mask`` of the LM layout are ignored. The masks come from the
+    loss's ``rng``. Returns (NLL sum, number of selected tokens, {"nll", "masked_accuracy"
+    (selected tokens whose argmax is the original token), "z_loss" when z_loss > 0}).
+    """
+    if model.cfg.causal:
+        raise ValueError(
+            "masked_lm_loss needs a bidirectional model: set ModelConfig.causal=False (a causal model "
+            "cannot see the context to the right of a masked token)"
+        )
+    mask_token_id = check_mask_token_id(mask_token_id, model.cfg.vocab_size)
+    check_masking_rates(rate, random_rate, keep_rate)
+    special_ids = tuple(int(s) for s in special_ids)
+    masking = dict(mask_token_id=mask_token_id, vocab_size=model.cfg.vocab_size, rate=rate,
+                   random_rate=random_rate, keep_rate=keep_rate, special_ids=special_ids)
+
+    def loss_fn(params, batch, rng):
+        if rng is None:
+            raise ValueError("masked_lm_loss draws its masks from the loss's rng; got rng=None")
+        segment_ids = batch["segment_ids"]
+        inputs, targets, selected = mask_tokens(batch["tokens"], segment_ids, rng, **masking)
+        hidden, _ = model.hidden(params, inputs, positions=batch.get("positions"), segment_ids=segment_ids)
+        nll, z, correct = token_cross_entropy(
+            params, hidden, targets, selected, model, chunk_tokens=chunk_tokens, count_correct=True
+        )
+        total = nll + z_loss * z if z_loss else nll
+        metrics = {"nll": nll, "masked_accuracy": correct}
+        if z_loss:
+            metrics["z_loss"] = z
+        return total, jnp.sum(selected), metrics
+
+    return loss_fn
+
+
+def objective_loss(
+    model: Model,
+    objective: ObjectiveConfig,
+    *,
+    z_loss: float = 0.0,
+    chunk_tokens: int = 0,
+    tokenizer_mask_id: Optional[int] = None,
+    special_ids: Sequence[int] = (),
+) -> LossFn:
+    """The loss for ``objective``: `causal_lm_loss` or `masked_lm_loss`. The mask token is
+    ``objective.mask_token_id``, else ``tokenizer_mask_id`` (the tokenizer's mask token)."""
+    if objective.kind == "causal":
+        if not model.cfg.causal:
+            raise ValueError(
+                "objective 'causal' needs a causal model, but ModelConfig.causal is False: with bidirectional "
+                "attention every position sees the token it is asked to predict"
+            )
+        return causal_lm_loss(model, z_loss=z_loss, chunk_tokens=chunk_tokens)
+    mask_token_id = objective.mask_token_id if objective.mask_token_id is not None else tokenizer_mask_id
+    if mask_token_id is None:
+        raise ValueError(
+            "objective 'masked' needs a mask token: set objective.mask_token_id (the tokenizer has no mask token)"
+        )
+    source = "objective.mask_token_id" if objective.mask_token_id is not None else "the tokenizer's mask token id"
+    check_mask_token_id(mask_token_id, model.cfg.vocab_size, name=source)
+    return masked_lm_loss(
+        model, mask_token_id=mask_token_id, rate=objective.mask_rate, random_rate=objective.random_rate,
+        keep_rate=objective.keep_rate, special_ids=special_ids, z_loss=z_loss, chunk_tokens=chunk_tokens,
+    )

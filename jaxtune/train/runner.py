@@ -27,7 +27,7 @@ from jaxtune.models.presets import preset
 from jaxtune.parallel.mesh import make_mesh
 from jaxtune.parallel.rules import param_shardings
 from jaxtune.train.loop import TrainResult, evaluate, train
-from jaxtune.train.losses import causal_lm_loss
+from jaxtune.train.losses import LossFn, objective_loss
 from jaxtune.train.optim import build_optimizer
 from jaxtune.train.step import make_eval_step
 
@@ -132,10 +132,21 @@ def _tokenizer(job: TrainJobConfig, model_dir: Optional[Path]):
     return load_tokenizer(directory, job.tokenizer.kind)
 
 
+def job_loss(job: TrainJobConfig, cfg: ModelConfig, tokenizer=None) -> LossFn:
+    """The job's objective as a loss function: causal LM, or masked LM (the tokenizer's mask token
+    unless ``objective.mask_token_id`` is set; its BOS/EOS/pad tokens are never masked)."""
+    specials = tuple(sorted({int(i) for i in (getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad"))
+                             if i is not None}))
+    return objective_loss(Model(cfg), job.objective, z_loss=job.train.z_loss, chunk_tokens=job.train.loss_chunk_tokens,
+                          tokenizer_mask_id=getattr(tokenizer, "mask_token_id", None), special_ids=specials)
+
+
 def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict], None]] = (),
                  checkpointer: Optional[TrainCheckpointer] = None) -> TrainResult:
     params, cfg, model_dir = model_for_training(job.model)
     cfg = cfg.replace(remat=job.train.remat)
+    if job.objective.kind == "masked":
+        cfg = cfg.replace(causal=False)  # masked LM attends both ways
     tokenizer = _tokenizer(job, model_dir)
     stream, eval_streams = build_streams(job, cfg, tokenizer)
     optimizer, schedule = build_optimizer(job.optim, job.train.steps)
@@ -149,8 +160,7 @@ def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict
         tokenizer.save(job.checkpoint.directory)  # so generate / eval on the checkpoint need no tokenizer flags
     try:
         return train(
-            loss_fn=causal_lm_loss(Model(cfg), z_loss=job.train.z_loss, chunk_tokens=job.train.loss_chunk_tokens),
-            params=params, model_cfg=cfg, optimizer=optimizer, schedule=schedule, cfg=job.train,
+            loss_fn=job_loss(job, cfg, tokenizer), params=params, model_cfg=cfg, optimizer=optimizer, schedule=schedule, cfg=job.train,
             batches=stream, mesh=mesh, eval_batches=eval_streams, checkpointer=checkpointer,
             logging=job.logging, log_dir=job.logging.directory or job.checkpoint.directory, callbacks=callbacks,
         )
@@ -175,8 +185,9 @@ def run_evaluation(job: TrainJobConfig) -> dict:
     params, cfg, model_dir = load_model(job.model)
     mesh = make_mesh(job.mesh)
     params = jax.device_put(params, param_shardings(params, mesh, warn=False))
-    _, eval_streams = build_streams(job, cfg, _tokenizer(job, model_dir))
-    loss_fn = causal_lm_loss(Model(cfg), z_loss=job.train.z_loss, chunk_tokens=job.train.loss_chunk_tokens)
+    tokenizer = _tokenizer(job, model_dir)
+    _, eval_streams = build_streams(job, cfg, tokenizer)
+    loss_fn = job_loss(job, cfg, tokenizer)
     from jaxtune.parallel.mesh import batch_sharding
 
     step = make_eval_step(loss_fn, mesh=mesh, params_shardings=param_shardings(params, mesh, warn=False), batch_shardings=batch_sharding(mesh))
