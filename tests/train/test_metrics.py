@@ -198,7 +198,7 @@ def test_progress_bar_postfix_and_position(capsys):
     last = err.replace("\r", "\n").strip().splitlines()[-1]
     assert "4/10" in last
     assert "loss=2.5000" in last and "lr=1.00e-03" in last and "tok/s=12,346" in last and "step=0.250s" in last
-    assert "other" not in last and "9.0" not in last
+    assert "other" not in last and "loss=9" not in last  # (the rate field may hold any digits)
 
 
 def test_progress_disabled_and_no_log_dir_writes_nothing(tmp_path, capsys, monkeypatch):
