@@ -35,3 +35,18 @@ def test_builtin_data_paths():
     assert resolve_path("builtin:tinyshakespeare.txt").stat().st_size == 1_115_394
     with pytest.raises(FileNotFoundError, match="built in: tinyshakespeare.txt"):
         resolve_path("builtin:nope.txt")
+
+
+def test_hf_tokenizer_trained_here_round_trips_and_batches(tmp_path):
+    """`jaxtune tokenizer train` output loads as a transformers fast tokenizer: batched encoding
+    equals one-by-one encoding, decoding gives the text back, special tokens are set."""
+    from jaxtune.cli.tokenizer import train_tokenizer
+
+    train_tokenizer(["builtin:tinyshakespeare.txt"], 400, tmp_path / "bpe")
+    tok = load_tokenizer(tmp_path / "bpe")  # auto: the directory holds HF files
+    assert tok.vocab_size == 400 and tok.eos_token_id is not None and tok.bos_token_id is not None
+    texts = ["ROMEO:\nWherefore art thou, Romeo?", "  spaces  and ünïcödé ✓", "x"]
+    batched = tok.encode_batch(texts)
+    assert batched == [tok.encode(t) for t in texts]
+    assert [tok.decode(ids) for ids in batched] == texts
+    assert len(batched[0]) < len(texts[0])  # merges learned
