@@ -62,3 +62,21 @@ def test_string_overrides_are_kept_as_typed():
     assert job.prompts == ("0123", "yes") and job.tokenizer.path is None
     with pytest.raises(ConfigError, match="config key 'sampling.stop_tokens': cannot parse value"):
         load_config(JobConfig, None, ["sampling.stop_tokens=[1, 2"])
+
+
+def test_every_shipped_config_loads():
+    """Each YAML recipe in configs/ parses into its job tree (a typo in a shipped key fails here)."""
+    from pathlib import Path
+
+    from jaxtune.config import JobConfig, TrainJobConfig, load_config
+
+    shipped = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    assert len(shipped) >= 4
+    for path in shipped:
+        cls = JobConfig if path.name.startswith("generate") else TrainJobConfig
+        load_config(cls, path)
+    speed = load_config(TrainJobConfig, shipped[0].with_name("pretrain_shakespeare_char_speedrun.yaml"))
+    base = load_config(TrainJobConfig, shipped[0].with_name("pretrain_shakespeare_char.yaml"))
+    # the speedrun keeps nanoGPT's model size, data, batch and context; only activation and schedule move
+    assert speed.model.config.replace(activation="gelu") == base.model.config
+    assert (speed.data, speed.train.batch_size, speed.train.seq_len) == (base.data, base.train.batch_size, base.train.seq_len)
