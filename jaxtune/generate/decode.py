@@ -8,6 +8,7 @@ finished rows emit ``pad_token_id`` with log-prob 0.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import NamedTuple, Optional, Sequence
 
@@ -69,9 +70,53 @@ def generate(model: Model, params, prompt_tokens, prompt_mask, rng: jax.Array, s
                          f"exceeds the cache limit {max_cache_len}")
     longest = int(prompt_mask.sum(1).max()) + sampling.max_new_tokens
     if model.cfg.position == "learned" and longest > model.cfg.max_position_embeddings:
+        if sampling.slide:
+            return generate_sliding(model, params, prompt_tokens, prompt_mask, rng, sampling,
+                                    context=model.cfg.max_position_embeddings)
         raise ValueError(f"{longest} positions exceed the model's max_position_embeddings "
-                         f"{model.cfg.max_position_embeddings}")
+                         f"{model.cfg.max_position_embeddings} (sampling.slide=true keeps generating with a "
+                         "sliding context)")
     return _generate(model, sampling, params, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), rng)
+
+
+def generate_sliding(model: Model, params, prompt_tokens, prompt_mask, rng: jax.Array, sampling: SamplingConfig,
+                     *, context: int, keep: Optional[int] = None) -> Generation:
+    """Generate past a ``context``-token window: the first window holds the prompt (its last
+    ``context - 1`` tokens at most) and fills the context; every later window starts from the last
+    ``keep`` tokens (default ``context // 2``) and generates ``context - keep`` more with a fresh KV
+    cache. Each new token so sees between ``keep`` and ``context - 1`` tokens before it (nanoGPT
+    crops to the last ``context`` for every token, re-running the whole window each time)."""
+    keep = context // 2 if keep is None else keep
+    if not 0 < keep < context:
+        raise ValueError(f"keep must be in (0, {context}), got {keep}")
+    prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
+    check_left_padded(prompt_mask)
+    history = [row[m != 0].tolist()[-(context - 1):] for row, m in zip(prompt_tokens, prompt_mask)]
+    batch, total = len(history), sampling.max_new_tokens
+    tokens = np.full((batch, total), sampling.pad_token_id, np.int32)
+    log_probs = np.zeros((batch, total), np.float32)
+    lengths = np.zeros(batch, np.int32)
+    stopped = np.zeros(batch, bool)
+    done = 0
+    while done < total and not stopped.all():
+        tails = [h[-keep:] if done else h for h in history]
+        room = context - max(len(t) for t in tails)
+        n = min(room, total - done)
+        window_tokens, window_mask = left_pad(tails, sampling.pad_token_id)
+        rng, key = jax.random.split(rng)
+        out = jax.device_get(_generate(model, dataclasses.replace(sampling, max_new_tokens=n), params,
+                                       jnp.asarray(window_tokens), jnp.asarray(window_mask), key))
+        for i in range(batch):
+            if stopped[i]:
+                continue
+            k = int(out.lengths[i])
+            tokens[i, done: done + k] = out.tokens[i, :k]
+            log_probs[i, done: done + k] = out.log_probs[i, :k]
+            lengths[i] = done + k
+            stopped[i] = bool(out.stopped[i])
+            history[i].extend(out.tokens[i, :k].tolist())
+        done += n
+    return Generation(jnp.asarray(tokens), jnp.asarray(log_probs), jnp.asarray(lengths), jnp.asarray(stopped))
 
 
 @partial(jax.jit, static_argnums=(0, 1))

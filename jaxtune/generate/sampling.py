@@ -25,6 +25,10 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0 = off
     stop_tokens: tuple[int, ...] = ()
     pad_token_id: int = 0
+    # Past the model's context (learned positions, max_position_embeddings): keep going with the last
+    # half of the context as a new prompt, re-prefilled every half context (nanoGPT-style cropping).
+    # Off: such a request is an error.
+    slide: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

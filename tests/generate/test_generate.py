@@ -112,3 +112,38 @@ def test_filters_match_transformers_warpers(top_k, top_p):
         ref = TopPLogitsWarper(top_p)(None, ref)
     ours = np.asarray(filter_logits(jnp.asarray(logits), top_k, top_p))
     np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref.numpy()))
+
+
+def test_sliding_context_generation_past_learned_positions():
+    """sampling.slide: a learned-position model (context 12) generates 30 tokens; greedy tokens and
+    log-probs equal a cache-free reference that applies the same window policy token by token."""
+    from jaxtune.models import ModelConfig
+
+    cfg = ModelConfig(family="gpt2", vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4,
+                      head_dim=8, intermediate_size=64, max_position_embeddings=12, norm="layernorm", mlp="plain",
+                      activation="gelu", position="learned", tie_word_embeddings=True)
+    model = Model(cfg)
+    params = model.init(jax.random.key(3))
+    prompts = [[5, 17, 33, 8, 1], [44, 3]]
+    tokens, mask = left_pad(prompts)
+    with pytest.raises(ValueError, match="sampling.slide=true"):
+        generate(model, params, tokens, mask, jax.random.key(0), SamplingConfig(max_new_tokens=30, greedy=True))
+    out = generate(model, params, tokens, mask, jax.random.key(0),
+                   SamplingConfig(max_new_tokens=30, greedy=True, slide=True))
+    assert out.tokens.shape == (2, 30) and np.asarray(out.lengths).tolist() == [30, 30]
+    forward = jax.jit(lambda t: jax.nn.log_softmax(model.apply(params, t)[0, -1]))
+    # Windows are shared by the batch: the first fills the context of the longest prompt (12 - 5 = 7
+    # new tokens); each later one restarts from a row's last 6 tokens and adds 6.
+    starts = {7 + 6 * k for k in range(5)}
+    for i, prompt in enumerate(prompts):
+        history, window_start, produced = list(prompt), 0, 0
+        while produced < 30:
+            if produced in starts:
+                window_start = len(history) - 6
+            window = history[window_start:]
+            logp = np.asarray(forward(jnp.asarray([window])))
+            token = int(np.argmax(logp))
+            assert int(out.tokens[i, produced]) == token, (i, produced)
+            np.testing.assert_allclose(float(out.log_probs[i, produced]), logp[token], atol=1e-5)
+            history.append(token)
+            produced += 1
