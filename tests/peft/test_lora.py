@@ -44,7 +44,7 @@ def _randomise_b(params, seed=2):
 def test_model_unchanged_at_init(init):
     adapted = apply_lora(PARAMS, LoraConfig(rank=4, alpha=8, targets=("all-linear",), init=init), jax.random.key(3))
     assert len(_adapters(adapted)) == 7 * CFG.num_layers
-    tol = 0 if init in ("default", "gaussian") else 1e-4
+    tol = 1e-6 if init in ("default", "gaussian") else 1e-4  # B = 0: equal up to fp32 rounding of the fused sum
     np.testing.assert_allclose(logits(adapted, TOKENS), logits(PARAMS, TOKENS), atol=tol, rtol=0)
 
 
