@@ -138,8 +138,11 @@ class Model:
         positions: Optional[jax.Array] = None,
         segment_ids: Optional[jax.Array] = None,
         cache: Optional[KVCache] = None,
+        rng: Optional[jax.Array] = None,
     ) -> tuple[jax.Array, Optional[KVCache]]:
-        """tokens: [batch, seq] -> (hidden [batch, seq, embed], updated cache or None)."""
+        """tokens: [batch, seq] -> (hidden [batch, seq, embed], updated cache or None).
+        ``rng``: a key in training steps, for weight leaves with dropout (LoRA); None (the
+        default) runs deterministically."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
         if segment_ids is None:
@@ -153,7 +156,8 @@ class Model:
         if cache is not None:
             _check_cache_room(cache, tokens.shape[1])
         decoder_params = {k: v for k, v in params.items() if k != "lm_head"}
-        return self._decoder.apply({"params": decoder_params}, tokens, positions, segment_ids, cache)
+        rngs = None if rng is None else {"dropout": rng}
+        return self._decoder.apply({"params": decoder_params}, tokens, positions, segment_ids, cache, rngs=rngs)
 
     def logits(self, params: Params, hidden: jax.Array) -> jax.Array:
         return lm_head(params, hidden, self.cfg)

@@ -44,7 +44,10 @@ class Linear(nn.Module):
             "kernel",
             lambda: init(self.make_rng("params"), (x.shape[-1], self.features), cfg.weight_dtype),
         ).value
-        y = linear(x, kernel, dtype=cfg.compute_dtype)
+        # Typed leaves with dropout (LoRA's adapter input) draw from the 'dropout' stream, which
+        # exists only in training steps (`Model.hidden(..., rng=key)`).
+        rng = self.make_rng("dropout") if self.has_rng("dropout") else None
+        y = linear(x, kernel, dtype=cfg.compute_dtype, rng=rng)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), cfg.weight_dtype)
             y = y + bias.astype(y.dtype)

@@ -12,7 +12,7 @@ dependency pointing one way.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -20,19 +20,21 @@ import numpy as np
 
 
 class LinearRule(Protocol):
-    def __call__(self, x: jax.Array, w: Any, *, dtype: Any) -> jax.Array: ...
+    def __call__(self, x: jax.Array, w: Any, *, dtype: Any, rng: Optional[jax.Array] = None) -> jax.Array: ...
 
 
 _RULES: dict[type, LinearRule] = {}
 
 
 def register_linear(leaf_type: type) -> Callable[[LinearRule], LinearRule]:
-    """Register ``rule(x, w, *, dtype) -> y`` as the linear op for ``leaf_type``.
+    """Register ``rule(x, w, *, dtype, rng=None) -> y`` as the linear op for ``leaf_type``.
 
     The rule receives activations ``x: [..., in]`` and the typed leaf and must
     return ``y: [..., out]`` in ``dtype`` (the compute dtype; None keeps
-    ``x.dtype``). Subclasses of a registered type use their parent's rule
-    unless they register their own.
+    ``x.dtype``). ``rng`` is a key in training steps (for leaves with dropout, such
+    as LoRA's on its adapter input) and None when the model runs deterministically
+    (evaluation, generation). Subclasses of a registered type use their parent's
+    rule unless they register their own.
     """
 
     def decorator(rule: LinearRule) -> LinearRule:
@@ -56,12 +58,23 @@ def linear_rule(w: Any) -> LinearRule:
     )
 
 
-def linear(x: jax.Array, w: Any, *, dtype: Any = None) -> jax.Array:
-    """``y = x @ w`` for any weight leaf. x: [..., in]; w: [in, out] (or a typed leaf)."""
-    return linear_rule(w)(x, w, dtype=dtype)
+def linear(x: jax.Array, w: Any, *, dtype: Any = None, rng: Optional[jax.Array] = None) -> jax.Array:
+    """``y = x @ w`` for any weight leaf. x: [..., in]; w: [in, out] (or a typed leaf);
+    ``rng``: dropout key in training, None for deterministic use."""
+    return linear_rule(w)(x, w, dtype=dtype, rng=rng)
 
 
-def _dense(x: jax.Array, w: jax.Array, *, dtype: Any) -> jax.Array:
+def dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
+    """Inverted dropout of ``x`` at ``rate``; the identity when ``rng`` is None or rate is 0."""
+    if rng is None or not rate:
+        return x
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _dense(x: jax.Array, w: jax.Array, *, dtype: Any, rng: Optional[jax.Array] = None) -> jax.Array:
     dtype = x.dtype if dtype is None else dtype
     if w.ndim != 2:
         raise ValueError(f"linear expects a 2-D kernel [in, out], got shape {w.shape}")

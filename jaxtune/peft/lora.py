@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxtune.ops.linear import linear, register_linear
+from jaxtune.ops.linear import dropout, linear, register_linear
 from jaxtune.parallel.rules import register_sharding
+from jaxtune.peft.core import register_adapter
 from jaxtune.utils.tree import keypath_str
 
 TARGET_PRESETS = {
@@ -39,15 +40,18 @@ TARGET_PRESETS = {
 INITS = ("default", "gaussian", "pissa", "olora")
 
 
+@register_adapter
 @jax.tree_util.register_dataclass
 @dataclass
 class LoraWeight:
-    """A LoRA-adapted kernel: ``x @ base + scale * (x @ a) @ b``. ``scale`` is static metadata."""
+    """A LoRA-adapted kernel: ``x @ base + scale * (dropout(x) @ a) @ b``. ``scale`` and
+    ``dropout`` (applied to the adapter's input in training steps only) are static metadata."""
 
     base: Any  # [in, out]
     a: Any  # [in, r]
     b: Any  # [r, out]
     scale: float = field(metadata=dict(static=True), default=1.0)
+    dropout: float = field(metadata=dict(static=True), default=0.0)
 
     @property
     def rank(self) -> int:
@@ -60,9 +64,10 @@ class LoraWeight:
 
 
 @register_linear(LoraWeight)
-def _lora_linear(x, w: LoraWeight, *, dtype):
+def _lora_linear(x, w: LoraWeight, *, dtype, rng=None):
     y = linear(x, w.base, dtype=dtype)
-    return y + w.scale * linear(linear(x, w.a, dtype=dtype), w.b, dtype=dtype)
+    h = dropout(x, w.dropout, rng)
+    return y + w.scale * linear(linear(h, w.a, dtype=dtype), w.b, dtype=dtype)
 
 
 @register_sharding(LoraWeight)
@@ -70,7 +75,7 @@ def _lora_specs(w: LoraWeight, spec: P) -> LoraWeight:
     """A follows the base's input axis, B its output axis; the rank dimension is replicated."""
     in_axis = spec[0] if len(spec) > 0 else None
     out_axis = spec[1] if len(spec) > 1 else None
-    return LoraWeight(base=spec, a=P(in_axis, None), b=P(None, out_axis), scale=w.scale)
+    return LoraWeight(base=spec, a=P(in_axis, None), b=P(None, out_axis), scale=w.scale, dropout=w.dropout)
 
 
 @dataclass(frozen=True)
@@ -86,10 +91,13 @@ class LoraConfig:
     alpha_pattern: dict = field(default_factory=dict)
     rslora: bool = False
     init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    dropout: float = 0.0  # on the adapter input, training steps only
 
     def __post_init__(self):
         if self.rank < 1:
             raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if self.init not in INITS:
             raise ValueError(f"lora.init: unknown init {self.init!r} ({' | '.join(INITS)})")
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
@@ -158,7 +166,7 @@ def apply_lora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Any:
         rank, scale = cfg.rank_and_scale(where)
         matched.append(where)
         base, a, b = _init_factors(cfg.init, leaf, rank, scale, next(keys))
-        return LoraWeight(base=base, a=a, b=b, scale=scale)
+        return LoraWeight(base=base, a=a, b=b, scale=scale, dropout=cfg.dropout)
 
     out = jax.tree_util.tree_map_with_path(adapt, params, is_leaf=lambda x: isinstance(x, LoraWeight))
     if not matched:
@@ -175,7 +183,7 @@ def lora_mask(params: Any) -> Any:
     """Per-array trainable mask: LoRA A and B True, everything else (bases included) False."""
     def mark(x):
         if isinstance(x, LoraWeight):
-            return LoraWeight(base=False, a=True, b=True, scale=x.scale)
+            return LoraWeight(base=False, a=True, b=True, scale=x.scale, dropout=x.dropout)
         return False
 
     return jax.tree.map(mark, params, is_leaf=_is_lora)
@@ -192,7 +200,7 @@ def split_lora(params: Any) -> tuple[Any, dict[str, dict]]:
 
     def take(path, x):
         if isinstance(x, LoraWeight):
-            adapters[keypath_str(path)] = {"a": x.a, "b": x.b, "scale": x.scale}
+            adapters[keypath_str(path)] = {"a": x.a, "b": x.b, "scale": x.scale, "dropout": x.dropout}
             return x.base
         return x
 
@@ -212,7 +220,7 @@ def join_lora(base: Any, adapters: dict[str, dict]) -> Any:
         if ad["a"].shape[0] != x.shape[0] or ad["b"].shape[1] != x.shape[1]:
             raise ValueError(f"lora adapter for {where}: A {ad['a'].shape} / B {ad['b'].shape} do not fit "
                              f"the kernel {x.shape}")
-        return LoraWeight(base=x, a=ad["a"], b=ad["b"], scale=ad["scale"])
+        return LoraWeight(base=x, a=ad["a"], b=ad["b"], scale=ad["scale"], dropout=ad.get("dropout", 0.0))
 
     out = jax.tree_util.tree_map_with_path(put, base)
     if left:

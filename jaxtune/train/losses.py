@@ -1,6 +1,8 @@
 """Loss functions the training loop plugs in, and the contract they follow.
 
-A loss function is ``loss_fn(params, batch, rng) -> (loss_sum, weight, metrics)``:
+A loss function is ``loss_fn(params, batch, rng) -> (loss_sum, weight, metrics)``;
+``rng`` is a fresh key in every training micro-batch and None in evaluation, where the
+loss must be deterministic (no dropout; the masked LM then draws its masks from key 0):
 
 - ``loss_sum``: float32 scalar, the *sum* of per-example (or per-token) losses;
 - ``weight``: float32 scalar, what the sum is normalised by (real target
@@ -89,8 +91,8 @@ def causal_lm_loss(model: Model, *, z_loss: float = 0.0, chunk_tokens: int = 0) 
     """Next-token cross-entropy (+ ``z_loss * logsumexp^2``, PaLM's z-loss) over masked targets."""
 
     def loss_fn(params, batch, rng):
-        del rng
-        hidden, _ = model.hidden(params, batch["tokens"], positions=batch.get("positions"), segment_ids=batch["segment_ids"])
+        hidden, _ = model.hidden(params, batch["tokens"], positions=batch.get("positions"),
+                                 segment_ids=batch["segment_ids"], rng=rng)
         mask = batch["loss_mask"]
         nll, z = token_cross_entropy(params, hidden, batch["targets"], mask, model, chunk_tokens=chunk_tokens)
         total = nll + z_loss * z if z_loss else nll
@@ -149,7 +151,7 @@ def masked_lm_loss(
 
     Uses ``batch["tokens"]``, ``batch["segment_ids"]`` (and ``positions`` if present);
     ``targets`` and ``loss_mask`` of the LM layout are ignored. The masks come from the
-    loss's ``rng``. Returns (NLL sum, number of selected tokens, {"nll", "masked_accuracy"
+    loss's ``rng`` (key 0 in evaluation, so held-out figures are comparable). Returns (NLL sum, number of selected tokens, {"nll", "masked_accuracy"
     (selected tokens whose argmax is the original token), "z_loss" when z_loss > 0}).
     """
     if model.cfg.causal:
@@ -164,11 +166,14 @@ def masked_lm_loss(
                    random_rate=random_rate, keep_rate=keep_rate, special_ids=special_ids)
 
     def loss_fn(params, batch, rng):
-        if rng is None:
-            raise ValueError("masked_lm_loss draws its masks from the loss's rng; got rng=None")
+        if rng is None:  # evaluation: the same masks every time, no dropout
+            mask_rng, dropout_rng = jax.random.key(0), None
+        else:
+            mask_rng, dropout_rng = rng, jax.random.fold_in(rng, 1)
         segment_ids = batch["segment_ids"]
-        inputs, targets, selected = mask_tokens(batch["tokens"], segment_ids, rng, **masking)
-        hidden, _ = model.hidden(params, inputs, positions=batch.get("positions"), segment_ids=segment_ids)
+        inputs, targets, selected = mask_tokens(batch["tokens"], segment_ids, mask_rng, **masking)
+        hidden, _ = model.hidden(params, inputs, positions=batch.get("positions"), segment_ids=segment_ids,
+                                 rng=dropout_rng)
         nll, z, correct = token_cross_entropy(
             params, hidden, targets, selected, model, chunk_tokens=chunk_tokens, count_correct=True
         )

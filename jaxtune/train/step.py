@@ -172,11 +172,12 @@ def make_train_step(
 
 
 def make_eval_step(loss_fn: LossFn, *, mesh: Optional[Mesh] = None, params_shardings: Any = None, batch_shardings: Any = None):
-    """``eval_step(params, batch) -> {'loss_sum', 'weight', metric sums}`` (sums, for exact averaging)."""
+    """``eval_step(params, batch) -> {'loss_sum', 'weight', metric sums}`` (sums, for exact averaging).
+    The loss runs deterministically (``rng=None``: no dropout)."""
 
     def eval_step(params, batch):
         with activation_mesh(mesh):
-            total, weight, metrics = loss_fn(params, batch, jax.random.key(0))
+            total, weight, metrics = loss_fn(params, batch, None)
             return {"loss_sum": total, "weight": weight, **metrics}
 
     if mesh is None:

@@ -1,0 +1,102 @@
+"""What every PEFT method shares: adapter leaves, added subtrees, the trainable mask, counts.
+
+A PEFT method changes the param tree in one of three ways (DESIGN contract 3):
+
+- **adapter leaves**: a kernel is replaced by a registered typed leaf (`register_adapter`)
+  that keeps the original under its ``base`` field and adds its own arrays (LoRA's A/B,
+  DoRA's magnitude, IA3's scaling vector, a bottleneck adapter). Everything outside
+  ``base`` is trainable; ``base`` stays frozen (it may itself be typed, e.g. quantized).
+- **added subtrees**: top-level keys in `ADDED_KEYS` (``prompt`` for prompt tuning and
+  P-tuning, ``prefix`` for prefix tuning) are trainable as a whole; the model reads them.
+- **masks** over existing leaves (BitFit's biases, LN-tuning's norm scales): no change to
+  the tree, only to which leaves `trainable_mask` marks.
+
+`trainable_mask` gives the per-array mask that `jaxtune.train.partition.split` takes;
+`base_model` is the adapter-free view of a tree (the same arrays, no copy), which is what
+"disable adapters" means and what DPO/PPO use as their reference model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable
+
+import jax
+
+ADDED_KEYS = ("prompt", "prefix")
+_ADAPTER_TYPES: list[type] = []
+
+
+def register_adapter(cls: type) -> type:
+    """Mark a registered-dataclass leaf type as an adapter: it has a frozen ``base`` field and
+    every other array field is trainable. Use as a class decorator (after the pytree registration)."""
+    if not any(f.name == "base" for f in dataclasses.fields(cls)):
+        raise TypeError(f"adapter leaf {cls.__qualname__} needs a 'base' field")
+    if cls not in _ADAPTER_TYPES:
+        _ADAPTER_TYPES.append(cls)
+    return cls
+
+
+def is_adapter(x: Any) -> bool:
+    return isinstance(x, tuple(_ADAPTER_TYPES))
+
+
+def _mask_of_adapter(leaf: Any) -> Any:
+    mask = jax.tree.map(lambda _: True, leaf)
+    return dataclasses.replace(mask, base=jax.tree.map(lambda _: False, leaf.base))
+
+
+def adapter_mask(params: Any) -> Any:
+    """True for the arrays PEFT added (adapter fields outside ``base``; `ADDED_KEYS` subtrees)."""
+    marked = jax.tree.map(lambda x: _mask_of_adapter(x) if is_adapter(x) else False, params, is_leaf=is_adapter)
+    if isinstance(params, dict):
+        for key in ADDED_KEYS:
+            if key in params:
+                marked[key] = jax.tree.map(lambda _: True, params[key])
+    return marked
+
+
+def any_mask(*masks: Any) -> Any:
+    """Element-wise OR of masks over the same tree."""
+    first, *rest = masks
+    return jax.tree.map(lambda *bits: any(bool(b) for b in bits), first, *rest)
+
+
+def trainable_mask(params: Any, *extra_masks: Any) -> Any:
+    """The PEFT trainable mask: `adapter_mask` OR any extra masks (BitFit, LN-tuning, ...)."""
+    mask = adapter_mask(params)
+    return any_mask(mask, *extra_masks) if extra_masks else mask
+
+
+def count_trainable(params: Any, mask: Any) -> tuple[int, int]:
+    """-> (trainable scalars, all scalars) of ``params`` under ``mask``."""
+    sizes = jax.tree.leaves(jax.tree.map(lambda x, m: (int(x.size), bool(m)), params, mask),
+                            is_leaf=lambda x: isinstance(x, tuple))
+    total = sum(n for n, _ in sizes)
+    return sum(n for n, m in sizes if m), total
+
+
+def describe_trainable(params: Any, mask: Any) -> str:
+    """``trainable params: 1,234 of 5,678 (21.73%)``, as PEFT's print_trainable_parameters."""
+    trainable, total = count_trainable(params, mask)
+    return f"trainable params: {trainable:,} of {total:,} ({100.0 * trainable / max(total, 1):.4f}%)"
+
+
+def base_model(params: Any) -> Any:
+    """The tree without any PEFT: adapter leaves replaced by their ``base`` (recursively),
+    `ADDED_KEYS` dropped. No array is copied, so under jit this is free: use it for the
+    adapter-disabled model (a reference model for DPO/PPO)."""
+
+    def strip(x):
+        while is_adapter(x):
+            x = x.base
+        return x
+
+    out = jax.tree.map(strip, params, is_leaf=is_adapter)
+    if isinstance(out, dict):
+        out = {k: v for k, v in out.items() if k not in ADDED_KEYS}
+    return out
+
+
+def adapter_leaves(params: Any) -> Iterable[Any]:
+    return [x for x in jax.tree.leaves(params, is_leaf=is_adapter) if is_adapter(x)]
