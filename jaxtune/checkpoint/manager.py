@@ -27,7 +27,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -204,8 +204,13 @@ class TrainCheckpointer:
 
 
 def restore_params(directory: str | os.PathLike, *, step: Optional[int] = None, shardings: Any = None,
-                   base_params: Any = None, **config_overrides) -> tuple[Any, ModelConfig, int]:
+                   base_params: Any = None, transform: Optional[Callable[[Any, ModelConfig], Any]] = None,
+                   **config_overrides) -> tuple[Any, ModelConfig, int]:
     """-> (params, cfg, step) from a training checkpoint directory, onto any mesh or device count.
+
+    ``transform(params, cfg) -> params``: the run trained a transformed tree (PEFT: LoRA leaves,
+    prompt subtrees); it gives the tree's structure, and ``base_params`` (already transformed)
+    the frozen leaves the checkpoint does not hold.
 
     ``step=None`` takes the newest readable step (broken ones are warned about and skipped).
     ``shardings`` is a pytree of `jax.sharding.Sharding` matching the param tree; default is
@@ -214,7 +219,8 @@ def restore_params(directory: str | os.PathLike, *, step: Optional[int] = None, 
     """
     directory = _absolute(directory)
     cfg = load_model_config(directory).replace(**config_overrides)
-    abstract = jax.eval_shape(Model(cfg).init, jax.random.key(0))
+    init = Model(cfg).init if transform is None else (lambda key: transform(Model(cfg).init(key), cfg))
+    abstract = jax.eval_shape(init, jax.random.key(0))
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)
@@ -305,7 +311,7 @@ def _metric_score(name: str, mode: str):
 
 
 NUMERICS = ("param_dtype", "dtype", "attention_impl", "remat")  # may change between runs of one model
-MATCH_ON_RESUME = ("trainable",)  # extra_meta keys a resumed run must keep
+MATCH_ON_RESUME = ("trainable", "peft")  # extra_meta keys a resumed run must keep
 
 
 def _check_resumable(directory: epath.Path, cfg: ModelConfig, extra_meta: dict) -> None:

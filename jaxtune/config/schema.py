@@ -2,7 +2,7 @@
 
 `JobConfig` drives `jaxtune generate` (model, tokenizer, sampling, prompts);
 `TrainJobConfig` drives `jaxtune train` / `jaxtune eval` (model, tokenizer,
-data, objective, train, optim, mesh, checkpoint, logging). Each section is the dataclass
+data, objective, peft, train, optim, mesh, checkpoint, logging). Each section is the dataclass
 of the module that consumes it.
 """
 
@@ -16,6 +16,7 @@ from jaxtune.data.streams import DataConfig
 from jaxtune.generate.sampling import SamplingConfig
 from jaxtune.models.config import ModelConfig
 from jaxtune.parallel.mesh import MeshConfig
+from jaxtune.peft.config import PeftConfig
 from jaxtune.train.config import LoggingConfig, TrainConfig
 from jaxtune.train.losses import ObjectiveConfig
 from jaxtune.train.optim import OptimConfig
@@ -63,6 +64,7 @@ class TrainJobConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # causal LM, or masked LM (bidirectional)
+    peft: PeftConfig = field(default_factory=PeftConfig)  # LoRA & co.; nothing set = train the whole model
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)

@@ -17,6 +17,7 @@ from jaxtune.config.schema import ModelSource
 from jaxtune.interop.hf_weights import load_hf
 from jaxtune.models import Model, ModelConfig
 from jaxtune.models.presets import preset
+from jaxtune.peft.config import PeftConfig, apply_peft
 
 
 def load_model(source: ModelSource) -> tuple[Any, ModelConfig, Optional[Path]]:
@@ -30,24 +31,37 @@ def load_model(source: ModelSource) -> tuple[Any, ModelConfig, Optional[Path]]:
         if (Path(source.checkpoint) / PARAMS_DIR).is_dir():
             params, cfg = restore_params(source.checkpoint, **numerics)
         else:
-            base = _frozen_base(Path(source.checkpoint), source)
-            params, cfg, _ = restore_train_params(source.checkpoint, base_params=base, **numerics)
+            meta = _train_meta(Path(source.checkpoint))
+            peft = _peft_config(meta, Path(source.checkpoint))
+            transform = None if peft is None else (lambda p, c: apply_peft(p, peft, model_cfg=c))
+            base = _frozen_base(Path(source.checkpoint), source, meta, peft)
+            params, cfg, _ = restore_train_params(source.checkpoint, base_params=base, transform=transform, **numerics)
         return params, cfg, Path(source.checkpoint)
     cfg = (preset(source.preset) if source.preset is not None else source.config).replace(**numerics)
-    return Model(cfg).init(jax.random.key(source.init_seed)), cfg, None
+    # jitted, as the training loop builds it, so a run's frozen base is re-created bit for bit
+    return jax.jit(Model(cfg).init)(jax.random.key(source.init_seed)), cfg, None
 
 
-def _frozen_base(directory: Path, source: ModelSource) -> Optional[Any]:
-    """The base model of a training run that froze some params (its checkpoints hold only the
-    trainable half); None for runs that trained everything."""
+def _train_meta(directory: Path) -> dict:
     meta_path = directory / TRAIN_META_FILE
-    if not meta_path.exists():
+    return json.loads(meta_path.read_text()) if meta_path.exists() else {}
+
+
+def _peft_config(meta: dict, directory: Path) -> Optional[PeftConfig]:
+    """The PEFT transform a run trained under (from its train_meta.json), or None."""
+    if not meta.get("peft"):
         return None
-    meta = json.loads(meta_path.read_text())
-    if meta.get("trainable") is None or meta.get("base") is None:
+    return from_dict(PeftConfig, meta["peft"], prefix=f"{directory / TRAIN_META_FILE}: peft")
+
+
+def _frozen_base(directory: Path, source: ModelSource, meta: dict, peft: Optional[PeftConfig]) -> Optional[Any]:
+    """The frozen half's source for a training run whose checkpoints hold only the trainable
+    half: its base model (loaded from the reference in train_meta.json), with the run's PEFT
+    transform applied; None for runs that trained everything."""
+    if (meta.get("trainable") is None and peft is None) or meta.get("base") is None:
         return None
-    base_source = from_dict(ModelSource, meta["base"], prefix=f"{meta_path}: base")
+    base_source = from_dict(ModelSource, meta["base"], prefix=f"{directory / TRAIN_META_FILE}: base")
     base_source = dataclasses.replace(base_source, param_dtype=source.param_dtype, dtype=source.dtype,
                                       attention_impl=source.attention_impl)
-    params, _, _ = load_model(base_source)
-    return params
+    params, cfg, _ = load_model(base_source)
+    return params if peft is None else apply_peft(params, peft, model_cfg=cfg)

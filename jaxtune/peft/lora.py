@@ -92,6 +92,7 @@ class LoraConfig:
     rslora: bool = False
     init: Literal["default", "gaussian", "pissa", "olora"] = "default"
     dropout: float = 0.0  # on the adapter input, training steps only
+    dora: bool = False  # weight-decomposed LoRA (DoRA): `jaxtune.peft.dora.apply_dora` takes this config
 
     def __post_init__(self):
         if self.rank < 1:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from jaxtune.parallel.rules import Rule, param_specs
 from jaxtune.train.config import LoggingConfig, TrainConfig
 from jaxtune.train.losses import LossFn
 from jaxtune.train.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
-from jaxtune.train.partition import join, mask_by_regex, split
+from jaxtune.train.partition import count, join, mask_by_regex, split
 from jaxtune.train.step import TrainState, make_eval_step, make_train_step, named, state_specs
 
 STEP_KEYS = frozenset({"loss", "grad_norm", "tokens", "finite", "skipped", "streak", "lr"})  # set by the step itself
@@ -55,6 +56,8 @@ class TrainResult:
     status: str = "completed"  # completed | preempted
     first_step_s: Optional[float] = None  # wall time of this session's first step, compilation included
     resumed_from: Optional[int] = None
+    trainable_params: int = 0  # scalars in the trainable half
+    total_params: int = 0  # scalars in the whole param tree
 
     @property
     def params(self) -> Any:
@@ -200,6 +203,10 @@ def train(
     if trainable_mask is None:
         trainable_mask = mask_by_regex(abstract_params, cfg.trainable)
     abs_trainable, abs_frozen = split(abstract_params, trainable_mask)
+    n_trainable, n_total = count(abs_trainable), count(abstract_params)
+    if jax.process_index() == 0:
+        print(f"trainable params: {n_trainable:,} of {n_total:,} ({100.0 * n_trainable / max(n_total, 1):.4f}%)",
+              file=sys.stderr, flush=True)
 
     frozen_sh = named(param_specs(abs_frozen, mesh, rules), mesh)
     abstract_state = jax.eval_shape(lambda p: TrainState.create(p, optimizer, state_rng), abs_trainable)
@@ -246,13 +253,15 @@ def train(
     flops_per_token = model_flops_per_token(model_cfg, cfg.seq_len)
     peak = device_peak_flops(jax.devices()[0].device_kind, model_cfg.dtype, logging.peak_flops)
     start = int(jax.device_get(state.step))
-    result = TrainResult(state=state, frozen=frozen, resumed_from=resumed_from)
+    result = TrainResult(state=state, frozen=frozen, resumed_from=resumed_from,
+                         trainable_params=n_trainable, total_params=n_total)
     last_eval: dict = {}
     last_eval_step = -1
     logger = MetricsLogger(
         log_dir if (logging.jsonl or logging.tensorboard) else None, total_steps=cfg.steps,
         tensorboard=logging.tensorboard, jsonl=logging.jsonl, progress=logging.progress, start_step=start,
     )
+    logger.log(start, {"trainable": n_trainable, "total": n_total}, prefix="params")
 
     def run_eval(step: int):
         nonlocal last_eval, last_eval_step

@@ -26,9 +26,12 @@ from jaxtune.models import Model, ModelConfig
 from jaxtune.models.presets import preset
 from jaxtune.parallel.mesh import make_mesh
 from jaxtune.parallel.rules import param_shardings
+from jaxtune.peft.config import apply_peft, peft_mask, peft_optimizer
+from jaxtune.peft.core import any_mask
 from jaxtune.train.loop import TrainResult, evaluate, train
 from jaxtune.train.losses import LossFn, objective_loss
 from jaxtune.train.optim import build_optimizer
+from jaxtune.train.partition import mask_by_regex
 from jaxtune.train.step import make_eval_step
 
 log = logging.getLogger(__name__)
@@ -141,6 +144,25 @@ def job_loss(job: TrainJobConfig, cfg: ModelConfig, tokenizer=None) -> LossFn:
                           tokenizer_mask_id=getattr(tokenizer, "mask_token_id", None), special_ids=specials)
 
 
+def with_peft(job: TrainJobConfig, params: Any, cfg: ModelConfig, tokenizer, optimizer):
+    """-> (params or init function, trainable mask or None, optimizer) for the job's ``peft``
+    section. Loaded weights are transformed here, once; a random-init model's init function
+    is wrapped, so the loop still builds it straight onto the mesh. ``train.trainable``
+    regexes add to the PEFT mask (like PEFT's modules_to_save)."""
+    if not job.peft.active:
+        return params, None, optimizer
+    if callable(params):
+        init = params
+        params = lambda rng: apply_peft(init(rng), job.peft, model_cfg=cfg, tokenizer=tokenizer)  # noqa: E731
+        abstract = jax.eval_shape(params, jax.random.key(0))
+    else:
+        params = abstract = apply_peft(params, job.peft, model_cfg=cfg, tokenizer=tokenizer)
+    mask = peft_mask(abstract, job.peft)
+    if job.train.trainable is not None:
+        mask = any_mask(mask, mask_by_regex(abstract, job.train.trainable))
+    return params, mask, peft_optimizer(optimizer, job.peft)
+
+
 def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict], None]] = (),
                  checkpointer: Optional[TrainCheckpointer] = None) -> TrainResult:
     params, cfg, model_dir = model_for_training(job.model)
@@ -150,18 +172,20 @@ def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict
     tokenizer = _tokenizer(job, model_dir)
     stream, eval_streams = build_streams(job, cfg, tokenizer)
     optimizer, schedule = build_optimizer(job.optim, job.train.steps)
+    params, trainable_mask, optimizer = with_peft(job, params, cfg, tokenizer, optimizer)
     mesh = make_mesh(job.mesh)
     own_checkpointer = checkpointer is None
     if own_checkpointer:
         meta = {"job": to_dict(job), "base": to_dict(job.model),
-                "trainable": None if job.train.trainable is None else list(job.train.trainable)}
+                "trainable": None if job.train.trainable is None else list(job.train.trainable),
+                "peft": to_dict(job.peft) if job.peft.active else None}
         checkpointer = TrainCheckpointer(job.checkpoint, cfg, extra_meta=meta)
     if tokenizer is not None and job.checkpoint.directory and jax.process_index() == 0:
         tokenizer.save(job.checkpoint.directory)  # so generate / eval on the checkpoint need no tokenizer flags
     try:
         return train(
             loss_fn=job_loss(job, cfg, tokenizer), params=params, model_cfg=cfg, optimizer=optimizer, schedule=schedule, cfg=job.train,
-            batches=stream, mesh=mesh, eval_batches=eval_streams, checkpointer=checkpointer,
+            batches=stream, mesh=mesh, eval_batches=eval_streams, checkpointer=checkpointer, trainable_mask=trainable_mask,
             logging=job.logging, log_dir=job.logging.directory or job.checkpoint.directory, callbacks=callbacks,
         )
     finally:
