@@ -157,12 +157,19 @@ class ShardReader:
             epoch, cursor = self.epoch, self.cursor
         raw = self._raw_block(epoch, cursor)
         texts = [item for _, _, item in raw if not isinstance(item, BadRow)]
-        encoded = iter(self.tokenizer.encode_batch(texts)) if texts else iter(())
+        try:
+            encoded = iter(self.tokenizer.encode_batch(texts)) if texts else iter(())
+        except ValueError:  # a text the tokenizer cannot encode (a character-level vocabulary): find which
+            encoded = iter([self._encode_one(t) for t in texts])
         for cur, ep, item in raw:
             if isinstance(item, BadRow):
                 self._docs.append((cur, ep, item))
                 continue
             ids = next(encoded)
+            if isinstance(ids, ValueError):
+                self._docs.append((cur, ep, BadRow(f"{self.source.name} document at position {cur}", "untokenizable",
+                                                   str(ids))))
+                continue
             tokens = ([self.bos] if self.bos is not None else []) + list(ids) + ([self.eos] if self.eos is not None else [])
             tokens = np.asarray(tokens, np.int32)
             if len(tokens) < 2:
@@ -172,6 +179,12 @@ class ShardReader:
                 raise ValueError(f"data source {self.source.name}: token id {int(tokens.max())} >= the model's "
                                  f"vocab_size {self.options.vocab_size} (tokenizer and model do not match)")
             self._docs.append((cur, ep, tokens))
+
+    def _encode_one(self, text: str):
+        try:
+            return self.tokenizer.encode_batch([text])[0]
+        except ValueError as err:
+            return err
 
     def _current(self) -> Optional[np.ndarray]:
         """Tokens of the document at the read position (bad rows raised or skipped), or None at the end."""

@@ -60,7 +60,7 @@ class SourceConfig:
 
 class BadRow(ValueError):
     """A row that is not a usable document. ``kind``: invalid_json | not_a_record | missing_field |
-    not_text | empty."""
+    not_text | empty | untokenizable (the tokenizer cannot encode it)."""
 
     def __init__(self, where: str, kind: str, detail: str):
         super().__init__(f"{where}: {detail}")

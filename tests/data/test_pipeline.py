@@ -312,3 +312,20 @@ def test_streaming_source_shards_and_resumes(tmp_path):
     again.set_state(state)
     tail = _take(again, 5)
     _same(tail, [{k: v[2:] for k, v in b.items()} for b in whole[4:]])
+
+
+def test_text_the_tokenizer_cannot_encode_is_a_bad_row(tmp_path):
+    """A character vocabulary meets a character it lacks: an error naming the document, or with
+    on_bad_row=skip an explicit, counted skip of that document only."""
+    from jaxtune.data.tokenizer import CharTokenizer
+
+    chars = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .")
+    path = _jsonl(tmp_path / "c.jsonl", ["fine text.", "has digits 42.", "more fine text."])
+    make = lambda options: DocumentStream([build_source(SourceConfig(path=str(path)))], [1.0], chars,  # noqa: E731
+                                          batch_size=1, seq_len=64, shuffle=False, epochs=1, split="all", options=options)
+    with pytest.raises(ValueError, match=r"c\.jsonl document at position 1: .*not in its vocabulary.*on_bad_row=skip"):
+        list(make(DocumentOptions(add_eos=False)))
+    stream = make(DocumentOptions(add_eos=False, on_bad_row="skip"))
+    text = "".join(chars.decode(b["tokens"][0][b["segment_ids"][0] > 0]) for b in stream)
+    assert text == "fine textmore fine text"  # inputs: each document but its last character
+    assert stream.skipped() == {"untokenizable": 1}

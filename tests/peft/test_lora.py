@@ -2,6 +2,7 @@
 only on A and B, scaling and per-target patterns, derived sharding, PEFT's PiSSA / OLoRA / default
 inits as the reference, and a fine-tune through the one loop that leaves the base untouched."""
 
+import dataclasses
 import itertools
 import math
 
@@ -36,7 +37,7 @@ def _adapters(params):
 
 def _randomise_b(params, seed=2):
     keys = iter(jax.random.split(jax.random.key(seed), 64))
-    return jax.tree.map(lambda x: LoraWeight(x.base, x.a, 0.05 * jax.random.normal(next(keys), x.b.shape), x.scale)
+    return jax.tree.map(lambda x: dataclasses.replace(x, b=0.05 * jax.random.normal(next(keys), x.b.shape))
                         if isinstance(x, LoraWeight) else x, params, is_leaf=lambda x: isinstance(x, LoraWeight))
 
 
@@ -188,3 +189,28 @@ def test_lora_fine_tune_through_the_loop_trains_only_the_adapters():
     for a, b in zip(jax.tree.leaves(base_after), jax.tree.leaves(PARAMS)):
         np.testing.assert_array_equal(a, b)  # the frozen base never moved
     assert all(float(jnp.abs(ad["b"]).sum()) > 0 for ad in adapters.values())
+
+
+def test_lora_dropout_only_in_training_steps():
+    """Dropout on the adapter input: absent without an rng (evaluation, generation), present and
+    rng-dependent with one, unbiased (inverted dropout), and never on the base term."""
+    adapted = _randomise_b(apply_lora(PARAMS, LoraConfig(rank=4, alpha=8, dropout=0.5), jax.random.key(3)))
+    hidden = jax.jit(lambda p, t, r: MODEL.hidden(p, t, rng=r)[0])
+    deterministic = jax.jit(lambda p, t: MODEL.hidden(p, t)[0])
+    reference = deterministic(adapted, TOKENS)
+    one, two = hidden(adapted, TOKENS, jax.random.key(5)), hidden(adapted, TOKENS, jax.random.key(6))
+    assert float(jnp.max(jnp.abs(one - reference))) > 1e-3 and float(jnp.max(jnp.abs(one - two))) > 1e-3
+    np.testing.assert_array_equal(hidden(adapted, TOKENS, jax.random.key(5)), one)  # same key, same mask
+    # With B = 0 the adapter term vanishes, so dropout must leave the output untouched.
+    fresh = apply_lora(PARAMS, LoraConfig(rank=4, alpha=8, dropout=0.5), jax.random.key(3))
+    np.testing.assert_allclose(hidden(fresh, TOKENS, jax.random.key(5)), deterministic(PARAMS, TOKENS), atol=1e-5)
+    # One layer: the mean over many dropout masks approaches the deterministic output.
+    leaf = adapted["layers_0"]["attn"]["q_proj"]["kernel"]
+    x = jax.random.normal(jax.random.key(7), (4, CFG.hidden_size))
+    from jaxtune.ops import linear
+
+    outs = jax.vmap(lambda k: linear(x, leaf, rng=k))(jax.random.split(jax.random.key(8), 4000))
+    exact = linear(x, leaf)
+    spread = float(jnp.std(outs - exact))
+    assert spread > 1e-3
+    np.testing.assert_allclose(jnp.mean(outs, 0), exact, atol=5 * spread / np.sqrt(4000))
