@@ -1,24 +1,63 @@
-"""`jaxtune convert hf-to-orbax SRC DST` and `jaxtune convert orbax-to-hf SRC DST`."""
+"""`jaxtune convert DIRECTION SRC DST`: checkpoints and adapters between Orbax, Hugging Face and PEFT.
+
+    hf-to-orbax   HF_DIR DST                  transformers checkpoint -> jaxtune params checkpoint
+    orbax-to-hf   SRC DST [--merge-lora]      params checkpoint or training run -> transformers checkpoint;
+                                              a PEFT run needs --merge-lora (adapters folded into the weights)
+    orbax-to-peft RUN DST                     the adapter of a PEFT run -> PEFT adapter directory
+                                              (adapter_config.json + adapter_model.safetensors)
+    peft-to-hf    ADAPTER DST --base SRC      a PEFT adapter merged into its base -> transformers checkpoint
+                                              (--base: HF directory or jaxtune checkpoint)
+"""
 
 from __future__ import annotations
 
-from jaxtune.checkpoint import restore_params, save_params
+from pathlib import Path
+
+from jaxtune.config.schema import ModelSource
 from jaxtune.data.tokenizer import has_hf_tokenizer, load_tokenizer
 from jaxtune.interop import load_hf, save_hf
+from jaxtune.peft.core import ADDED_KEYS, adapter_leaves, merge_adapters
+
+DIRECTIONS = ("hf-to-orbax", "orbax-to-hf", "orbax-to-peft", "peft-to-hf")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and Orbax")
-    p.add_argument("direction", choices=["hf-to-orbax", "orbax-to-hf"])
+    p = sub.add_parser("convert", help="convert checkpoints and adapters between Hugging Face, Orbax and PEFT",
+                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("direction", choices=DIRECTIONS)
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="dtype of the written weights (default: as stored)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="orbax-to-hf: fold LoRA / DoRA / IA3 adapters into the weights (no extra latency)")
+    p.add_argument("--base", default=None, help="peft-to-hf: the base model (HF directory or jaxtune checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     p.set_defaults(func=run)
 
 
+def _source(path: str) -> ModelSource:
+    is_hf = (Path(path) / "config.json").exists() and not (Path(path) / "model_config.json").exists()
+    return ModelSource(hf_dir=path) if is_hf else ModelSource(checkpoint=path)
+
+
+def _merged(params, merge: bool, src: str):
+    carries = bool(adapter_leaves(params)) or any(k in params for k in ADDED_KEYS)
+    if carries and not merge:
+        raise ValueError(f"{src} carries PEFT adapters: pass --merge-lora to fold them into the weights, or export "
+                         "the adapter alone with `jaxtune convert orbax-to-peft`")
+    return merge_adapters(params) if carries else params
+
+
 def run(args) -> int:
+    from jaxtune.checkpoint import save_params
+    from jaxtune.interop.sources import load_model
+
+    if args.direction != "peft-to-hf" and args.base is not None:
+        raise ValueError("--base applies to peft-to-hf only")
+    if args.direction != "orbax-to-hf" and args.merge_lora:
+        raise ValueError("--merge-lora applies to orbax-to-hf only (peft-to-hf always merges)")
+    tokenizer_src = args.src
     if args.direction == "hf-to-orbax":
         from jaxtune.interop.hf_weights import read_config
 
@@ -26,10 +65,24 @@ def run(args) -> int:
         dtype = args.dtype or (stored if stored in ("float32", "bfloat16", "float16") else "float32")
         params, cfg = load_hf(args.src, param_dtype=dtype)
         save_params(args.dst, params, cfg, overwrite=args.overwrite)
+    elif args.direction == "orbax-to-hf":
+        params, cfg, _ = load_model(ModelSource(checkpoint=args.src))
+        save_hf(_merged(params, args.merge_lora, args.src), cfg, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+    elif args.direction == "orbax-to-peft":
+        from jaxtune.interop.adapters import save_adapter
+
+        params, cfg, _ = load_model(ModelSource(checkpoint=args.src))
+        if not adapter_leaves(params) and not any(k in params for k in ADDED_KEYS):
+            raise ValueError(f"{args.src} carries no PEFT adapter (train with a peft: section)")
+        save_adapter(params, cfg, args.dst, overwrite=args.overwrite)
     else:
-        params, cfg = restore_params(args.src)
-        save_hf(params, cfg, args.dst, dtype=args.dtype, overwrite=args.overwrite)
-    if has_hf_tokenizer(args.src):
-        load_tokenizer(args.src, "hf").save(args.dst)
+        if args.base is None:
+            raise ValueError("peft-to-hf needs --base, the model the adapter was trained on")
+        source = _source(args.base)
+        params, cfg, _ = load_model(ModelSource(**{**source.__dict__, "adapter": args.src}))
+        save_hf(_merged(params, True, args.src), cfg, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+        tokenizer_src = args.base
+    if has_hf_tokenizer(tokenizer_src):
+        load_tokenizer(tokenizer_src, "hf").save(args.dst)
     print(f"wrote {args.dst} ({cfg.family}, {cfg.num_layers} layers, vocab {cfg.vocab_size})")
     return 0

@@ -34,6 +34,7 @@ class ModelSource:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attention_impl: Literal["dpa", "cudnn", "xla"] = "dpa"
     init_seed: int = 0
+    adapter: Optional[str] = None  # a PEFT-format adapter directory put onto these weights (LoRA, DoRA, IA3, prompt, prefix)
 
     def __post_init__(self):
         given = [k for k in ("hf_dir", "checkpoint", "preset", "config") if getattr(self, k) is not None]

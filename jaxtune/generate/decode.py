@@ -4,6 +4,10 @@ Prompts are left-padded ([batch, prompt_len] with a 0/1 mask whose zeros come
 first), so every row's next token is written to the same cache slot. The loop
 stops when every row has emitted a stop token or max_new_tokens is reached;
 finished rows emit ``pad_token_id`` with log-prob 0.
+
+Params with a "prompt" or "prefix" subtree (prompt tuning, P-tuning, prefix tuning) are
+resolved once per call into plain per-layer prefix K/V (`Model.resolve_prefix`); the cache
+holds real tokens only and the model puts the prefix in front at every step.
 """
 
 from __future__ import annotations
@@ -68,15 +72,34 @@ def generate(model: Model, params, prompt_tokens, prompt_mask, rng: jax.Array, s
     if max_cache_len is not None and cache_len > max_cache_len:
         raise ValueError(f"prompt ({prompt_tokens.shape[1]}) + max_new_tokens ({sampling.max_new_tokens}) "
                          f"exceeds the cache limit {max_cache_len}")
-    longest = int(prompt_mask.sum(1).max()) + sampling.max_new_tokens
+    params = _resolve_prefix(model, params)  # a prompt's K/V once per call, not per step
+    virtual = model.num_prefix_tokens(params)
+    longest = int(prompt_mask.sum(1).max()) + sampling.max_new_tokens + virtual
     if model.cfg.position == "learned" and longest > model.cfg.max_position_embeddings:
-        if sampling.slide:
+        if sampling.slide and virtual < model.cfg.max_position_embeddings - 1:
             return generate_sliding(model, params, prompt_tokens, prompt_mask, rng, sampling,
-                                    context=model.cfg.max_position_embeddings)
-        raise ValueError(f"{longest} positions exceed the model's max_position_embeddings "
+                                    context=model.cfg.max_position_embeddings - virtual)
+        prefix_note = f" ({virtual} of them the prompt/prefix's virtual tokens)" if virtual else ""
+        raise ValueError(f"{longest} positions{prefix_note} exceed the model's max_position_embeddings "
                          f"{model.cfg.max_position_embeddings} (sampling.slide=true keeps generating with a "
                          "sliding context)")
     return _generate(model, sampling, params, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), rng)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _resolve_prefix_jit(model: Model, params):
+    return model.resolve_prefix(params)
+
+
+def _resolve_prefix(model: Model, params):
+    """Plain per-layer prefix K/V for params with a "prompt" or reparameterised "prefix"."""
+    if "prompt" in params or ("prefix" in params and not _is_plain_prefix(params["prefix"])):
+        return _resolve_prefix_jit(model, params)
+    return params
+
+
+def _is_plain_prefix(prefix) -> bool:
+    return isinstance(prefix, dict) and set(prefix) == {"keys", "values"}
 
 
 def generate_sliding(model: Model, params, prompt_tokens, prompt_mask, rng: jax.Array, sampling: SamplingConfig,
@@ -85,10 +108,12 @@ def generate_sliding(model: Model, params, prompt_tokens, prompt_mask, rng: jax.
     ``context - 1`` tokens at most) and fills the context; every later window starts from the last
     ``keep`` tokens (default ``context // 2``) and generates ``context - keep`` more with a fresh KV
     cache. Each new token so sees between ``keep`` and ``context - 1`` tokens before it (nanoGPT
-    crops to the last ``context`` for every token, re-running the whole window each time)."""
+    crops to the last ``context`` for every token, re-running the whole window each time).
+    ``context`` counts real tokens: a prompt/prefix of n virtual tokens comes on top of it."""
     keep = context // 2 if keep is None else keep
     if not 0 < keep < context:
         raise ValueError(f"keep must be in (0, {context}), got {keep}")
+    params = _resolve_prefix(model, params)
     prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
     check_left_padded(prompt_mask)
     history = [row[m != 0].tolist()[-(context - 1):] for row, m in zip(prompt_tokens, prompt_mask)]
@@ -123,6 +148,7 @@ def generate_sliding(model: Model, params, prompt_tokens, prompt_mask, rng: jax.
 def _generate(model: Model, sampling: SamplingConfig, params, prompt_tokens, prompt_mask, rng) -> Generation:
     batch, prompt_len = prompt_tokens.shape
     steps = sampling.max_new_tokens
+    params = model.resolve_prefix(params)  # no-op when generate() already resolved it
     cache = model.init_cache(batch, prompt_len + steps)
     positions = jnp.clip(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
     logits, cache = model.apply(params, prompt_tokens, positions=positions, segment_ids=prompt_mask, cache=cache)

@@ -21,6 +21,17 @@ from jaxtune.peft.config import PeftConfig, apply_peft
 
 
 def load_model(source: ModelSource) -> tuple[Any, ModelConfig, Optional[Path]]:
+    """-> (params, cfg, directory) from the source, with ``source.adapter`` (a PEFT adapter
+    directory) put on when given."""
+    params, cfg, directory = _load_weights(source)
+    if source.adapter is not None:
+        from jaxtune.interop.adapters import load_adapter
+
+        params = load_adapter(params, cfg, source.adapter)
+    return params, cfg, directory
+
+
+def _load_weights(source: ModelSource) -> tuple[Any, ModelConfig, Optional[Path]]:
     numerics = dict(param_dtype=source.param_dtype, dtype=source.dtype, attention_impl=source.attention_impl)
     if source.hf_dir is not None:
         params, cfg = load_hf(source.hf_dir, **numerics)

@@ -7,6 +7,12 @@ and (with a sliding window) i - j < window. Without causality (bidirectional
 models, ``ModelConfig.causal=False``) the j <= i condition is dropped and the
 window is symmetric: |i - j| < window.
 
+A prefix (prefix tuning, or prompt tuning reduced to its per-layer K/V) adds
+``n`` key columns in front of the others, at positions 0..n-1 before every packed
+document: every non-padding query sees all of them (in a sliding-window layer,
+those within the window of its position, as Hugging Face does with a prefix in
+its cache), padding queries see none (`with_prefix_columns`).
+
 Implementations (``ModelConfig.attention_impl``), numerically equivalent:
 - ``dpa``: `jax.nn.dot_product_attention` with its default (XLA) backend;
 - ``cudnn``: the same call asking for cuDNN's fused attention on NVIDIA GPUs
@@ -78,6 +84,19 @@ def attention_mask(
         if window is not None:
             visible = jnp.abs(delta) < window
     return (same & visible[None])[:, None]
+
+
+def with_prefix_columns(mask: jax.Array, q_segments: jax.Array, num_prefix: int,
+                        q_positions: Optional[jax.Array] = None, window: Optional[int] = None) -> jax.Array:
+    """Prepend ``num_prefix`` key columns (the prefix's positions 0..n-1) to ``mask`` [batch, 1, q, k]:
+    visible to every query whose segment is not 0 (padding) and, in a sliding-window layer, whose
+    position (``q_positions`` [batch, q], already counting the prefix) lies within ``window`` of
+    the column's. -> [batch, 1, q, num_prefix + k]."""
+    batch, _, q_len, _ = mask.shape
+    cols = jnp.broadcast_to((q_segments != 0)[:, :, None], (batch, q_len, num_prefix))
+    if window is not None:
+        cols = cols & (q_positions[:, :, None] - jnp.arange(num_prefix)[None, None, :] < window)
+    return jnp.concatenate([cols[:, None], mask], axis=-1)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "dpa") -> jax.Array:

@@ -8,6 +8,25 @@
 `segment_ids` ([batch, seq] int, 0 = padding) encode padding and packing;
 `positions` default to the index within each segment. Nothing is stored between
 calls: the KV cache is an explicit pytree argument and return value.
+
+Prompt-side PEFT (`jaxtune.peft.prompt`) adds a top-level subtree the model reads:
+
+- ``params["prefix"]``: per-layer key/value prefixes, either the plain dict
+  ``{"keys", "values"}`` ([layers, n, kv_heads, head_dim] each, used as given: already
+  rotated, as a KV cache stores them) or any pytree node with a method
+  ``key_values(cfg) -> (keys, values)`` (a reparameterisation, e.g. an MLP);
+- ``params["prompt"]``: n virtual token embeddings that come before every document,
+  either ``{"embedding": [n, hidden]}`` or a node with ``embeddings() -> [n, hidden]``
+  (P-tuning's encoders). The virtual tokens attend only to themselves, so their per-layer
+  K/V are the same for every row and packed document: the model runs them through the
+  blocks once (batch 1, positions 0..n-1) and uses the result exactly like a prefix.
+
+Every non-padding token sees all n prefix columns (each packed document as if it were
+alone behind the prefix; sliding-window layers only those within the window of the
+token's position), and real tokens' positions are shifted by n (as Hugging Face
+/ PEFT do: the prefix occupies positions 0..n-1), whether positions are given or derived
+from the segments. A KV cache holds real tokens only; `Model.resolve_prefix` turns a
+"prompt" into a plain "prefix" once, so decoding does not recompute it per step.
 """
 
 from __future__ import annotations
@@ -19,7 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models.attention import KVCache, attention_mask, init_cache
+from jaxtune.models.attention import KVCache, attention_mask, init_cache, with_prefix_columns
 from jaxtune.models.config import ModelConfig
 from jaxtune.models.layers import Embed, block_class, make_norm
 from jaxtune.models.rope import inverse_frequencies, rotary_tables
@@ -46,19 +65,26 @@ class Decoder(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, segment_ids, cache: Optional[KVCache] = None):
+    def __call__(self, tokens, positions, segment_ids, cache: Optional[KVCache] = None, prefix=None, embeds=None):
+        """prefix: optional per-layer (keys, values) [layers, n, kv_heads, head_dim] at positions
+        0..n-1 that every non-padding query sees (``positions`` then already count them: real
+        tokens start at n); embeds: optional [batch, seq, embed] used instead of looking
+        ``tokens`` up (learned positions are still added)."""
         cfg = self.cfg
         if cache is not None and not cfg.causal:
             raise ValueError(
                 "KV-cache decoding needs a causal model: this ModelConfig has causal=False (bidirectional "
                 "attention), so every position attends to later ones; run the full sequence without a cache"
             )
-        x = Embed(cfg.vocab_size, cfg.hidden_size, cfg, name="embed")(tokens)
+        if embeds is None:
+            x = Embed(cfg.vocab_size, cfg.hidden_size, cfg, name="embed")(tokens)
+        else:
+            x = embeds.astype(cfg.compute_dtype)
         if cfg.position == "learned":
             x = x + Embed(cfg.max_position_embeddings, cfg.hidden_size, cfg, name="pos_embed")(positions)
         rotary = rotary_tables(positions, inverse_frequencies(cfg.rope, cfg.head_dim)) if cfg.position == "rope" else None
 
-        seq = tokens.shape[1]
+        seq = x.shape[1]
         if cache is None:
             q_index = k_index = jnp.arange(seq, dtype=jnp.int32)
             k_segments, end = segment_ids, None
@@ -75,8 +101,12 @@ class Decoder(nn.Module):
             window = cfg.window_for_layer(i)
             if window not in masks:
                 masks[window] = attention_mask(segment_ids, k_segments, q_index, k_index, window, causal=cfg.causal)
+                if prefix is not None:
+                    masks[window] = with_prefix_columns(masks[window], segment_ids, prefix[0].shape[1], positions,
+                                                        window)
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, updated = block(cfg, name=f"layers_{i}")(x, rotary, masks[window], layer_cache, end)
+            layer_prefix = None if prefix is None else (prefix[0][i], prefix[1][i])
+            x, updated = block(cfg, name=f"layers_{i}")(x, rotary, masks[window], layer_cache, end, layer_prefix)
             x = constrain(x)
             if updated is not None:
                 new_keys.append(updated[0])
@@ -99,6 +129,29 @@ def _check_cache_room(cache: KVCache, new_tokens: int) -> None:
         return
     if end + new_tokens > cache.max_len:
         raise ValueError(f"cache holds {end} of {cache.max_len} slots; {new_tokens} more tokens do not fit")
+
+
+PREFIX_KEYS = ("prompt", "prefix")  # top-level subtrees the model reads besides its own weights
+
+
+def prompt_embeddings(prompt: Any) -> jax.Array:
+    """The virtual token embeddings [n, hidden] of a ``params["prompt"]`` subtree."""
+    if hasattr(prompt, "embeddings"):
+        return prompt.embeddings()
+    if isinstance(prompt, dict) and set(prompt) == {"embedding"}:
+        return prompt["embedding"]
+    raise TypeError(f'params["prompt"] must be {{"embedding": [n, hidden]}} or have an embeddings() method, '
+                    f"got {type(prompt).__name__}{sorted(prompt) if isinstance(prompt, dict) else ''}")
+
+
+def prefix_key_values(prefix: Any, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """The per-layer (keys, values) [layers, n, kv_heads, head_dim] of a ``params["prefix"]`` subtree."""
+    if hasattr(prefix, "key_values"):
+        return tuple(prefix.key_values(cfg))
+    if isinstance(prefix, dict) and set(prefix) == {"keys", "values"}:
+        return prefix["keys"], prefix["values"]
+    raise TypeError(f'params["prefix"] must be {{"keys", "values"}} or have a key_values(cfg) method, '
+                    f"got {type(prefix).__name__}{sorted(prefix) if isinstance(prefix, dict) else ''}")
 
 
 def lm_head(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -142,7 +195,8 @@ class Model:
     ) -> tuple[jax.Array, Optional[KVCache]]:
         """tokens: [batch, seq] -> (hidden [batch, seq, embed], updated cache or None).
         ``rng``: a key in training steps, for weight leaves with dropout (LoRA); None (the
-        default) runs deterministically."""
+        default) runs deterministically. With a "prompt" / "prefix" subtree (module docstring)
+        ``positions`` count real tokens within their document and are shifted by n here."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
         if segment_ids is None:
@@ -155,9 +209,79 @@ class Model:
             positions = positions_from_segments(segment_ids)
         if cache is not None:
             _check_cache_room(cache, tokens.shape[1])
-        decoder_params = {k: v for k, v in params.items() if k != "lm_head"}
+        prefix_rng = None
+        if rng is not None and "prompt" in params:
+            rng, prefix_rng = jax.random.split(rng)
+        prefix = self.prefix_kv(params, rng=prefix_rng)
+        if prefix is not None:  # the prefix holds positions 0..n-1
+            positions = jnp.asarray(positions) + prefix[0].shape[1]
         rngs = None if rng is None else {"dropout": rng}
-        return self._decoder.apply({"params": decoder_params}, tokens, positions, segment_ids, cache, rngs=rngs)
+        return self._decoder.apply({"params": self._decoder_params(params)}, tokens, positions, segment_ids, cache,
+                                   prefix, rngs=rngs)
+
+    @staticmethod
+    def _decoder_params(params: Params) -> Params:
+        return {k: v for k, v in params.items() if k != "lm_head" and k not in PREFIX_KEYS}
+
+    def prefix_kv(self, params: Params, *, rng: Optional[jax.Array] = None) -> Optional[tuple[jax.Array, jax.Array]]:
+        """The per-layer (keys, values) [layers, n, kv_heads, head_dim] every real token sees, from
+        ``params["prefix"]`` or (run through the blocks once) ``params["prompt"]``; None without either."""
+        cfg = self.cfg
+        if "prompt" in params and "prefix" in params:
+            raise ValueError('params hold both a "prompt" and a "prefix" subtree; use one prompt-side method')
+        if "prefix" in params:
+            keys, values = prefix_key_values(params["prefix"], cfg)
+            source = 'params["prefix"]'
+        elif "prompt" in params:
+            keys, values = self._prompt_key_values(params, rng)
+            source = 'params["prompt"]'
+        else:
+            return None
+        for name, x in (("keys", keys), ("values", values)):
+            if x.ndim != 4 or x.shape[0] != cfg.num_layers or x.shape[2:] != (cfg.num_kv_heads, cfg.head_dim):
+                raise ValueError(f"{source}: {name} have shape {tuple(x.shape)}; this model needs "
+                                 f"[layers={cfg.num_layers}, n, kv_heads={cfg.num_kv_heads}, head_dim={cfg.head_dim}]")
+        if keys.shape != values.shape:
+            raise ValueError(f"{source}: keys {tuple(keys.shape)} and values {tuple(values.shape)} differ in shape")
+        return keys, values
+
+    def _prompt_key_values(self, params: Params, rng: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """Run the n virtual tokens through the decoder (batch 1, positions 0..n-1, causal among
+        themselves) and collect their per-layer K/V (post-rotary, as a cache holds them)."""
+        cfg = self.cfg
+        embeddings = prompt_embeddings(params["prompt"])
+        if embeddings.ndim != 2 or embeddings.shape[1] != cfg.hidden_size:
+            raise ValueError(f'params["prompt"]: embeddings have shape {tuple(embeddings.shape)}; this model needs '
+                             f"[n, hidden={cfg.hidden_size}]")
+        if not cfg.causal:
+            raise ValueError("prompt tuning needs a causal model: with causal=False the virtual tokens would attend "
+                             "to the text after them, so they are not a fixed prefix")
+        n = embeddings.shape[0]
+        cache = self.init_cache(1, n)
+        positions = jnp.arange(n, dtype=jnp.int32)[None]
+        rngs = None if rng is None else {"dropout": rng}
+        _, cache = self._decoder.apply({"params": self._decoder_params(params)}, None, positions,
+                                       jnp.ones((1, n), jnp.int32), cache, None, embeddings[None], rngs=rngs)
+        return jnp.stack(cache.keys)[:, 0], jnp.stack(cache.values)[:, 0]
+
+    def resolve_prefix(self, params: Params) -> Params:
+        """``params`` with any "prompt" or reparameterised "prefix" replaced by the plain per-layer
+        ``{"prefix": {"keys", "values"}}`` it amounts to (unchanged without either). Do this once
+        before decoding many steps; it is differentiable like everything else."""
+        kv = self.prefix_kv(params)
+        if kv is None:
+            return params
+        out = {k: v for k, v in params.items() if k not in PREFIX_KEYS}
+        out["prefix"] = {"keys": kv[0], "values": kv[1]}
+        return out
+
+    def num_prefix_tokens(self, params: Params) -> int:
+        """n, the number of prefix positions ``params`` put before every document (0 without any)."""
+        if "prefix" in params:
+            return int(jax.eval_shape(lambda p: prefix_key_values(p, self.cfg), params["prefix"])[0].shape[1])
+        if "prompt" in params:
+            return int(jax.eval_shape(prompt_embeddings, params["prompt"]).shape[0])
+        return 0
 
     def logits(self, params: Params, hidden: jax.Array) -> jax.Array:
         return lm_head(params, hidden, self.cfg)

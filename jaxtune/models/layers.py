@@ -114,9 +114,12 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, rotary, mask, kv_cache=None, cache_end=None):
+    def __call__(self, x, rotary, mask, kv_cache=None, cache_end=None, prefix=None):
         """x: [batch, seq, embed]; rotary: (cos, sin) [batch, seq, head_dim] or None;
-        mask: [batch, 1, seq, kv_len]; kv_cache: (keys, values) [batch, max_len, kv_heads, head_dim].
+        mask: [batch, 1, seq, kv_len]; kv_cache: (keys, values) [batch, max_len, kv_heads, head_dim];
+        prefix: (keys, values) [n, kv_heads, head_dim], shared by every row, used as given (already
+        rotated, as a KV cache stores them) in front of the other keys; ``mask`` then has
+        ``n + kv_len`` columns (`attention.with_prefix_columns`). The cache never holds the prefix.
         Returns (out [batch, seq, embed], updated (keys, values) or None)."""
         cfg = self.cfg
         batch, seq, _ = x.shape
@@ -139,6 +142,10 @@ class Attention(nn.Module):
             values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, cache_end, 0, 0))
             new_cache = (keys, values)
             k, v = keys.astype(q.dtype), values.astype(q.dtype)
+        if prefix is not None:
+            shape = (batch,) + tuple(prefix[0].shape)
+            k = jnp.concatenate([jnp.broadcast_to(prefix[0].astype(q.dtype)[None], shape), k], axis=1)
+            v = jnp.concatenate([jnp.broadcast_to(prefix[1].astype(q.dtype)[None], shape), v], axis=1)
         out = attend(q, k, v, mask, cfg.attention_impl)
         out = out.reshape(batch, seq, cfg.num_heads * cfg.head_dim)
         return Linear(cfg.hidden_size, cfg.o_bias, cfg, name="o_proj")(out), new_cache
@@ -168,9 +175,9 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, rotary, mask, kv_cache=None, cache_end=None):
+    def __call__(self, x, rotary, mask, kv_cache=None, cache_end=None, prefix=None):
         attn_input = checkpoint_name(make_norm(self.cfg, "attn_norm")(x), "attn_input")
-        attn_out, new_cache = Attention(self.cfg, name="attn")(attn_input, rotary, mask, kv_cache, cache_end)
+        attn_out, new_cache = Attention(self.cfg, name="attn")(attn_input, rotary, mask, kv_cache, cache_end, prefix)
         h = x + attn_out
         mlp_input = checkpoint_name(make_norm(self.cfg, "mlp_norm")(h), "mlp_input")
         h = h + MLP(self.cfg, name="mlp")(mlp_input)

@@ -2,14 +2,15 @@
 
     peft:
       lora: {rank: 16, alpha: 32, targets: [all-linear], dropout: 0.05}   # dora: true for DoRA
-      bitfit: true            # also train every bias (a mask)
+      bitfit: {}              # also train every bias (a mask)
 
 Every section left out (None / false) is off; with nothing on, the job trains every
 parameter (or ``train.trainable``) as before. Transforms run in this order, so they
-compose on one tree: (quantize, issue 6) -> lora | dora | adalora -> ia3 -> bottleneck
-adapters -> prompt tuning | p-tuning | prefix tuning; BitFit and LN-tuning add masks.
-`apply_peft` is the transform, `peft_mask` the trainable mask, `peft_optimizer` wraps the
-optimizer for methods that own optimizer-side state (AdaLoRA's rank budget).
+compose on one tree: adapter (a PEFT-format directory to start from) -> lora | dora |
+adalora -> ia3 -> bottleneck adapters -> added biases -> prompt tuning | p-tuning | prefix
+tuning. BitFit and LN-tuning are masks. `apply_peft` is the transform, `peft_mask` the
+trainable mask, `peft_optimizer` wraps the optimizer for methods that own optimizer-side
+state (AdaLoRA's rank budget).
 """
 
 from __future__ import annotations
@@ -20,14 +21,52 @@ from typing import Any, Optional
 import jax
 import optax
 
+from jaxtune.peft.adalora import AdaLoraConfig, adalora_optimizer, apply_adalora
+from jaxtune.peft.bottleneck import BottleneckConfig, apply_bottleneck
 from jaxtune.peft.core import trainable_mask
+from jaxtune.peft.ia3 import IA3Config, apply_ia3
 from jaxtune.peft.lora import LoraConfig, apply_lora
+from jaxtune.peft.prompt import (
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    PTuningConfig,
+    apply_p_tuning,
+    apply_prefix_tuning,
+    apply_prompt_tuning,
+)
+from jaxtune.peft.selective import add_biases, bitfit_mask, ln_tuning_mask
+
+
+@dataclass(frozen=True)
+class BitFitConfig:
+    """Train biases. ``norms``: LayerNorm biases too (as the BitFit paper); ``add_biases``: targets
+    (presets or regexes over kernel paths) that get zero biases first -- for bias-free models
+    such as Llama, whose kernels have none to train."""
+
+    norms: bool = True
+    add_biases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class PeftConfig:
-    lora: Optional[LoraConfig] = None
+    adapter: Optional[str] = None  # start from a PEFT-format adapter directory (LoRA, DoRA, IA3, prompt, prefix)
+    lora: Optional[LoraConfig] = None  # LoRA, or DoRA with lora.dora: true
+    adalora: Optional[AdaLoraConfig] = None
+    ia3: Optional[IA3Config] = None
+    bottleneck: Optional[BottleneckConfig] = None  # Houlsby / Pfeiffer adapters
+    prompt_tuning: Optional[PromptTuningConfig] = None
+    p_tuning: Optional[PTuningConfig] = None
+    prefix_tuning: Optional[PrefixTuningConfig] = None
+    bitfit: Optional[BitFitConfig] = None
+    ln_tuning: bool = False  # train the norms' scales (and biases)
     seed: int = 0  # RNG of the adapters' initial values (fixed, so a run's frozen half is reproducible)
+
+    def __post_init__(self):
+        if self.lora is not None and self.adalora is not None:
+            raise ValueError("peft: set lora or adalora, not both (they would adapt the same kernels)")
+        prompts = [n for n in ("prompt_tuning", "p_tuning", "prefix_tuning") if getattr(self, n) is not None]
+        if len(prompts) > 1:
+            raise ValueError(f"peft: set one of prompt_tuning, p_tuning, prefix_tuning (got {prompts})")
 
     @property
     def active(self) -> bool:
@@ -36,9 +75,18 @@ class PeftConfig:
 
 def apply_peft(params: Any, cfg: PeftConfig, *, model_cfg: Any = None, tokenizer: Any = None,
                rng: Optional[jax.Array] = None) -> Any:
-    """``params -> params`` with every configured transform applied (see the module docstring)."""
+    """``params -> params`` with every configured transform applied (see the module docstring).
+    ``model_cfg`` is needed by the prompt-side methods and ``peft.adapter``; ``tokenizer`` by
+    text-initialised prompts."""
     rng = jax.random.key(cfg.seed) if rng is None else rng
     keys = iter(jax.random.split(rng, 8))
+    needs_cfg = cfg.adapter or cfg.prompt_tuning or cfg.p_tuning or cfg.prefix_tuning
+    if needs_cfg and model_cfg is None:
+        raise ValueError("apply_peft: this peft config needs model_cfg (the model's ModelConfig)")
+    if cfg.adapter is not None:
+        from jaxtune.interop.adapters import load_adapter
+
+        params = load_adapter(params, model_cfg, cfg.adapter)
     if cfg.lora is not None:
         if cfg.lora.dora:
             from jaxtune.peft.dora import apply_dora
@@ -46,14 +94,43 @@ def apply_peft(params: Any, cfg: PeftConfig, *, model_cfg: Any = None, tokenizer
             params = apply_dora(params, cfg.lora, next(keys))
         else:
             params = apply_lora(params, cfg.lora, next(keys))
+    if cfg.adalora is not None:
+        params = apply_adalora(params, cfg.adalora, next(keys))
+    if cfg.ia3 is not None:
+        params = apply_ia3(params, cfg.ia3)
+    if cfg.bottleneck is not None:
+        params = apply_bottleneck(params, cfg.bottleneck, next(keys))
+    if cfg.bitfit is not None and cfg.bitfit.add_biases:
+        params = add_biases(params, cfg.bitfit.add_biases)
+    if cfg.prompt_tuning is not None:
+        params = apply_prompt_tuning(params, model_cfg, cfg.prompt_tuning, next(keys), tokenizer=tokenizer)
+    if cfg.p_tuning is not None:
+        params = apply_p_tuning(params, model_cfg, cfg.p_tuning, next(keys))
+    if cfg.prefix_tuning is not None:
+        params = apply_prefix_tuning(params, model_cfg, cfg.prefix_tuning, next(keys), tokenizer=tokenizer)
     return params
 
 
 def peft_mask(params: Any, cfg: PeftConfig) -> Any:
-    """Per-array trainable mask of a tree that `apply_peft` made (abstract trees work too)."""
-    return trainable_mask(params)
+    """Per-array trainable mask of a tree that `apply_peft` made (abstract trees work too):
+    every adapter leaf's own arrays and added subtree, plus BitFit's / LN-tuning's leaves."""
+    extra = []
+    if cfg.bitfit is not None:
+        extra.append(bitfit_mask(params, norms=cfg.bitfit.norms))
+    if cfg.ln_tuning:
+        extra.append(ln_tuning_mask(params))
+    return trainable_mask(params, *extra)
 
 
-def peft_optimizer(optimizer: optax.GradientTransformation, cfg: PeftConfig) -> optax.GradientTransformation:
-    """The optimizer, wrapped for methods with optimizer-side state (AdaLoRA)."""
-    return optimizer
+def peft_optimizer(optimizer: optax.GradientTransformation, cfg: PeftConfig,
+                   train_steps: Optional[int] = None) -> optax.GradientTransformation:
+    """The optimizer, wrapped for methods with optimizer-side state: AdaLoRA's rank allocator
+    (around the whole optimizer, clipping included, so clipping sees its regulariser's
+    gradient as in PEFT). ``train_steps``: checked against AdaLoRA's schedule."""
+    if cfg.adalora is None:
+        return optimizer
+    a = cfg.adalora
+    if train_steps is not None and train_steps < a.total_step - a.tfinal + 1:
+        raise ValueError(f"peft.adalora: train.steps ({train_steps}) ends before the rank budget is final "
+                         f"(total_step - tfinal + 1 = {a.total_step - a.tfinal + 1}); lower adalora.total_step")
+    return adalora_optimizer(optimizer, a)

@@ -23,6 +23,8 @@ from typing import Any, Iterable
 
 import jax
 
+from jaxtune.utils.tree import keypath_str
+
 ADDED_KEYS = ("prompt", "prefix")
 _ADAPTER_TYPES: list[type] = []
 
@@ -100,3 +102,21 @@ def base_model(params: Any) -> Any:
 
 def adapter_leaves(params: Any) -> Iterable[Any]:
     return [x for x in jax.tree.leaves(params, is_leaf=is_adapter) if is_adapter(x)]
+
+
+def merge_adapters(params: Any) -> Any:
+    """Every adapter leaf (LoRA, DoRA, IA3, ..., nested ones innermost first) folded into a plain
+    kernel with its ``merged()``; `ADDED_KEYS` subtrees (prompt / prefix) are refused."""
+    if isinstance(params, dict) and any(k in params for k in ADDED_KEYS):
+        raise ValueError(f"params hold {[k for k in ADDED_KEYS if k in params]}, which cannot be merged into weights")
+
+    def fold(path, x):
+        if not is_adapter(x):
+            return x
+        if is_adapter(x.base):
+            x = dataclasses.replace(x, base=fold(path, x.base))
+        if not hasattr(x, "merged"):
+            raise TypeError(f"{keypath_str(path)}: {type(x).__name__} has no merged() and cannot be folded")
+        return x.merged()
+
+    return jax.tree_util.tree_map_with_path(fold, params, is_leaf=is_adapter)

@@ -168,7 +168,7 @@ def train(
     *,
     loss_fn: LossFn,
     params: Any,
-    model_cfg: ModelConfig,
+    model_cfg: Optional[ModelConfig] = None,
     optimizer: optax.GradientTransformation,
     schedule: Optional[optax.Schedule],
     cfg: TrainConfig,
@@ -250,8 +250,9 @@ def train(
         eval_step = make_eval_step(loss_fn, mesh=mesh, params_shardings=params_sh, batch_shardings=data_sh)
 
     devices = mesh.devices.size
-    flops_per_token = model_flops_per_token(model_cfg, cfg.seq_len)
-    peak = device_peak_flops(jax.devices()[0].device_kind, model_cfg.dtype, logging.peak_flops)
+    # MFU needs the architecture; a loss over a foreign (non-jaxtune) model trains without it.
+    flops_per_token = model_flops_per_token(model_cfg, cfg.seq_len) if model_cfg is not None else None
+    peak = device_peak_flops(jax.devices()[0].device_kind, model_cfg.dtype, logging.peak_flops) if model_cfg is not None else None
     start = int(jax.device_get(state.step))
     result = TrainResult(state=state, frozen=frozen, resumed_from=resumed_from,
                          trainable_params=n_trainable, total_params=n_total)

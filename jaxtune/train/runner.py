@@ -41,6 +41,9 @@ EVAL_SEED_OFFSET = 1_000_003  # the synthetic held-out stream never repeats a tr
 def model_for_training(source: ModelSource) -> tuple[Any, ModelConfig, Optional[Path]]:
     """-> (params or ``rng -> params`` init function, cfg, directory). Random-init models are
     returned as an init function so the loop can build them directly on the mesh."""
+    if source.adapter is not None:
+        raise ValueError("model.adapter puts a fixed PEFT adapter on the weights (for generate / eval / convert); "
+                         "to train from an imported adapter, set peft.adapter to its directory instead")
     numerics = dict(param_dtype=source.param_dtype, dtype=source.dtype, attention_impl=source.attention_impl)
     if source.preset is not None or source.config is not None:
         cfg = (preset(source.preset) if source.preset is not None else source.config).replace(**numerics)
@@ -160,7 +163,7 @@ def with_peft(job: TrainJobConfig, params: Any, cfg: ModelConfig, tokenizer, opt
     mask = peft_mask(abstract, job.peft)
     if job.train.trainable is not None:
         mask = any_mask(mask, mask_by_regex(abstract, job.train.trainable))
-    return params, mask, peft_optimizer(optimizer, job.peft)
+    return params, mask, peft_optimizer(optimizer, job.peft, job.train.steps)
 
 
 def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict], None]] = (),

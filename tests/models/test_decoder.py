@@ -106,7 +106,7 @@ class HalvedWeight:
 
 
 @register_linear(HalvedWeight)
-def _halved_linear(x, w, *, dtype):
+def _halved_linear(x, w, *, dtype, rng=None):
     return linear(x, w.half, dtype=dtype) * 2
 
 

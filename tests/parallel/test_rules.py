@@ -66,7 +66,7 @@ class ToyLoRA:
 
 
 @register_linear(ToyLoRA)
-def _toy_linear(x, w, *, dtype):
+def _toy_linear(x, w, *, dtype, rng=None):
     return (x @ w.base + (x @ w.a) @ w.b).astype(dtype or x.dtype)
 
 

@@ -4,6 +4,7 @@ refusal to resume under another PEFT config."""
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -11,7 +12,6 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxtune.cli.main import main
 from jaxtune.config import TrainJobConfig, from_dict
 from jaxtune.config.schema import ModelSource
 from jaxtune.interop.sources import load_model
@@ -36,10 +36,15 @@ def _job(directory=None, steps=6, **peft):
     })
 
 
-def test_lora_job_trains_only_the_adapter_and_restores_onto_the_base(tmp_path, capsys):
-    run = tmp_path / "run"
-    result = run_training(_job(str(run)))
-    assert "trainable params: " in capsys.readouterr().err
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """Six steps of a LoRA job, checkpointed at steps 3 and 6."""
+    run = tmp_path_factory.mktemp("peft_jobs") / "run"
+    return run, run_training(_job(str(run)))
+
+
+def test_lora_job_trains_only_the_adapter_and_restores_onto_the_base(lora_run):
+    run, result = lora_run
     assert 0 < result.trainable_params < 0.05 * result.total_params
     params = result.params
     cfg = load_model(ModelSource(preset="tiny-llama"))[1]
@@ -65,14 +70,12 @@ def test_lora_job_trains_only_the_adapter_and_restores_onto_the_base(tmp_path, c
     evaluated = run_evaluation(dataclasses.replace(_job(None), model=ModelSource(checkpoint=str(run))))
     assert evaluated["loss"] == pytest.approx(result.evals[-1]["loss"], rel=1e-6)
 
-    # generate restores it too
-    assert main(["generate", f"model.checkpoint={run}", "sampling.max_new_tokens=4", "prompts=[hello]"]) == 0
 
-
-def test_peft_resume_equals_uninterrupted_and_refuses_another_config(tmp_path):
-    full = run_training(_job(None, steps=6))
+def test_peft_resume_equals_uninterrupted_and_refuses_another_config(lora_run, tmp_path):
+    source, full = lora_run
     run = tmp_path / "run"
-    run_training(_job(str(run), steps=3))
+    shutil.copytree(source, run)
+    shutil.rmtree(run / "6")  # as if the job had died after step 3's checkpoint
     resumed = run_training(_job(str(run), steps=6))
     assert resumed.resumed_from == 3
     np.testing.assert_array_equal([h["loss"] for h in resumed.history], [h["loss"] for h in full.history[3:]])

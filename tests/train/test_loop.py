@@ -134,9 +134,13 @@ def test_train_and_eval_cli_with_logs(tmp_path, capsys):
     common = ["train.batch_size=4", "train.seq_len=32", "train.eval_batches=2", "logging.progress=false"]
     assert main(["train", "configs/train_demo.yaml", "train.steps=6", "train.eval_every=3", "train.log_every=2", "optim.warmup_steps=1",
                  f"checkpoint.directory={ckpt}", "checkpoint.every_steps=3", *common]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "done: step 6" in out and "eval loss" in out
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(Model(preset("tiny-llama")).init(jax.random.key(0))))
+    assert f"trainable params: {total:,} of {total:,} (100.0000%)" in captured.err
     records = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 0, "params/trainable": total, "params/total": total}.items() <= records[0].items()
     train_steps = [r["step"] for r in records if "train/loss" in r]
     assert train_steps == [2, 4, 6]
     logged = [r for r in records if "train/loss" in r]
@@ -253,7 +257,7 @@ def test_partially_trainable_run_checkpoints_only_its_trainable_half(tmp_path, c
     from jaxtune.config import ModelSource
 
     params, _, _ = load_model(ModelSource(checkpoint=str(ckpt)))
-    base = Model(preset("tiny-llama")).init(jax.random.key(0))
+    base = jax.jit(Model(preset("tiny-llama")).init)(jax.random.key(0))  # as the loop builds it
     assert np.array_equal(params["layers_0"]["attn"]["q_proj"]["kernel"], base["layers_0"]["attn"]["q_proj"]["kernel"])
     assert not np.array_equal(params["layers_0"]["mlp"]["up_proj"]["kernel"], base["layers_0"]["mlp"]["up_proj"]["kernel"])
 
