@@ -17,7 +17,7 @@ from jaxtune.config.schema import ModelSource
 from jaxtune.interop.hf_weights import load_hf
 from jaxtune.models import Model, ModelConfig
 from jaxtune.models.presets import preset
-from jaxtune.peft.config import PeftConfig, apply_peft
+from jaxtune.peft.config import PeftConfig, apply_peft, for_restore
 
 
 def load_model(source: ModelSource) -> tuple[Any, ModelConfig, Optional[Path]]:
@@ -62,7 +62,7 @@ def _peft_config(meta: dict, directory: Path) -> Optional[PeftConfig]:
     """The PEFT transform a run trained under (from its train_meta.json), or None."""
     if not meta.get("peft"):
         return None
-    return from_dict(PeftConfig, meta["peft"], prefix=f"{directory / TRAIN_META_FILE}: peft")
+    return for_restore(from_dict(PeftConfig, meta["peft"], prefix=f"{directory / TRAIN_META_FILE}: peft"))
 
 
 def _frozen_base(directory: Path, source: ModelSource, meta: dict, peft: Optional[PeftConfig]) -> Optional[Any]:

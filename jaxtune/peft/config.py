@@ -15,6 +15,7 @@ state (AdaLoRA's rank budget).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
@@ -71,6 +72,18 @@ class PeftConfig:
     @property
     def active(self) -> bool:
         return any(getattr(self, f.name) not in (None, False) for f in fields(self) if f.name != "seed")
+
+
+def for_restore(cfg: PeftConfig) -> PeftConfig:
+    """The config that rebuilds a finished run's tree without its tokenizer: text-initialised
+    prompts / prefixes are trained in full (nothing of them is frozen), so a random init of the
+    same shape serves; the checkpoint's values replace it."""
+    changes = {}
+    if cfg.prompt_tuning is not None and cfg.prompt_tuning.init == "text":
+        changes["prompt_tuning"] = dataclasses.replace(cfg.prompt_tuning, init="random")
+    if cfg.prefix_tuning is not None and cfg.prefix_tuning.init == "text":
+        changes["prefix_tuning"] = dataclasses.replace(cfg.prefix_tuning, init="random")
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def apply_peft(params: Any, cfg: PeftConfig, *, model_cfg: Any = None, tokenizer: Any = None,

@@ -129,3 +129,20 @@ def test_lora_on_a_pretrained_base_learns_a_new_style_the_base_does_not_know(tmp
     assert tuned.trainable_params < 0.2 * tuned.total_params
     assert tuned.evals[-1]["loss"] < 0.75 * frozen["loss"], (tuned.evals[-1]["loss"], frozen["loss"])
     assert restored["loss"] == pytest.approx(tuned.evals[-1]["loss"], rel=1e-6)
+
+
+def test_text_initialised_prompt_run_restores_without_its_tokenizer(tmp_path):
+    """A prompt initialised from text needs the tokenizer to start, not to be restored: the
+    whole prompt is in the checkpoint."""
+    run = tmp_path / "run"
+    result = run_training(from_dict(TrainJobConfig, {
+        "model": {"preset": "tiny-llama"}, "tokenizer": {"kind": "byte"},
+        "data": {"kind": "text", "path": "builtin:tinyshakespeare.txt"},
+        "peft": {"prompt_tuning": {"num_virtual_tokens": 4, "init": "text", "init_text": "ROMEO:"}},
+        "train": {"steps": 2, "batch_size": 4, "seq_len": 32, "eval_batches": 0},
+        "optim": {"lr": 1e-2, "warmup_steps": 1, "schedule": "constant"},
+        "checkpoint": {"directory": str(run)},
+        "logging": {"progress": False, "tensorboard": False, "jsonl": False}}))
+    restored, _, _ = load_model(ModelSource(checkpoint=str(run)))
+    np.testing.assert_array_equal(np.asarray(restored["prompt"]["embedding"]),
+                                  np.asarray(result.params["prompt"]["embedding"]))
