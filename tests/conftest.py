@@ -2,6 +2,18 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "JAXTUNE_TEST_NO_COMPILE_CACHE" not in os.environ:
+    # One persistent compilation cache per test session (subprocess tests inherit it): many tests
+    # compile the same small train steps, and a cache hit skips XLA's compile.
+    import atexit
+    import shutil
+    import tempfile
+
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        _cache = tempfile.mkdtemp(prefix="jaxtune-test-xla-cache-")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+        atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
