@@ -44,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxtune.ops.linear import dropout, linear, register_linear
 from jaxtune.parallel.rules import register_sharding
-from jaxtune.peft.core import register_adapter
+from jaxtune.peft.core import merge_type, register_adapter
 from jaxtune.peft.lora import TARGET_PRESETS
 from jaxtune.utils.tree import keypath_str
 
@@ -201,7 +201,7 @@ def apply_adalora(params: Any, cfg: AdaLoraConfig, rng: jax.Array) -> Any:
 
 def merge_adalora(params: Any) -> Any:
     """Every `AdaLoraWeight` folded into a plain kernel ``base + s * (P*E) @ Q``."""
-    return jax.tree.map(lambda x: x.merged() if _is_ada(x) else x, params, is_leaf=_is_ada)
+    return merge_type(params, AdaLoraWeight)
 
 
 def effective_ranks(params: Any) -> dict[str, int]:

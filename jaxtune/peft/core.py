@@ -104,6 +104,13 @@ def adapter_leaves(params: Any) -> Iterable[Any]:
     return [x for x in jax.tree.leaves(params, is_leaf=is_adapter) if is_adapter(x)]
 
 
+def merge_type(params: Any, leaf_type: type) -> Any:
+    """Every leaf of ``leaf_type`` folded into a plain kernel with its ``merged()``; other leaves
+    (other adapter types included) untouched. `merge_adapters` folds every kind."""
+    is_it = lambda x: isinstance(x, leaf_type)  # noqa: E731
+    return jax.tree.map(lambda x: x.merged() if is_it(x) else x, params, is_leaf=is_it)
+
+
 def merge_adapters(params: Any) -> Any:
     """Every adapter leaf (LoRA, DoRA, IA3, ..., nested ones innermost first) folded into a plain
     kernel with its ``merged()``; `ADDED_KEYS` subtrees (prompt / prefix) are refused."""

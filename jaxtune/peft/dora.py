@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxtune.ops.linear import dropout, linear, register_linear
 from jaxtune.parallel.rules import register_sharding
-from jaxtune.peft.core import is_adapter, register_adapter
+from jaxtune.peft.core import is_adapter, merge_type, register_adapter
 from jaxtune.peft.lora import LoraConfig, LoraWeight, apply_lora
 from jaxtune.utils.tree import keypath_str
 
@@ -148,10 +148,6 @@ def apply_dora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Any:
     return jax.tree_util.tree_map_with_path(convert, adapted, is_leaf=is_adapter)
 
 
-def _is_dora(x) -> bool:
-    return isinstance(x, DoraWeight)
-
-
 def merge_dora(params: Any) -> Any:
     """Every `DoraWeight` folded into its plain kernel (other leaves untouched)."""
-    return jax.tree.map(lambda x: x.merged() if _is_dora(x) else x, params, is_leaf=_is_dora)
+    return merge_type(params, DoraWeight)

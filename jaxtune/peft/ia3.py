@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxtune.ops.linear import linear, register_linear
 from jaxtune.parallel.rules import register_sharding
-from jaxtune.peft.core import is_adapter, register_adapter
+from jaxtune.peft.core import is_adapter, merge_type, register_adapter
 from jaxtune.peft.lora import TARGET_PRESETS
 from jaxtune.utils.tree import keypath_str
 
@@ -163,10 +163,6 @@ def apply_ia3(params: Any, cfg: IA3Config = IA3Config(), rng: Optional[jax.Array
     return out
 
 
-def _is_ia3(x) -> bool:
-    return isinstance(x, IA3Weight)
-
-
 def merge_ia3(params: Any) -> Any:
     """Every `IA3Weight` folded into its plain kernel (other leaves untouched)."""
-    return jax.tree.map(lambda x: x.merged() if _is_ia3(x) else x, params, is_leaf=_is_ia3)
+    return merge_type(params, IA3Weight)

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxtune.ops.linear import dropout, linear, register_linear
 from jaxtune.parallel.rules import register_sharding
-from jaxtune.peft.core import register_adapter
+from jaxtune.peft.core import merge_type, register_adapter
 from jaxtune.utils.tree import keypath_str
 
 TARGET_PRESETS = {
@@ -192,7 +192,7 @@ def lora_mask(params: Any) -> Any:
 
 def merge(params: Any) -> Any:
     """Every `LoraWeight` folded into a plain kernel ``base + s*A@B`` (no extra latency)."""
-    return jax.tree.map(lambda x: x.merged() if isinstance(x, LoraWeight) else x, params, is_leaf=_is_lora)
+    return merge_type(params, LoraWeight)
 
 
 def split_lora(params: Any) -> tuple[Any, dict[str, dict]]:
