@@ -95,7 +95,7 @@ class TrainCheckpointer:
             self.directory.mkdir(parents=True, exist_ok=True)
             _write_model_config(self.directory, model_cfg)
             if extra_meta is not None:
-                (self.directory / TRAIN_META_FILE).write_text(json.dumps(extra_meta, indent=2) + "\n")
+                _replace_text(self.directory / TRAIN_META_FILE, json.dumps(extra_meta, indent=2) + "\n")
         policies: list = [checkpoint_managers.LatestN(n=cfg.keep_last)]
         best_fn = None
         if cfg.keep_best:
@@ -343,7 +343,18 @@ def _write_model_config(directory: epath.Path, cfg: ModelConfig) -> None:
         if changed:
             warnings.warn(f"{path}: the model being trained differs from the saved config in "
                           f"{', '.join(changed)}; rewriting it", stacklevel=3)
-    path.write_text(json.dumps(new, indent=2) + "\n")
+    _replace_text(path, json.dumps(new, indent=2) + "\n")
+
+
+def _replace_text(path: epath.Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader never sees a partial file: other processes of
+    a multi-host run read these files while process 0 (re)writes them on resume. An unchanged
+    file is left alone; a changed one is written beside it and renamed over it."""
+    if path.exists() and path.read_text() == text:
+        return
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _absolute(directory: str | os.PathLike) -> epath.Path:

@@ -1,6 +1,7 @@
 """Training checkpoints: exact round trip, keep-last/keep-best, broken-step fallback, NaN refusal, params alone."""
 
 import json
+import os
 import shutil
 import warnings
 
@@ -274,3 +275,39 @@ def test_config_is_plain_data():
         from_dict(CheckpointConfig, {"best_mode": "lowest"})
     with pytest.raises(ConfigError, match="every_steps must be >= 1"):
         from_dict(CheckpointConfig, {"every_steps": 0})
+
+
+def test_run_files_are_replaced_whole_while_other_processes_read(tmp_path):
+    """On resume, process 0 rewrites model_config.json / train_meta.json while the other processes
+    read them (each checks the run is resumable): a reader must never see a half-written file."""
+    import threading
+
+    from etils import epath
+
+    from jaxtune.checkpoint.manager import _replace_text
+
+    path = epath.Path(tmp_path) / TRAIN_META_FILE
+    texts = [json.dumps({"run": i, "pad": "x" * 20000}) + "\n" for i in range(2)]
+    _replace_text(path, texts[0])
+    stop, seen, bad = threading.Event(), set(), []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                seen.add(json.loads(path.read_text())["run"])
+            except json.JSONDecodeError as err:
+                bad.append(err)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for i in range(400):
+        _replace_text(path, texts[i % 2])
+    stop.set()
+    thread.join()
+    assert not bad, f"a reader saw a partial file {len(bad)} times"
+    assert seen == {0, 1}
+    assert [p.name for p in epath.Path(tmp_path).iterdir()] == [TRAIN_META_FILE]  # no temporary left
+
+    mtime = os.stat(path).st_mtime_ns
+    _replace_text(path, texts[1])  # the same text: the file is not touched
+    assert os.stat(path).st_mtime_ns == mtime
