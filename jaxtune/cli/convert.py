@@ -17,6 +17,7 @@ from jaxtune.config.schema import ModelSource
 from jaxtune.data.tokenizer import has_hf_tokenizer, load_tokenizer
 from jaxtune.interop import load_hf, save_hf
 from jaxtune.peft.core import ADDED_KEYS, adapter_leaves, merge_adapters
+from jaxtune.quant.weight import dequantize, quantized_paths
 
 DIRECTIONS = ("hf-to-orbax", "orbax-to-hf", "orbax-to-peft", "peft-to-hf")
 
@@ -42,11 +43,19 @@ def _source(path: str) -> ModelSource:
 
 
 def _merged(params, merge: bool, src: str):
+    """Adapters folded in (with --merge-lora) and quantized kernels dequantized: a Hugging Face
+    export holds dense weights (in the dtype the kernels were quantized from, or --dtype)."""
     carries = bool(adapter_leaves(params)) or any(k in params for k in ADDED_KEYS)
     if carries and not merge:
         raise ValueError(f"{src} carries PEFT adapters: pass --merge-lora to fold them into the weights, or export "
                          "the adapter alone with `jaxtune convert orbax-to-peft`")
-    return merge_adapters(params) if carries else params
+    quantized = quantized_paths(params)
+    params = merge_adapters(params) if carries else params
+    if quantized:
+        kinds = sorted({c.kind for c in quantized.values()})
+        print(f"dequantized {len(quantized)} {'/'.join(kinds)} kernels (merged in 16/32-bit): the export is dense")
+        params = dequantize(params)
+    return params
 
 
 def run(args) -> int:

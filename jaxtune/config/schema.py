@@ -17,6 +17,7 @@ from jaxtune.generate.sampling import SamplingConfig
 from jaxtune.models.config import ModelConfig
 from jaxtune.parallel.mesh import MeshConfig
 from jaxtune.peft.config import PeftConfig
+from jaxtune.quant.weight import QuantConfig
 from jaxtune.train.config import LoggingConfig, TrainConfig
 from jaxtune.train.losses import ObjectiveConfig
 from jaxtune.train.optim import OptimConfig
@@ -35,6 +36,7 @@ class ModelSource:
     attention_impl: Literal["dpa", "cudnn", "xla"] = "dpa"
     init_seed: int = 0
     adapter: Optional[str] = None  # a PEFT-format adapter directory put onto these weights (LoRA, DoRA, IA3, prompt, prefix)
+    quant: Optional[QuantConfig] = None  # hold the kernels quantized (nf4 / fp4 / int8 / int4): QLoRA's frozen base
 
     def __post_init__(self):
         given = [k for k in ("hf_dir", "checkpoint", "preset", "config") if getattr(self, k) is not None]

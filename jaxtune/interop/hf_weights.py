@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxtune.interop.hf_config import check_expressible, from_hf_config
+from jaxtune.interop.hf_quant import companion_names, read_quantized_kernel
 from jaxtune.models import Model, ModelConfig
 from jaxtune.utils.tree import get_path, path_str, set_path
 
@@ -41,6 +42,7 @@ class TensorMap:
     paths: tuple[tuple[str, ...], ...]
     to_jax: Callable[[np.ndarray], tuple[np.ndarray, ...]]
     to_hf: Callable[..., np.ndarray]
+    linear: bool = False  # an nn.Linear weight [out, in] (may be saved quantized by bitsandbytes)
 
 
 def _copy(hf_name, path):
@@ -49,7 +51,8 @@ def _copy(hf_name, path):
 
 def _transposed(hf_name, path):
     """torch nn.Linear stores [out, in]; jaxtune kernels are [in, out]."""
-    return TensorMap(hf_name, (path,), lambda t: (np.ascontiguousarray(t.T),), lambda t: np.ascontiguousarray(t.T))
+    return TensorMap(hf_name, (path,), lambda t: (np.ascontiguousarray(t.T),), lambda t: np.ascontiguousarray(t.T),
+                     linear=True)
 
 
 def _split_last(hf_name, paths):
@@ -188,6 +191,15 @@ def params_from_tensors(names: set[str], get: Callable[[str], np.ndarray], cfg: 
             missing.append(name)
             continue
         used.add(name)
+        extra = companion_names(name, names)
+        if extra:  # saved quantized by bitsandbytes: keep the bytes as they are
+            if not m.linear:
+                raise CheckpointMismatchError(f"{source}: {name} is saved quantized ({extra[0]}), which jaxtune reads "
+                                              f"for nn.Linear kernels only, not for {cfg.family}'s {name}")
+            want = get_path(expected, m.paths[0])
+            set_path(params, m.paths[0], read_quantized_kernel(name, names, get, tuple(want.shape), source))
+            used.update(extra)
+            continue
         for path, value in zip(m.paths, m.to_jax(get(name))):
             want = get_path(expected, path)
             if tuple(value.shape) != tuple(want.shape):

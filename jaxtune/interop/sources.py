@@ -18,12 +18,15 @@ from jaxtune.interop.hf_weights import load_hf
 from jaxtune.models import Model, ModelConfig
 from jaxtune.models.presets import preset
 from jaxtune.peft.config import PeftConfig, apply_peft, for_restore
+from jaxtune.quant.weight import quantize
 
 
 def load_model(source: ModelSource) -> tuple[Any, ModelConfig, Optional[Path]]:
-    """-> (params, cfg, directory) from the source, with ``source.adapter`` (a PEFT adapter
-    directory) put on when given."""
+    """-> (params, cfg, directory) from the source, its kernels quantized by ``source.quant`` and
+    ``source.adapter`` (a PEFT adapter directory) put on when given."""
     params, cfg, directory = _load_weights(source)
+    if source.quant is not None:
+        params = quantize(params, source.quant)
     if source.adapter is not None:
         from jaxtune.interop.adapters import load_adapter
 

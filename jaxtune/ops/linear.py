@@ -44,6 +44,12 @@ def register_linear(leaf_type: type) -> Callable[[LinearRule], LinearRule]:
     return decorator
 
 
+def is_typed_weight(x: Any) -> bool:
+    """True for an instance of a registered typed weight leaf (LoRA, quantized, ...): the
+    ``is_leaf`` that lets a tree walk stop at a kernel, whatever it is made of."""
+    return bool(_RULES) and isinstance(x, tuple(_RULES))
+
+
 def linear_rule(w: Any) -> LinearRule:
     """The rule that `linear` would use for weight leaf ``w``."""
     if isinstance(w, (jax.Array, np.ndarray)):

@@ -73,6 +73,14 @@ def _spec_rule(x: Any) -> Optional[SpecRule]:
 
 
 
+def nested_specs(base: Any, spec: P) -> Any:
+    """The specs of a (possibly typed) ``base`` whose plain-kernel spec is ``spec``: a typed base
+    (quantized, LoRA, ...) is expanded by its own registered sharding rule. Adapter rules use it
+    for their ``base`` field, so a LoRA over a quantized kernel gets the quantized layout's specs."""
+    rule = _spec_rule(base)
+    return spec if rule is None else rule(base, spec)
+
+
 def fit_spec(spec: P, shape: tuple[int, ...], mesh_shape: dict[str, int], where: str = "", dropped: Optional[list[str]] = None) -> P:
     """Trim/pad ``spec`` to the array's rank and drop axes that do not divide their dimension."""
     entries = list(spec)[: len(shape)] + [None] * max(0, len(shape) - len(spec))

@@ -43,8 +43,8 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from jaxtune.ops.linear import dropout, linear, register_linear
-from jaxtune.parallel.rules import register_sharding
-from jaxtune.peft.core import merge_type, register_adapter
+from jaxtune.parallel.rules import nested_specs, register_sharding
+from jaxtune.peft.core import is_weight_leaf, merge_type, register_adapter
 from jaxtune.peft.lora import TARGET_PRESETS
 from jaxtune.utils.tree import keypath_str
 
@@ -93,7 +93,7 @@ def _adalora_specs(w: AdaLoraWeight, spec: P) -> AdaLoraWeight:
     """P follows the base's input axis, Q its output axis; E and the rank axis are replicated."""
     in_axis = spec[0] if len(spec) > 0 else None
     out_axis = spec[1] if len(spec) > 1 else None
-    return AdaLoraWeight(base=spec, p=P(in_axis, None), e=P(), q=P(None, out_axis), scale=w.scale, dropout=w.dropout)
+    return AdaLoraWeight(base=nested_specs(w.base, spec), p=P(in_axis, None), e=P(), q=P(None, out_axis), scale=w.scale, dropout=w.dropout)
 
 
 def _is_ada(x) -> bool:
@@ -192,7 +192,7 @@ def apply_adalora(params: Any, cfg: AdaLoraConfig, rng: jax.Array) -> Any:
         return AdaLoraWeight(base=leaf, p=p.astype(dt), e=e.astype(dt), q=q.astype(dt),
                              scale=cfg.scale, dropout=cfg.dropout)
 
-    out = jax.tree_util.tree_map_with_path(adapt, params, is_leaf=_is_ada)
+    out = jax.tree_util.tree_map_with_path(adapt, params, is_leaf=lambda x: _is_ada(x) or is_weight_leaf(x))
     if not matched:
         raise ValueError(f"adalora.targets {list(cfg.targets)} match no parameter path "
                          f"(paths look like layers_0/attn/q_proj/kernel)")

@@ -43,8 +43,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxtune.ops.linear import dropout, linear, register_linear
 from jaxtune.parallel.rules import register_sharding
-from jaxtune.peft.core import is_adapter, register_adapter
-from jaxtune.peft.selective import kernel_features, nested_specs, out_axis, target_patterns
+from jaxtune.peft.core import is_adapter, is_weight_leaf, register_adapter
+from jaxtune.parallel.rules import nested_specs
+from jaxtune.peft.selective import kernel_features, out_axis, target_patterns
 from jaxtune.utils.tree import keypath_str
 
 PLACEMENTS = {
@@ -162,7 +163,7 @@ def apply_bottleneck(params: Any, cfg: BottleneckConfig, rng: jax.Array) -> Any:
     A layer bias next to a targeted kernel moves into its frozen base (see the module doc).
     Raises if nothing matches or a target already has a bottleneck adapter."""
     patterns = cfg.patterns()
-    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapter)[0]
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight_leaf)[0]
     leaves = {keypath_str(p): x for p, x in flat}
     adapted: list[str] = []
 
@@ -191,13 +192,13 @@ def apply_bottleneck(params: Any, cfg: BottleneckConfig, rng: jax.Array) -> Any:
             activation=cfg.activation, dropout=cfg.dropout, scale=cfg.scale,
         )
 
-    out = jax.tree_util.tree_map_with_path(adapt, params, is_leaf=is_adapter)
+    out = jax.tree_util.tree_map_with_path(adapt, params, is_leaf=is_weight_leaf)
     if not adapted:
         raise ValueError(f"bottleneck: targets {[p.pattern for p in patterns]} match no parameter "
                          "(paths look like layers_0/attn/o_proj/kernel)")
     moved = {_prefix(w) + "/bias" for w in adapted}
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: jnp.zeros_like(x) if keypath_str(p) in moved else x, out, is_leaf=is_adapter)
+        lambda p, x: jnp.zeros_like(x) if keypath_str(p) in moved else x, out, is_leaf=is_weight_leaf)
 
 
 def remove_bottleneck(params: Any) -> Any:
@@ -222,7 +223,7 @@ def remove_bottleneck(params: Any) -> Any:
             return leaf
         return (moved.pop(where).astype(jnp.float32) + leaf.astype(jnp.float32)).astype(leaf.dtype)
 
-    out = jax.tree_util.tree_map_with_path(restore, out, is_leaf=is_adapter)
+    out = jax.tree_util.tree_map_with_path(restore, out, is_leaf=is_weight_leaf)
     if moved:
         raise ValueError(f"remove_bottleneck: no bias leaf to take the moved bias back: {sorted(moved)[:5]}")
     return out

@@ -43,6 +43,14 @@ def is_adapter(x: Any) -> bool:
     return isinstance(x, tuple(_ADAPTER_TYPES))
 
 
+def is_weight_leaf(x: Any) -> bool:
+    """Where a walk over kernels stops: an adapter leaf or a quantized kernel (a QLoRA base is
+    both: an adapter whose base is quantized). Plain arrays are leaves anyway."""
+    from jaxtune.quant.weight import QuantizedWeight
+
+    return is_adapter(x) or isinstance(x, QuantizedWeight)
+
+
 def _mask_of_adapter(leaf: Any) -> Any:
     mask = jax.tree.map(lambda _: True, leaf)
     return dataclasses.replace(mask, base=jax.tree.map(lambda _: False, leaf.base))
@@ -71,9 +79,15 @@ def trainable_mask(params: Any, *extra_masks: Any) -> Any:
 
 
 def count_trainable(params: Any, mask: Any) -> tuple[int, int]:
-    """-> (trainable scalars, all scalars) of ``params`` under ``mask``."""
-    sizes = jax.tree.leaves(jax.tree.map(lambda x, m: (int(x.size), bool(m)), params, mask),
-                            is_leaf=lambda x: isinstance(x, tuple))
+    """-> (trainable parameters, all parameters) of ``params`` under ``mask``; a quantized kernel
+    counts as the parameters it stands for, not its packed bytes."""
+    from jaxtune.train.partition import param_count
+
+    counted = lambda x: hasattr(x, "param_count")  # noqa: E731
+    sizes = jax.tree.leaves(
+        jax.tree.map(lambda x, m: (param_count(x), any(bool(b) for b in jax.tree.leaves(m))), params, mask,
+                     is_leaf=counted),
+        is_leaf=lambda x: isinstance(x, tuple))
     total = sum(n for n, _ in sizes)
     return sum(n for n, m in sizes if m), total
 

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxtune.ops.linear import dropout, linear, register_linear
-from jaxtune.parallel.rules import register_sharding
-from jaxtune.peft.core import is_adapter, merge_type, register_adapter
+from jaxtune.parallel.rules import nested_specs, register_sharding
+from jaxtune.peft.core import is_adapter, is_weight_leaf, merge_type, register_adapter
 from jaxtune.peft.lora import LoraConfig, LoraWeight, apply_lora
 from jaxtune.utils.tree import keypath_str
 
@@ -50,7 +50,7 @@ def weight_norm(base: Any, a: Any, b: Any, scale: float, *, materialize: bool = 
     """``||base + scale * a @ b||`` per output feature (over the input axis) in float32: [out].
 
     Factored by default (no ``[in, out]`` temporary); ``materialize=True`` forms the sum."""
-    w = jnp.asarray(base).astype(jnp.float32)
+    w = base.astype(jnp.float32)  # a quantized base dequantizes here
     a32 = jnp.asarray(a).astype(jnp.float32)
     b32 = jnp.asarray(b).astype(jnp.float32)
     if materialize:
@@ -112,7 +112,7 @@ def _dora_specs(w: DoraWeight, spec: P) -> DoraWeight:
     """A follows the base's input axis, B and the magnitude its output axis; rank replicated."""
     in_axis = spec[0] if len(spec) > 0 else None
     out_axis = spec[1] if len(spec) > 1 else None
-    return DoraWeight(base=spec, a=P(in_axis, None), b=P(None, out_axis), magnitude=P(out_axis),
+    return DoraWeight(base=nested_specs(w.base, spec), a=P(in_axis, None), b=P(None, out_axis), magnitude=P(out_axis),
                       scale=w.scale, dropout=w.dropout)
 
 
@@ -132,11 +132,11 @@ def apply_dora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Any:
     OLoRA residual-adjusted) ``base + s*A@B``, as PEFT, so the model is unchanged at step 0.
     Raises if no path matches or a target already carries an adapter."""
     patterns = cfg.patterns()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapter)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight_leaf)[0]:
         where = keypath_str(path)
         if is_adapter(leaf) and any(p.search(where) for p in patterns):
             raise ValueError(f"dora: {where} already has an adapter ({type(leaf).__name__})")
-    before = {keypath_str(p) for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapter)[0]
+    before = {keypath_str(p) for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight_leaf)[0]
               if isinstance(x, LoraWeight)}
     adapted = apply_lora(params, cfg, rng)
 
@@ -145,7 +145,7 @@ def apply_dora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Any:
             return from_lora(x)
         return x
 
-    return jax.tree_util.tree_map_with_path(convert, adapted, is_leaf=is_adapter)
+    return jax.tree_util.tree_map_with_path(convert, adapted, is_leaf=is_weight_leaf)
 
 
 def merge_dora(params: Any) -> Any:

@@ -46,7 +46,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxtune.ops.linear import register_linear
-from jaxtune.parallel.rules import register_sharding
+from jaxtune.parallel.rules import nested_specs, register_sharding
 from jaxtune.peft.core import register_adapter
 from jaxtune.peft.lora import INITS, LoraWeight, _init_factors
 from jaxtune.utils.tree import keypath_str
@@ -78,7 +78,7 @@ def _folded_linear(x, w, *, dtype, rng=None):
 @register_sharding(FoldedLoraWeight)
 def _folded_specs(w: FoldedLoraWeight, spec: P) -> FoldedLoraWeight:
     """The base keeps its rule's spec; the folded factors are replicated (they are small)."""
-    return dataclasses.replace(w, base=spec, a=P(), b=P())
+    return dataclasses.replace(w, base=nested_specs(w.base, spec), a=P(), b=P())
 
 
 def _matcher(targets: Union[str, Sequence[str], Predicate]) -> Predicate:

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxtune.ops.linear import linear, register_linear
-from jaxtune.parallel.rules import register_sharding
-from jaxtune.peft.core import is_adapter, merge_type, register_adapter
+from jaxtune.parallel.rules import nested_specs, register_sharding
+from jaxtune.peft.core import is_adapter, is_weight_leaf, merge_type, register_adapter
 from jaxtune.peft.lora import TARGET_PRESETS
 from jaxtune.utils.tree import keypath_str
 
@@ -82,7 +82,7 @@ def _ia3_linear(x, w: IA3Weight, *, dtype, rng=None):
 def _ia3_specs(w: IA3Weight, spec: P) -> IA3Weight:
     """The vector follows the base's input axis (``on_input``) or its output axis."""
     axis = 0 if w.on_input else 1
-    return IA3Weight(base=spec, scale_vec=P(spec[axis] if len(spec) > axis else None), on_input=w.on_input)
+    return IA3Weight(base=nested_specs(w.base, spec), scale_vec=P(spec[axis] if len(spec) > axis else None), on_input=w.on_input)
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def apply_ia3(params: Any, cfg: IA3Config = IA3Config(), rng: Optional[jax.Array
         size = leaf.shape[0] if on_input else leaf.shape[1]
         return IA3Weight(base=leaf, scale_vec=jnp.ones((size,), leaf.dtype), on_input=on_input)
 
-    out = jax.tree_util.tree_map_with_path(adapt, params, is_leaf=is_adapter)
+    out = jax.tree_util.tree_map_with_path(adapt, params, is_leaf=is_weight_leaf)
     if not matched:
         raise ValueError(f"ia3.targets {list(cfg.targets)} match no parameter path "
                          f"(paths look like layers_0/attn/k_proj/kernel)")

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxtune.ops.linear import dropout, linear, register_linear
-from jaxtune.parallel.rules import register_sharding
-from jaxtune.peft.core import merge_type, register_adapter
+from jaxtune.parallel.rules import nested_specs, register_sharding
+from jaxtune.peft.core import is_adapter, is_weight_leaf, merge_type, register_adapter
 from jaxtune.utils.tree import keypath_str
 
 TARGET_PRESETS = {
@@ -75,7 +75,7 @@ def _lora_specs(w: LoraWeight, spec: P) -> LoraWeight:
     """A follows the base's input axis, B its output axis; the rank dimension is replicated."""
     in_axis = spec[0] if len(spec) > 0 else None
     out_axis = spec[1] if len(spec) > 1 else None
-    return LoraWeight(base=spec, a=P(in_axis, None), b=P(None, out_axis), scale=w.scale, dropout=w.dropout)
+    return LoraWeight(base=nested_specs(w.base, spec), a=P(in_axis, None), b=P(None, out_axis), scale=w.scale, dropout=w.dropout)
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,10 @@ class LoraConfig:
         return rank, alpha / (math.sqrt(rank) if self.rslora else rank)
 
 
-def _init_factors(kind: str, w: jax.Array, rank: int, scale: float, key: jax.Array):
-    """-> (base, a, b) for one kernel ``w: [in, out]`` (float32 maths, cast back to w's dtype)."""
+def _init_factors(kind: str, w: Any, rank: int, scale: float, key: jax.Array):
+    """-> (base, a, b) for one kernel ``w: [in, out]`` (float32 maths, cast back to w's dtype).
+    ``w`` may be quantized (QLoRA): default / gaussian keep it as it is; PiSSA / OLoRA work on its
+    dequantized values and quantize the residual base again (exact at init up to that rounding)."""
     fan_in, fan_out = w.shape
     if rank > min(fan_in, fan_out) and kind in ("pissa", "olora"):
         raise ValueError(f"{kind} needs rank <= min(in, out) = {min(fan_in, fan_out)}, got {rank}")
@@ -146,7 +148,13 @@ def _init_factors(kind: str, w: jax.Array, rank: int, scale: float, key: jax.Arr
         a = r[:rank].T
         base = w32 - scale * a @ b
     dtype = w.dtype
-    return base.astype(dtype), a.astype(dtype), b.astype(dtype)
+    if kind in ("default", "gaussian"):
+        base = w  # untouched (a quantized base stays quantized)
+    elif hasattr(w, "requantize"):  # a quantized base: the residual is quantized again with its settings
+        base = w.requantize(base)
+    else:
+        base = base.astype(dtype)
+    return base, a.astype(dtype), b.astype(dtype)
 
 
 def apply_lora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Any:
@@ -162,6 +170,8 @@ def apply_lora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Any:
             return leaf
         if isinstance(leaf, LoraWeight):
             raise ValueError(f"lora: {where} already has a LoRA adapter")
+        if is_adapter(leaf):
+            raise ValueError(f"lora: {where} already has an adapter ({type(leaf).__name__})")
         if getattr(leaf, "ndim", None) != 2:
             raise ValueError(f"lora: target {where} is not a 2-D kernel (shape {getattr(leaf, 'shape', None)})")
         rank, scale = cfg.rank_and_scale(where)
@@ -169,7 +179,7 @@ def apply_lora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Any:
         base, a, b = _init_factors(cfg.init, leaf, rank, scale, next(keys))
         return LoraWeight(base=base, a=a, b=b, scale=scale, dropout=cfg.dropout)
 
-    out = jax.tree_util.tree_map_with_path(adapt, params, is_leaf=lambda x: isinstance(x, LoraWeight))
+    out = jax.tree_util.tree_map_with_path(adapt, params, is_leaf=is_weight_leaf)
     if not matched:
         raise ValueError(f"lora.targets {list(cfg.targets)} match no parameter path "
                          f"(paths look like layers_0/attn/q_proj/kernel)")

@@ -36,9 +36,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxtune.ops.linear import linear, register_linear
-from jaxtune.parallel import rules as _rules
-from jaxtune.parallel.rules import register_sharding
-from jaxtune.peft.core import is_adapter, register_adapter
+from jaxtune.parallel.rules import nested_specs, register_sharding
+from jaxtune.peft.core import is_adapter, is_weight_leaf, register_adapter
 from jaxtune.peft.lora import TARGET_PRESETS
 from jaxtune.utils.tree import keypath_str
 
@@ -120,13 +119,6 @@ def _biased_linear(x, w: BiasedWeight, *, dtype, rng=None):
     return y + w.bias.astype(y.dtype)  # as `Linear` adds its own bias
 
 
-def nested_specs(base: Any, spec: P) -> Any:
-    """The specs of a (possibly typed) ``base`` whose plain-kernel spec is ``spec``: a typed base
-    (quantized, LoRA, ...) is expanded by its own registered sharding rule."""
-    rule = _rules._spec_rule(base)
-    return spec if rule is None else rule(base, spec)
-
-
 def out_axis(spec: P) -> Any:
     """The mesh axis of a kernel spec's output dimension (None if replicated)."""
     return spec[1] if len(spec) > 1 else None
@@ -158,7 +150,7 @@ def kernel_features(leaf: Any) -> tuple[int, Any]:
 
 
 def _paths(params: Any) -> set[str]:
-    return {keypath_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapter)[0]}
+    return {keypath_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight_leaf)[0]}
 
 
 def add_biases(params: Any, targets: Targets = ("all-linear",)) -> Any:
@@ -188,7 +180,7 @@ def add_biases(params: Any, targets: Targets = ("all-linear",)) -> Any:
         added.append(where)
         return BiasedWeight(base=leaf, bias=jnp.zeros((features,), dtype))
 
-    out = jax.tree_util.tree_map_with_path(adapt, params, is_leaf=is_adapter)
+    out = jax.tree_util.tree_map_with_path(adapt, params, is_leaf=is_weight_leaf)
     if not added:
         if existing:
             raise ValueError(f"add_biases: every targeted kernel already has a bias ({len(existing)}, e.g. "

@@ -19,13 +19,20 @@ from jaxtune.utils.tree import keypath_str
 
 
 def mask_by_regex(params: Any, patterns: Optional[Sequence[str]]) -> Any:
-    """True for array leaves whose path matches any regex; ``None`` patterns = everything trainable."""
-    if patterns is None:
-        return jax.tree.map(lambda _: True, params)
-    compiled = [re.compile(p) for p in patterns]
-    mask = jax.tree_util.tree_map_with_path(lambda p, _: any(c.search(keypath_str(p)) for c in compiled), params)
+    """True for array leaves whose path matches any regex; ``None`` patterns = everything trainable.
+    Quantized kernels are always frozen (their codes are integers; QLoRA trains adapters on them)."""
+    from jaxtune.quant.weight import QuantizedWeight
+
+    compiled = None if patterns is None else [re.compile(p) for p in patterns]
+
+    def mark(path, leaf):
+        if isinstance(leaf, QuantizedWeight):
+            return jax.tree.map(lambda _: False, leaf)
+        return compiled is None or any(c.search(keypath_str(path)) for c in compiled)
+
+    mask = jax.tree_util.tree_map_with_path(mark, params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
     if not any(jax.tree.leaves(mask)):
-        raise ValueError(f"trainable patterns {list(patterns)} match no parameter")
+        raise ValueError(f"trainable patterns {list(patterns or ['<all>'])} match no trainable parameter")
     return mask
 
 
@@ -53,6 +60,12 @@ def join(trainable: Any, frozen: Any) -> Any:
     return jax.tree.unflatten(treedef, merged)
 
 
+def param_count(x: Any) -> int:
+    """Parameters in one leaf: its size, or what a typed leaf says it stands for (``param_count``:
+    a quantized kernel counts its [in, out] parameters, not its packed bytes)."""
+    return int(x.param_count) if hasattr(x, "param_count") else int(x.size)
+
+
 def count(tree: Any) -> int:
-    """Number of scalars in the array leaves of ``tree``."""
-    return sum(int(x.size) for x in jax.tree.leaves(tree))
+    """Number of parameters in the leaves of ``tree`` (see `param_count`)."""
+    return sum(param_count(x) for x in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "param_count")))

@@ -28,6 +28,7 @@ from jaxtune.parallel.mesh import make_mesh
 from jaxtune.parallel.rules import param_shardings
 from jaxtune.peft.config import apply_peft, peft_mask, peft_optimizer
 from jaxtune.peft.core import any_mask
+from jaxtune.quant.weight import quantize
 from jaxtune.train.loop import TrainResult, evaluate, train
 from jaxtune.train.losses import LossFn, objective_loss
 from jaxtune.train.optim import build_optimizer
@@ -47,7 +48,9 @@ def model_for_training(source: ModelSource) -> tuple[Any, ModelConfig, Optional[
     numerics = dict(param_dtype=source.param_dtype, dtype=source.dtype, attention_impl=source.attention_impl)
     if source.preset is not None or source.config is not None:
         cfg = (preset(source.preset) if source.preset is not None else source.config).replace(**numerics)
-        return (lambda _rng: Model(cfg).init(jax.random.key(source.init_seed))), cfg, None
+        if source.quant is None:
+            return (lambda _rng: Model(cfg).init(jax.random.key(source.init_seed))), cfg, None
+        return (lambda _rng: quantize(Model(cfg).init(jax.random.key(source.init_seed)), source.quant)), cfg, None
     return load_model(source)
 
 
