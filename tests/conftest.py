@@ -35,3 +35,39 @@ def hf_checkpoint(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+FINE_TUNE_COMMON = {"tokenizer": {"kind": "byte"},
+                    "optim": {"lr": 3e-3, "warmup_steps": 5, "schedule": "constant"},
+                    "logging": {"progress": False, "tensorboard": False, "jsonl": False}}
+
+
+@pytest.fixture(scope="session")
+def shakespeare_base(tmp_path_factory):
+    """A tiny Llama pretrained for 60 steps on tiny Shakespeare (byte tokenizer): the base that
+    fine-tuning tests adapt to a style it never saw. -> its run directory."""
+    from jaxtune.config import TrainJobConfig, from_dict
+    from jaxtune.train.runner import run_training
+
+    pre = tmp_path_factory.mktemp("shakespeare_base")
+    run_training(from_dict(TrainJobConfig, {**FINE_TUNE_COMMON, "model": {"preset": "tiny-llama"},
+                 "data": {"kind": "text", "path": "builtin:tinyshakespeare.txt"},
+                 "train": {"steps": 60, "batch_size": 8, "seq_len": 64, "eval_batches": 0},
+                 "checkpoint": {"directory": str(pre)}}))
+    return pre
+
+
+@pytest.fixture(scope="session")
+def arithmetic_style(tmp_path_factory):
+    """data: section of a text style the Shakespeare base never saw ("12 plus 30 is 42.")."""
+    import numpy as np
+
+    directory = tmp_path_factory.mktemp("arithmetic")
+
+    def write(path, lines, seed):
+        rng = np.random.default_rng(seed)
+        a, b = rng.integers(0, 100, (2, lines))
+        path.write_text("".join(f"{x} plus {y} is {x + y}.\n" for x, y in zip(a, b)))
+        return str(path)
+
+    return {"kind": "text", "path": write(directory / "train.txt", 3000, 0), "eval_path": write(directory / "eval.txt", 300, 1)}

@@ -18,7 +18,7 @@ from jaxtune.interop.hf_weights import load_hf
 from jaxtune.models import Model, ModelConfig
 from jaxtune.models.presets import preset
 from jaxtune.peft.config import PeftConfig, apply_peft, for_restore
-from jaxtune.quant.weight import quantize
+from jaxtune.quant.weight import QuantConfig, quantize
 
 
 def load_model(source: ModelSource) -> tuple[Any, ModelConfig, Optional[Path]]:
@@ -47,7 +47,12 @@ def _load_weights(source: ModelSource) -> tuple[Any, ModelConfig, Optional[Path]
         else:
             meta = _train_meta(Path(source.checkpoint))
             peft = _peft_config(meta, Path(source.checkpoint))
-            transform = None if peft is None else (lambda p, c: apply_peft(p, peft, model_cfg=c))
+            quant = _base_quant(meta, Path(source.checkpoint))
+            transform = None
+            if peft is not None or quant is not None:  # the tree the run trained: quantized base, then PEFT
+                def transform(p, c):
+                    p = p if quant is None else quantize(p, quant)
+                    return p if peft is None else apply_peft(p, peft, model_cfg=c)
             base = _frozen_base(Path(source.checkpoint), source, meta, peft)
             params, cfg, _ = restore_train_params(source.checkpoint, base_params=base, transform=transform, **numerics)
         return params, cfg, Path(source.checkpoint)
@@ -66,6 +71,12 @@ def _peft_config(meta: dict, directory: Path) -> Optional[PeftConfig]:
     if not meta.get("peft"):
         return None
     return for_restore(from_dict(PeftConfig, meta["peft"], prefix=f"{directory / TRAIN_META_FILE}: peft"))
+
+
+def _base_quant(meta: dict, directory: Path) -> Optional[QuantConfig]:
+    """The quantization of a run's base model (QLoRA), from its train_meta.json, or None."""
+    quant = (meta.get("base") or {}).get("quant")
+    return None if not quant else from_dict(QuantConfig, quant, prefix=f"{directory / TRAIN_META_FILE}: base.quant")
 
 
 def _frozen_base(directory: Path, source: ModelSource, meta: dict, peft: Optional[PeftConfig]) -> Optional[Any]:

@@ -63,7 +63,9 @@ def join(trainable: Any, frozen: Any) -> Any:
 def param_count(x: Any) -> int:
     """Parameters in one leaf: its size, or what a typed leaf says it stands for (``param_count``:
     a quantized kernel counts its [in, out] parameters, not its packed bytes)."""
-    return int(x.param_count) if hasattr(x, "param_count") else int(x.size)
+    if hasattr(x, "param_count"):  # a half of a split tree holds the leaf without its arrays: nothing to count
+        return int(x.param_count) if jax.tree.leaves(x) else 0
+    return int(x.size)
 
 
 def count(tree: Any) -> int:

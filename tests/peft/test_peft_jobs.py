@@ -22,6 +22,7 @@ from jaxtune.peft.config import PeftConfig
 from jaxtune.train.partition import split
 from jaxtune.train.runner import run_evaluation, run_training, with_peft
 from jaxtune.utils.tree import keypath_str
+from tests.conftest import FINE_TUNE_COMMON
 
 
 def _job(directory=None, steps=6, **peft):
@@ -98,27 +99,10 @@ def test_trainable_regex_adds_to_the_peft_mask():
     assert no_peft_mask is None  # the loop then applies train.trainable alone
 
 
-def _arithmetic_text(path, lines, seed):
-    rng = np.random.default_rng(seed)
-    a, b = rng.integers(0, 100, (2, lines))
-    path.write_text("".join(f"{x} plus {y} is {x + y}.\n" for x, y in zip(a, b)))
-    return path
-
-
-def test_lora_on_a_pretrained_base_learns_a_new_style_the_base_does_not_know(tmp_path):
+def test_lora_on_a_pretrained_base_learns_a_new_style_the_base_does_not_know(tmp_path, shakespeare_base, arithmetic_style):
     """Full pretraining on Shakespeare, then LoRA on a style the base never saw (arithmetic
     sentences): held-out loss of the LoRA model falls well below the frozen base's."""
-    common = {"tokenizer": {"kind": "byte"},
-              "optim": {"lr": 3e-3, "warmup_steps": 5, "schedule": "constant"},
-              "logging": {"progress": False, "tensorboard": False, "jsonl": False}}
-    pre = tmp_path / "pre"
-    run_training(from_dict(TrainJobConfig, {**common, "model": {"preset": "tiny-llama"},
-                 "data": {"kind": "text", "path": "builtin:tinyshakespeare.txt"},
-                 "train": {"steps": 60, "batch_size": 8, "seq_len": 64, "eval_batches": 0},
-                 "checkpoint": {"directory": str(pre)}}))
-    style = {"kind": "text", "path": str(_arithmetic_text(tmp_path / "a.txt", 3000, 0)),
-             "eval_path": str(_arithmetic_text(tmp_path / "b.txt", 300, 1))}
-    tune = {**common, "model": {"checkpoint": str(pre)}, "data": style,
+    tune = {**FINE_TUNE_COMMON, "model": {"checkpoint": str(shakespeare_base)}, "data": arithmetic_style,
             "peft": {"lora": {"rank": 8, "alpha": 16, "targets": ["all-linear"]}},
             "train": {"steps": 60, "batch_size": 8, "seq_len": 64, "eval_batches": 4},
             "checkpoint": {"directory": str(tmp_path / "lora")}}
