@@ -21,6 +21,7 @@ class TrainConfig:
     eval_every: int = 0  # 0 = evaluate only at the end (when there is an eval stream)
     eval_batches: int = 4
     seed: int = 0  # RNG of the train state (dropout, sampling); init uses model.init_seed
+    offload_optimizer: bool = False  # optimizer state lives in pinned host memory, streamed to the device each step
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "max_nonfinite_in_row"):

@@ -95,6 +95,22 @@ class _Preemption:
         return self.requested
 
 
+HOST_MEMORY = "pinned_host"
+
+
+def host_shardings(shardings: Any, mesh: Mesh) -> Any:
+    """``shardings`` moved to pinned host memory (train.offload_optimizer). Backends without that
+    memory kind are refused with a message rather than silently keeping the state on device."""
+    kinds = {m.kind for d in mesh.local_devices for m in d.addressable_memories()}
+    if HOST_MEMORY not in kinds:
+        platform = mesh.devices.flat[0].platform
+        raise ValueError(f"train.offload_optimizer: the {platform} backend has no {HOST_MEMORY!r} memory "
+                         f"(its memories: {sorted(kinds)}); the optimizer state cannot be offloaded here. "
+                         "Set train.offload_optimizer=false, or use optim.name=adamw8bit to shrink it instead")
+    return jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY), shardings,
+                        is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
 def place_batch(batch: dict, mesh: Mesh, local: bool = False) -> dict:
     """Host numpy batch -> global jax arrays split over data x fsdp. ``local``: the batch holds
     only this process's rows (a host-sharded stream) and the processes' rows, in process
@@ -211,6 +227,10 @@ def train(
     frozen_sh = named(param_specs(abs_frozen, mesh, rules), mesh)
     abstract_state = jax.eval_shape(lambda p: TrainState.create(p, optimizer, state_rng), abs_trainable)
     state_sh = named(state_specs(abstract_state, optimizer, mesh, rules), mesh)
+    opt_device_sh = None
+    if cfg.offload_optimizer:
+        opt_device_sh = state_sh.opt_state
+        state_sh = state_sh.replace(opt_state=host_shardings(opt_device_sh, mesh))
     data_sh = batch_sharding(mesh)
 
     def materialise(p):
@@ -243,6 +263,7 @@ def train(
     step_fn = make_train_step(
         loss_fn, optimizer, schedule, grad_accum=cfg.grad_accum, mesh=mesh,
         state_shardings=state_sh, frozen_shardings=frozen_sh, batch_shardings=data_sh,
+        opt_device_shardings=opt_device_sh,
     )
     eval_step = None
     if eval_batches is not None and cfg.eval_batches:

@@ -20,7 +20,7 @@ from jaxtune.utils.tree import keypath_str
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: Literal["adamw", "adafactor", "lion"] = "adamw"
+    name: Literal["adamw", "adamw8bit", "adafactor", "lion"] = "adamw"  # adamw8bit: 8-bit blockwise moments
     lr: float = 3e-4  # peak learning rate
     b1: Optional[float] = None  # default 0.9 (AdamW, Lion)
     b2: Optional[float] = None  # default 0.95 (AdamW), 0.99 (Lion)
@@ -35,6 +35,7 @@ class OptimConfig:
     warmup_steps: int = 0
     decay_steps: Optional[int] = None  # end of the decay; default: the run's total steps
     final_lr_ratio: float = 0.1  # lr at decay_steps = lr * final_lr_ratio (cosine, linear)
+    min_8bit_size: int = 4096  # adamw8bit: parameters with fewer elements keep float32 moments
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -100,6 +101,11 @@ def build_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientT
     if cfg.name == "adamw":
         opt = optax.adamw(schedule, b1=pick(cfg.b1, 0.9), b2=pick(cfg.b2, 0.95), eps=pick(cfg.eps, 1e-8),
                           weight_decay=cfg.weight_decay, mask=mask)
+    elif cfg.name == "adamw8bit":
+        from jaxtune.quant.optim import adamw_8bit
+
+        opt = adamw_8bit(schedule, b1=pick(cfg.b1, 0.9), b2=pick(cfg.b2, 0.95), eps=pick(cfg.eps, 1e-8),
+                         weight_decay=cfg.weight_decay, mask=mask, min_8bit_size=cfg.min_8bit_size)
     elif cfg.name == "lion":
         if cfg.eps is not None:
             raise ValueError("optim.eps: Lion has no epsilon (sign update); leave it unset")
@@ -111,7 +117,7 @@ def build_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientT
                              "does not take b1/b2/eps; leave them unset")
         opt = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=mask)
     else:
-        raise ValueError(f"optim.name: unknown optimizer {cfg.name!r} (adamw | adafactor | lion)")
+        raise ValueError(f"optim.name: unknown optimizer {cfg.name!r} (adamw | adamw8bit | adafactor | lion)")
     if cfg.clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
     return opt, schedule

@@ -122,12 +122,18 @@ def make_train_step(
     state_shardings: Any = None,
     frozen_shardings: Any = None,
     batch_shardings: Any = None,
+    opt_device_shardings: Any = None,
 ) -> Callable[[TrainState, Any, dict], tuple[TrainState, dict]]:
-    """Build the jitted step. Without a mesh the shardings are left to jit (single device)."""
+    """Build the jitted step. Without a mesh the shardings are left to jit (single device).
+
+    ``opt_device_shardings``: the optimizer state is offloaded (``state_shardings.opt_state`` in
+    host memory); the step streams it to these device shardings for the update and back."""
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
 
     def step(state: TrainState, frozen: Any, batch: dict):
+        if opt_device_shardings is not None:
+            state = state.replace(opt_state=jax.device_put(state.opt_state, opt_device_shardings))
         with activation_mesh(mesh):
             rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
             total, weight, metric_sums, grads = accumulate_gradients(
@@ -158,6 +164,8 @@ def make_train_step(
             }
             if schedule is not None:
                 metrics["lr"] = schedule(applied_steps)
+            if opt_device_shardings is not None:
+                new_state = new_state.replace(opt_state=jax.device_put(new_state.opt_state, state_shardings.opt_state))
             return new_state, metrics
 
     if mesh is None:
