@@ -1,51 +1,60 @@
-"""`jaxtune estimate [CONFIG] [key=value ...] [--batch B --seq S]`: exact parameter count and the
-memory of weights, gradients, AdamW state and the KV cache, without allocating any of them."""
+"""`jaxtune estimate [CONFIG] [key=value ...] [--devices N] [--compiled]`: per-device memory of a
+training job's step (params, trainable, gradients, optimizer state, activations, peak) for its
+model, method (full / LoRA / QLoRA ...), remat policy, batch, sequence length and mesh, without
+allocating any of it; ``--compiled`` also compiles the real step with abstract inputs and prints
+XLA's own figure. Also the exact parameter count and the KV cache of generation."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
 
-from jaxtune.config import JobConfig, load_config
-from jaxtune.interop.hf_config import from_hf_config
-from jaxtune.interop.hf_weights import read_config
-from jaxtune.models import Model
-from jaxtune.models.presets import preset
+from jaxtune.config import TrainJobConfig, load_config
+from jaxtune.train.partition import count
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("estimate", help="parameter count and memory of a model, without loading it")
-    p.add_argument("args", nargs="*", help="[CONFIG.yaml] key=value ...")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=2048)
+    p = sub.add_parser("estimate", help="per-device memory of a training step (and XLA's figure), without allocating")
+    p.add_argument("args", nargs="*", help="[CONFIG.yaml] key=value ...  (a training config: model, peft, train, mesh)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="devices the mesh spans (default: this machine's); --compiled needs that many")
+    p.add_argument("--compiled", action="store_true", help="also compile the step abstractly and print XLA's memory analysis")
+    p.add_argument("--batch", type=int, default=1, help="KV cache line: generation batch")
+    p.add_argument("--seq", type=int, default=None, help="KV cache line: tokens (default train.seq_len)")
     p.set_defaults(func=run)
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:8.3f} GiB"
+    return f"{n / 2**30:10.3f} GiB"
 
 
 def run(args) -> int:
-    from jaxtune.checkpoint import load_model_config
     from jaxtune.cli.main import split_config_args
+    from jaxtune.train.memory import compiled, estimate, plan_step
 
     config_path, overrides = split_config_args(args.args)
-    source = load_config(JobConfig, config_path, overrides).model
-    numerics = dict(param_dtype=source.param_dtype, dtype=source.dtype)
-    if source.hf_dir:
-        cfg = from_hf_config(read_config(source.hf_dir), **numerics)
-    elif source.checkpoint:
-        cfg = load_model_config(source.checkpoint).replace(**numerics)
-    else:
-        cfg = (preset(source.preset) if source.preset else source.config).replace(**numerics)
-    shapes = jax.eval_shape(Model(cfg).init, jax.random.key(0))
-    n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
-    weight_bytes = sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
-    kv = 2 * cfg.num_layers * args.batch * args.seq * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.dtype).itemsize
+    job = load_config(TrainJobConfig, config_path, overrides)
+    plan = plan_step(job, devices=args.devices)
+    cfg, t = plan.cfg, job.train
+    method = "full fine-tune" if not job.peft.active and t.trainable is None else "PEFT / partial"
+    if job.model.quant is not None:
+        method += f" over {job.model.quant.kind} kernels"
+    mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh_shape.items())
     print(f"model        {cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")
-    print(f"parameters   {n:,}")
-    print(f"weights      {_gib(weight_bytes)}  ({cfg.param_dtype})")
-    print(f"full fine-tune, fp32 master + grads + AdamW moments: {_gib(16 * n)}")
-    print(f"KV cache     {_gib(kv)}  (batch {args.batch} x {args.seq} tokens, {cfg.dtype})")
-    print("activations are not included: they depend on remat policy and land with the training loop")
+    print(f"parameters   {count(plan.params):,} ({count(plan.trainable):,} trainable; {method})")
+    print(f"step         batch {t.batch_size} x seq {t.seq_len}, grad_accum {t.grad_accum}, remat {t.remat}, "
+          f"optimizer {job.optim.name}, mesh {mesh}")
+    print("per device (estimate):")
+    est = estimate(plan)
+    for name, value in est.rows():
+        print(f"  {name:34s}{_gib(value)}")
+    seq = args.seq or t.seq_len
+    kv = 2 * cfg.num_layers * args.batch * seq * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.dtype).itemsize
+    print(f"KV cache (generation, batch {args.batch} x {seq} tokens, {cfg.dtype}): {_gib(kv).strip()}")
+    if args.compiled:
+        xla = compiled(plan)
+        print(f"per device (XLA memory_analysis of the compiled step, {jax.devices()[0].platform}):")
+        for name in ("arguments", "outputs", "aliased", "temporaries", "peak"):
+            print(f"  {name:34s}{_gib(xla[name])}")
+        print(f"  estimate / compiler peak          {est.peak / xla['peak']:10.3f}")
     return 0

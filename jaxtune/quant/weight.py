@@ -165,8 +165,38 @@ def _quantized_linear(x, w: QuantizedWeight, *, dtype, rng=None):
     dtype = x.dtype if dtype is None else dtype
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"linear: x has {x.shape[-1]} input features, quantized kernel expects {w.shape[0]}")
-    wt = w.dequantize_t(dtype)  # [out, in]
-    return jax.lax.dot_general(x.astype(dtype), wt, (((x.ndim - 1,), (1,)), ((), ())))
+    return _dequantize_matmul(x.astype(dtype), w, jnp.dtype(dtype).name)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dequantize_matmul(x: jax.Array, w: QuantizedWeight, dtype: str) -> jax.Array:
+    """``x @ dequantize(w)``, with a backward pass that keeps no dense copy of the kernel: the
+    residuals are ``x`` and the packed ``w``, and ``dx = dy @ dequantize(w)^T`` dequantizes
+    again, after ``dy`` exists (an optimization barrier stops XLA from hoisting every layer's
+    dequantization to the start of the backward pass, which would hold them all at once).
+    The quantized kernel is frozen: its cotangent is zero."""
+    return _dot_t(x, w.dequantize_t(dtype))
+
+
+def _dot_t(x: jax.Array, wt: jax.Array) -> jax.Array:
+    """``x @ wt^T`` for ``wt: [out, in]`` (the stored orientation), without a transpose copy."""
+    return jax.lax.dot_general(x, wt, (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def _dequantize_matmul_fwd(x, w, dtype):
+    return _dot_t(x, w.dequantize_t(dtype)), (x, w)
+
+
+def _dequantize_matmul_bwd(dtype, residuals, dy):
+    x, w = residuals
+    dy, w = jax.lax.optimization_barrier((dy, w))
+    dx = jax.lax.dot_general(dy, w.dequantize_t(dtype), (((dy.ndim - 1,), (0,)), ((), ())))
+    zero = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.inexact)
+                        else jnp.zeros_like(a), w)
+    return dx.astype(x.dtype), zero
+
+
+_dequantize_matmul.defvjp(_dequantize_matmul_fwd, _dequantize_matmul_bwd)
 
 
 @register_sharding(QuantizedWeight)

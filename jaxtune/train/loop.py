@@ -37,7 +37,7 @@ from jaxtune.train.config import LoggingConfig, TrainConfig
 from jaxtune.train.losses import LossFn
 from jaxtune.train.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
 from jaxtune.train.partition import count, join, mask_by_regex, split
-from jaxtune.train.step import TrainState, make_eval_step, make_train_step, named, state_specs
+from jaxtune.train.step import TrainState, abstract_layout, make_eval_step, make_train_step, named
 
 STEP_KEYS = frozenset({"loss", "grad_norm", "tokens", "finite", "skipped", "streak", "lr"})  # set by the step itself
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the state was saved; schedulers should requeue the job
@@ -218,15 +218,15 @@ def train(
     abstract_params = jax.eval_shape(params, init_rng) if callable(params) else params
     if trainable_mask is None:
         trainable_mask = mask_by_regex(abstract_params, cfg.trainable)
-    abs_trainable, abs_frozen = split(abstract_params, trainable_mask)
+    abs_trainable, abs_frozen, abstract_state, state_spec, frozen_spec = abstract_layout(
+        abstract_params, trainable_mask, optimizer, mesh, rules, state_rng)
     n_trainable, n_total = count(abs_trainable), count(abstract_params)
     if jax.process_index() == 0:
         print(f"trainable params: {n_trainable:,} of {n_total:,} ({100.0 * n_trainable / max(n_total, 1):.4f}%)",
               file=sys.stderr, flush=True)
 
-    frozen_sh = named(param_specs(abs_frozen, mesh, rules), mesh)
-    abstract_state = jax.eval_shape(lambda p: TrainState.create(p, optimizer, state_rng), abs_trainable)
-    state_sh = named(state_specs(abstract_state, optimizer, mesh, rules), mesh)
+    frozen_sh = named(frozen_spec, mesh)
+    state_sh = named(state_spec, mesh)
     opt_device_sh = None
     if cfg.offload_optimizer:
         opt_device_sh = state_sh.opt_state

@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtune.parallel.mesh import BATCH_AXES
 from jaxtune.parallel.rules import Rule, fit_spec, activation_mesh, param_specs
 from jaxtune.train.losses import LossFn
-from jaxtune.train.partition import join
+from jaxtune.train.partition import join, split
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -63,6 +63,17 @@ def state_specs(state: TrainState, optimizer: optax.GradientTransformation, mesh
         transform_non_params=lambda _: P(), is_leaf=is_spec,
     )
     return TrainState(step=P(), params=p_specs, opt_state=opt_specs, rng=P(), skipped=P(), streak=P())
+
+
+def abstract_layout(abstract_params: Any, trainable_mask: Any, optimizer: optax.GradientTransformation,
+                    mesh: Mesh, rules: tuple[Rule, ...] = (), rng: Optional[jax.Array] = None):
+    """The abstract pieces of a train step, without allocating anything: -> (trainable half,
+    frozen half, `TrainState`, state PartitionSpecs, frozen PartitionSpecs). The loop builds its
+    shardings from these; the memory estimator compiles the step from them."""
+    trainable, frozen = split(abstract_params, trainable_mask)
+    rng = jax.random.key(0) if rng is None else rng
+    state = jax.eval_shape(lambda p: TrainState.create(p, optimizer, rng), trainable)
+    return trainable, frozen, state, state_specs(state, optimizer, mesh, rules), param_specs(frozen, mesh, rules)
 
 
 def named(specs: Any, mesh: Mesh) -> Any:

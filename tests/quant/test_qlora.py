@@ -51,8 +51,8 @@ def test_identity_at_init_over_a_4bit_base(apply):
     assert len(leaves) == 7 * CFG.num_layers and all(isinstance(x.base, QuantizedWeight) for x in leaves)
     np.testing.assert_allclose(logits(adapted, TOKENS), logits(QPARAMS, TOKENS), atol=2e-6, rtol=0)
     # bf16 compute over the same tree (QLoRA's compute dtype): still the quantized base's function
-    bf16 = Model(CFG.replace(dtype="bfloat16"))
-    np.testing.assert_allclose(bf16.apply(adapted, TOKENS), bf16.apply(QPARAMS, TOKENS), atol=0.05, rtol=0)
+    bf16 = jax.jit(Model(CFG.replace(dtype="bfloat16")).apply)
+    np.testing.assert_allclose(bf16(adapted, TOKENS), bf16(QPARAMS, TOKENS), atol=0.05, rtol=0)
 
 
 @pytest.mark.parametrize("apply", [apply_lora, apply_dora])
@@ -62,7 +62,7 @@ def test_gradients_reach_only_the_adapters(apply):
     trainable, frozen = split(adapted, mask)
     batch = next(SyntheticStream(2, 12, CFG.vocab_size, seed=0))
     loss_fn = causal_lm_loss(Model(CFG.replace(dtype="bfloat16")))
-    grads = jax.grad(lambda t: loss_fn(join(t, frozen), batch, None)[0])(trainable)
+    grads = jax.jit(jax.grad(lambda t, f: loss_fn(join(t, f), batch, None)[0]))(trainable, frozen)
     names = {type(x).__name__ for x in _leaves(grads, (LoraWeight, DoraWeight))}
     assert names == {"LoraWeight"} if apply is apply_lora else {"DoraWeight"}
     for leaf in _leaves(grads, (LoraWeight, DoraWeight)):

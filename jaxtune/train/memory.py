@@ -1,0 +1,308 @@
+"""Memory of a training job's step, per device, without allocating it: an estimate from the job's
+abstract param tree and traced program, and XLA's own figure from compiling the real step.
+
+`plan_step(job)` builds everything the loop would (model, quantization, PEFT, trainable split,
+optimizer, shardings, loss) as abstract values (``jax.eval_shape``), so an 8B model costs
+nothing but tracing. `estimate(plan)` then counts, per device:
+
+- params: every leaf's bytes divided by how its PartitionSpec splits it (exact, quantized
+  kernels at their packed size); trainable and frozen separately;
+- gradients: the trainable half's bytes (plus the accumulator when ``grad_accum > 1``);
+- optimizer state: the state's leaves, split like their parameters (exact);
+- activations: the residuals JAX saves for the backward pass of one micro-batch under the
+  configured remat policy (traced, not modelled by hand), divided over the batch axes
+  (``data`` x ``fsdp``) and, for tensors with a head / feed-forward dimension, ``tensor``;
+- one block re-run: under a remat policy, the residuals of one block without remat, live while
+  the backward pass recomputes it;
+- logits: the float32 gradient of the logits at the turn from forward to backward (the softmax
+  is among the residuals), or one chunk's logits and gradient with ``train.loss_chunk_tokens``;
+- peak: arguments (params, optimizer state, batch) + the larger of (activations + block re-run
+  + logits) and (gradients + the updated trainable params).
+
+Measured against XLA on this CPU (tests/train/test_memory.py, README): within 10% for full,
+LoRA and QLoRA with float32 compute and remat none. XLA:CPU runs bf16 arithmetic in float32
+(its float-normalization pass keeps f32 temporaries, so its figure is higher than the program's)
+and its scheduler does not realise rematerialisation's savings (remat full compiles to about
+the same peak as none there), so those are compared on accelerators, not here.
+
+`compiled(plan)` lowers and compiles the step with abstract inputs and returns XLA's
+``memory_analysis()`` (arguments + outputs - aliased + temporaries), which works on this CPU
+even for 8B shapes; ``jaxtune estimate --compiled`` prints both.
+
+This module must not allocate device buffers for the model, nor change what the loop runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
+
+from jaxtune.config.schema import TrainJobConfig
+from jaxtune.models import Model, ModelConfig
+from jaxtune.parallel.mesh import AXES, BATCH_AXES, make_mesh
+from jaxtune.train.partition import join, mask_by_regex
+from jaxtune.train.step import abstract_layout, make_train_step, named
+
+GiB = 2**30
+
+
+@dataclass
+class StepPlan:
+    job: TrainJobConfig
+    cfg: ModelConfig
+    params: Any  # abstract full tree
+    trainable: Any
+    frozen: Any
+    state: Any  # abstract TrainState
+    state_specs: Any
+    frozen_specs: Any
+    optimizer: Any
+    schedule: Any
+    loss_fn: Any
+    mesh_shape: dict[str, int]
+    mesh: Optional[Mesh]  # real devices, when this process has enough of them (needed to compile)
+
+    @property
+    def micro_batch(self) -> int:
+        return self.job.train.batch_size // self.job.train.grad_accum
+
+    def batch(self, rows: int) -> dict:
+        shape = (rows, self.job.train.seq_len)
+        batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
+        batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32)
+        return batch
+
+
+def abstract_model(job: TrainJobConfig) -> tuple[Any, ModelConfig]:
+    """-> (``rng -> params`` built with no weights read, cfg) for any model source."""
+    from jaxtune.checkpoint import load_model_config
+    from jaxtune.interop.hf_config import from_hf_config
+    from jaxtune.interop.hf_weights import read_config
+    from jaxtune.models.presets import preset
+    from jaxtune.quant.weight import QuantConfig, quantize
+
+    source = job.model
+    numerics = dict(param_dtype=source.param_dtype, dtype=source.dtype, attention_impl=source.attention_impl)
+    quant = source.quant
+    if source.hf_dir is not None:
+        hf = read_config(source.hf_dir)
+        cfg = from_hf_config(hf, **numerics)
+        q = hf.get("quantization_config") or {}
+        if quant is None and q.get("quant_method") == "bitsandbytes" and (q.get("load_in_4bit") or q.get("load_in_8bit")):
+            quant = (QuantConfig(kind=q.get("bnb_4bit_quant_type", "nf4"), double_quant=bool(q.get("bnb_4bit_use_double_quant")))
+                     if q.get("load_in_4bit") else QuantConfig(kind="int8", double_quant=False))
+    elif source.checkpoint is not None:
+        cfg = load_model_config(source.checkpoint).replace(**numerics)
+    else:
+        cfg = (preset(source.preset) if source.preset is not None else source.config).replace(**numerics)
+    cfg = cfg.replace(remat=job.train.remat)
+    init = Model(cfg).init
+    return (init if quant is None else (lambda rng: quantize(init(rng), quant))), cfg
+
+
+def plan_step(job: TrainJobConfig, devices: Optional[int] = None) -> StepPlan:
+    """The job's train step as abstract values. ``devices``: how many devices the mesh spans
+    (default: this process's); the estimate needs no real devices, compiling does."""
+    from jaxtune.train.optim import build_optimizer
+    from jaxtune.train.runner import job_loss, with_peft
+
+    init, cfg = abstract_model(job)
+    optimizer, schedule = build_optimizer(job.optim, job.train.steps)
+    init, mask, optimizer = with_peft(job, init, cfg, None, optimizer)
+    params = jax.eval_shape(init, jax.random.key(0))
+    if mask is None:
+        mask = mask_by_regex(params, job.train.trainable)
+    n = devices or jax.device_count()
+    shape = job.mesh.resolve(n)
+    mesh = make_mesh(job.mesh) if n == jax.device_count() else None
+    spec_mesh = mesh if mesh is not None else AbstractMesh(shape, AXES)
+    trainable, frozen, state, state_specs, frozen_specs = abstract_layout(params, mask, optimizer, spec_mesh)
+    return StepPlan(job=job, cfg=cfg, params=params, trainable=trainable, frozen=frozen, state=state,
+                    state_specs=state_specs, frozen_specs=frozen_specs, optimizer=optimizer, schedule=schedule,
+                    loss_fn=job_loss(job, cfg), mesh_shape=dict(zip(AXES, shape)), mesh=mesh)
+
+
+def _per_device(tree: Any, specs: Any, mesh_shape: dict[str, int]) -> int:
+    """Bytes of ``tree`` on one device when each leaf is split as its PartitionSpec says."""
+    leaves = jax.tree.leaves(tree)
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    if len(leaves) != len(spec_leaves):
+        raise ValueError(f"memory: {len(leaves)} arrays but {len(spec_leaves)} specs")
+    total = 0
+    for leaf, spec in zip(leaves, spec_leaves):
+        split = 1
+        for entry in spec:
+            for name in (entry if isinstance(entry, tuple) else (entry,)):
+                split *= mesh_shape.get(name, 1) if name else 1
+        total += math.ceil(int(np.prod(leaf.shape)) / split) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+# Elementwise / layout ops that XLA fuses into their consumers (duplicating them if needed)
+# rather than keeping their output in memory for the backward pass.
+_FUSIBLE = frozenset({
+    "reshape", "broadcast_in_dim", "convert_element_type", "squeeze", "expand_dims", "select_n", "mul", "add",
+    "sub", "neg", "and", "or", "not", "eq", "ne", "lt", "gt", "le", "ge", "iota", "integer_pow", "max", "min",
+    "copy", "copy_p", "stop_gradient", "abs", "sign",
+})
+
+
+def saved_activations(fn, *args) -> list[tuple[tuple[int, ...], Any, str]]:
+    """(shape, dtype, producing op) of every value ``fn``'s backward pass keeps in memory.
+
+    The residuals are those of ``jax.vjp(fn, *args)`` under whatever remat policy ``fn`` uses
+    (traced, no compilation). Left out: the arguments themselves, and residuals XLA does not
+    materialise -- outputs of elementwise / layout ops (`_FUSIBLE`) whose inputs are
+    themselves kept or are arguments, which XLA fuses into the backward consumer (a reshape
+    of a kept buffer is a bitcast; a mask from iota and compares is recomputed)."""
+    leaves = jax.tree.leaves(args)
+    closed, shapes = jax.make_jaxpr(lambda *xs: jax.vjp(lambda *ys: fn(*jax.tree.unflatten(jax.tree.structure(args), ys)), *xs),
+                                    return_shape=True)(*leaves)
+    jaxpr = closed.jaxpr
+    n_res = len(jax.tree.leaves(shapes[1]))
+    residuals = [v for v in jaxpr.outvars[len(jaxpr.outvars) - n_res:] if not hasattr(v, "val")]  # no literals
+    producer = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+    inputs = set(jaxpr.invars) | set(jaxpr.constvars)
+    kept = set(residuals)
+    free: dict[Any, bool] = {}
+
+    def available(v) -> bool:  # can the backward read or cheaply rebuild v without storing it?
+        if hasattr(v, "val") or v in inputs:
+            return True  # a literal or an argument
+        if v in free:
+            return free[v]
+        eqn = producer.get(v)
+        free[v] = False  # (no cycles in a jaxpr; guards the recursion)
+        free[v] = eqn is not None and eqn.primitive.name in _FUSIBLE and all(
+            hasattr(u, "val") or (u in kept and not fusible_residual(u)) or available(u) for u in eqn.invars)
+        return free[v]
+
+    def fusible_residual(v) -> bool:
+        eqn = producer.get(v)
+        return eqn is not None and eqn.primitive.name in _FUSIBLE
+
+    out, seen = [], set()
+    for v in residuals:
+        if v in seen or v in inputs:
+            continue
+        seen.add(v)
+        if available(v):
+            continue
+        eqn = producer.get(v)
+        out.append((tuple(v.aval.shape), v.aval.dtype, eqn.primitive.name if eqn is not None else "?"))
+    return out
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per device."""
+
+    params: int
+    trainable: int
+    frozen: int
+    gradients: int
+    optimizer: int
+    activations: int
+    recompute: int
+    logits: int
+    batch: int
+    peak: int
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [("params (all)", self.params), ("  trainable", self.trainable), ("  frozen", self.frozen),
+                ("gradients", self.gradients), ("optimizer state", self.optimizer),
+                ("activations (saved for backward)", self.activations),
+                ("one block re-run (remat)", self.recompute), ("logits (float32, for the loss)", self.logits),
+                ("batch", self.batch), ("peak", self.peak)]
+
+
+def estimate(plan: StepPlan) -> MemoryEstimate:
+    """The per-device memory of the planned step (see the module docstring)."""
+    ms, cfg, t = plan.mesh_shape, plan.cfg, plan.job.train
+    trainable = _per_device(plan.trainable, plan.state_specs.params, ms)
+    frozen = _per_device(plan.frozen, plan.frozen_specs, ms)
+    optimizer = _per_device(plan.state.opt_state, plan.state_specs.opt_state, ms)
+    batch_split = ms["data"] * ms["fsdp"]
+    gradients = trainable * (2 if t.grad_accum > 1 else 1)
+    activations = _activations(plan, plan.loss_fn)
+    # Under a remat policy the backward pass re-runs one block at a time: its residuals (those of
+    # the block without remat) are live on top of what the policy keeps.
+    working = _block_residuals(plan) if cfg.remat != "none" else 0
+    tokens = math.ceil(plan.micro_batch * t.seq_len / batch_split)
+    vocab = math.ceil(cfg.vocab_size / ms["tensor"])
+    # d(logits) in float32 (the softmax itself is a residual); a chunked loss holds one chunk's
+    # logits and their gradient at a time.
+    logits = 2 * min(tokens, t.loss_chunk_tokens) * vocab * 4 if t.loss_chunk_tokens else tokens * vocab * 4
+    batch = math.ceil(t.batch_size * t.seq_len * 4 * 5 / batch_split)
+    params = trainable + frozen
+    peak = params + optimizer + batch + max(activations + working + logits, gradients + trainable)
+    return MemoryEstimate(params=params, trainable=trainable, frozen=frozen, gradients=gradients, optimizer=optimizer,
+                          activations=activations, recompute=working, logits=logits, batch=batch, peak=peak)
+
+
+def _block_residuals(plan: StepPlan) -> int:
+    """Per-device residuals of one block without remat: the same job with 2 blocks minus 1 block."""
+    def with_layers(n: int) -> int:
+        cfg = plan.cfg.replace(num_layers=n, remat="none", layer_types=plan.cfg.layer_types[:n])
+        model = dataclasses.replace(plan.job.model, hf_dir=None, checkpoint=None, preset=None, config=cfg)
+        job = dataclasses.replace(plan.job, model=model, train=dataclasses.replace(plan.job.train, remat="none"))
+        small = plan_step(job, devices=int(np.prod(list(plan.mesh_shape.values()))))
+        return _activations(small, small.loss_fn)
+
+    return max(with_layers(2) - with_layers(1), 0)
+
+
+def _activations(plan: StepPlan, loss_fn) -> int:
+    """Per-device bytes of what ``loss_fn``'s backward keeps for one micro-batch (`saved_activations`).
+    A residual whose size doubles with the micro-batch (traced a second time at twice the rows)
+    is split over the batch axes (``data`` x ``fsdp``), whatever its layout; one with a head /
+    feed-forward dimension also over ``tensor``; the rest (e.g. from weights) is not split."""
+    ms, cfg = plan.mesh_shape, plan.cfg
+
+    def trace(rows):
+        return saved_activations(lambda tr, fr, b: loss_fn(join(tr, fr), b, None)[0],
+                                 plan.trainable, plan.frozen, plan.batch(rows))
+
+    one, two = trace(plan.micro_batch), trace(2 * plan.micro_batch)
+    paired = len(one) == len(two)
+    tensor_dims = {cfg.intermediate_size, cfg.num_heads, cfg.num_heads * cfg.head_dim}
+    if cfg.num_kv_heads > 1:
+        tensor_dims |= {cfg.num_kv_heads, cfg.num_kv_heads * cfg.head_dim}
+    total = 0
+    for i, (shape, dtype, _) in enumerate(one):
+        size = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+        if not paired or int(np.prod(two[i][0])) != int(np.prod(shape)):  # grows with the batch
+            size = math.ceil(size / (ms["data"] * ms["fsdp"]))
+            if ms["tensor"] > 1 and any(d in tensor_dims for d in shape):
+                size = math.ceil(size / ms["tensor"])
+        total += size
+    return total
+
+
+def compiled(plan: StepPlan) -> dict[str, int]:
+    """XLA's memory analysis of the real train step compiled with abstract inputs, per device:
+    arguments, outputs, aliased (donated), temporaries, and peak = arguments + outputs - aliased
+    + temporaries. Needs as many devices as the mesh (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=8)."""
+    if plan.mesh is None:
+        raise ValueError(f"memory: compiling for a mesh of {int(np.prod(list(plan.mesh_shape.values())))} devices needs "
+                         f"that many devices; this process has {jax.device_count()} "
+                         "(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    mesh = plan.mesh
+    state_sh, frozen_sh = named(plan.state_specs, mesh), named(plan.frozen_specs, mesh)
+    batch_sh = NamedSharding(mesh, P(BATCH_AXES))
+    step = make_train_step(plan.loss_fn, plan.optimizer, plan.schedule, grad_accum=plan.job.train.grad_accum, mesh=mesh,
+                           state_shardings=state_sh, frozen_shardings=frozen_sh, batch_shardings=batch_sh)
+    with_sh = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)  # noqa: E731
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in plan.batch(plan.job.train.batch_size).items()}
+    analysis = step.lower(with_sh(plan.state, state_sh), with_sh(plan.frozen, frozen_sh), batch).compile().memory_analysis()
+    out = {"arguments": int(analysis.argument_size_in_bytes), "outputs": int(analysis.output_size_in_bytes),
+           "aliased": int(analysis.alias_size_in_bytes), "temporaries": int(analysis.temp_size_in_bytes)}
+    out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+    return out
