@@ -1,7 +1,7 @@
 """Train-step time and trainable fraction of PEFT methods vs full fine-tuning, side by side.
 
     python benchmarks/peft_step_time.py [--preset bench-llama-31m] [--batch 8] [--seq 256] [--rounds 6]
-                                        [--methods full,lora-qv,lora-all,dora-all,ia3,prefix]
+                                        [--methods full,lora-qv,lora-all,dora-all,qlora-all,ia3,prefix]
 
 One model (random weights), one batch, the same jitted train step the loop uses
 (`jaxtune.train.step.make_train_step`: forward, backward over the trainable half only,
@@ -26,6 +26,7 @@ from jaxtune.models import Model
 from jaxtune.models.presets import preset
 from jaxtune.peft.config import PeftConfig, apply_peft, peft_mask
 from jaxtune.peft.lora import LoraConfig
+from jaxtune.quant import QuantConfig, quantize
 from jaxtune.train.losses import causal_lm_loss
 from jaxtune.train.partition import count, split
 from jaxtune.train.step import TrainState, make_train_step
@@ -35,6 +36,8 @@ METHODS = {
     "lora-qv": dict(lora=LoraConfig(rank=8, alpha=16, targets=("attention-qv",))),
     "lora-all": dict(lora=LoraConfig(rank=16, alpha=32, targets=("all-linear",))),
     "dora-all": dict(lora=LoraConfig(rank=16, alpha=32, targets=("all-linear",), dora=True)),
+    # QLoRA: the same LoRA over NF4 + double-quantized kernels (dequantized inside the linear op)
+    "qlora-all": dict(quant=QuantConfig(), lora=LoraConfig(rank=16, alpha=32, targets=("all-linear",))),
 }
 
 
@@ -61,7 +64,9 @@ def build(name, spec, base, cfg, batch):
     if spec is None:
         params, mask = base, jax.tree.map(lambda _: True, base)
     else:
-        params = apply_peft(base, PeftConfig(**spec), model_cfg=cfg)
+        spec = dict(spec)
+        quant = spec.pop("quant", None)
+        params = apply_peft(base if quant is None else quantize(base, quant), PeftConfig(**spec), model_cfg=cfg)
         mask = peft_mask(params, PeftConfig(**spec))
     trainable, frozen = split(params, mask)
     optimizer = optax.adamw(1e-4, weight_decay=0.1)

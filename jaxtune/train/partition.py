@@ -32,7 +32,8 @@ def mask_by_regex(params: Any, patterns: Optional[Sequence[str]]) -> Any:
 
     mask = jax.tree_util.tree_map_with_path(mark, params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
     if not any(jax.tree.leaves(mask)):
-        raise ValueError(f"trainable patterns {list(patterns or ['<all>'])} match no trainable parameter")
+        raise ValueError(f"trainable patterns {list(patterns or ['<all>'])} match no parameter that can train "
+                         "(quantized kernels never do)")
     return mask
 
 
