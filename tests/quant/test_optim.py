@@ -120,3 +120,26 @@ def test_offload_on_a_backend_without_host_memory_is_refused(monkeypatch):
     monkeypatch.setattr(loop_module, "HOST_MEMORY", "no_such_memory")
     with pytest.raises(ValueError, match="train.offload_optimizer: the cpu backend has no 'no_such_memory' memory"):
         _run(None, 1, offload=True)
+
+
+def test_large_leaves_are_updated_in_chunks_with_the_same_result(monkeypatch):
+    """A leaf above 2^20 elements (here 1031 x 1021, whose last 256-block is partly filled) is
+    updated one chunk at a time; the result equals the update of the whole leaf at once."""
+    from jaxtune.quant import optim as optim_module
+
+    params = {"w": jax.random.normal(jax.random.key(0), (1031, 1021))}
+    grads = [jax.tree.map(lambda p, k=k: jax.random.normal(jax.random.key(k), p.shape), params) for k in (1, 2, 3)]
+
+    def three_steps():
+        opt = optim_module.scale_by_adam_8bit()
+        state = opt.init(params)
+        update = jax.jit(opt.update)
+        for g in grads:
+            step, state = update(g, state)
+        return step, state
+
+    chunked = three_steps()
+    monkeypatch.setattr(optim_module, "CHUNK", 2**21)
+    whole = three_steps()
+    for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -24,7 +24,7 @@ from jaxtune.train.losses import causal_lm_loss
 from jaxtune.train.optim import OptimConfig, build_optimizer
 from jaxtune.train.partition import join, split
 
-CFG = preset("tiny-llama")
+CFG = preset("tiny-llama").replace(num_layers=2)
 MODEL = Model(CFG)
 PARAMS = MODEL.init(jax.random.key(0))
 QPARAMS = quantize(PARAMS, QuantConfig())

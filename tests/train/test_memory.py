@@ -14,15 +14,21 @@ from jaxtune.train.partition import count
 LORA = {"lora": {"rank": 16, "targets": ["all-linear"]}}
 
 
+# A small Llama (4 layers x 256, GQA 4/2 heads, FFN 704, vocab 4096: 4.8 M parameters); the README's
+# table (benchmarks/qlora_memory.py) is the same comparison on bench-llama-31m.
+SMALL = dict(family="llama", vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+             head_dim=64, intermediate_size=704, max_position_embeddings=512)
+
+
 def _job(model=None, peft=None, **train):
-    return from_dict(TrainJobConfig, {"model": {"preset": "bench-llama-31m", **(model or {})}, "peft": peft or {},
+    return from_dict(TrainJobConfig, {"model": {"config": SMALL, **(model or {})}, "peft": peft or {},
                                       "train": {"batch_size": 8, "seq_len": 128, **train}})
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_estimate_is_within_10_percent_of_the_compiled_step(method):
-    """bench-llama-31m (32 M parameters), batch 8 x 128, float32 compute, remat none. Measured:
-    estimate / XLA peak = 1.030 (full), 1.056 (LoRA), 0.938 (QLoRA)."""
+    """Batch 8 x 128, float32 compute, remat none. Measured: estimate / XLA peak = 1.036 (full),
+    1.069 (LoRA), 1.011 (QLoRA); on bench-llama-31m 1.030 / 1.056 / 0.938."""
     model = {"quant": {"kind": "nf4"}} if method == "qlora" else {}
     plan = plan_step(_job(model, LORA if method != "full" else None))
     est, xla = estimate(plan), compiled(plan)
@@ -30,12 +36,12 @@ def test_estimate_is_within_10_percent_of_the_compiled_step(method):
     # the arguments XLA sees are exactly what the estimate counts as params + optimizer state + batch
     assert abs(est.params + est.optimizer + est.batch - xla["arguments"]) < 0.01 * xla["arguments"]
     if method != "full":
-        assert count(plan.trainable) < 0.05 * count(plan.params) and est.gradients == est.trainable
+        assert count(plan.trainable) < 0.1 * count(plan.params) and est.gradients == est.trainable
 
 
 def test_estimate_splits_over_a_mesh_without_devices():
     one = estimate(plan_step(_job()))
-    eight = estimate(plan_step(from_dict(TrainJobConfig, {"model": {"preset": "bench-llama-31m"},
+    eight = estimate(plan_step(from_dict(TrainJobConfig, {"model": {"config": SMALL},
                                                           "train": {"batch_size": 8, "seq_len": 128},
                                                           "mesh": {"data": 1, "fsdp": 8}}), devices=8))
     assert eight.params == pytest.approx(one.params / 8, rel=0.01)  # every big leaf divides by 8
