@@ -54,6 +54,7 @@ def _decode(codes: jax.Array, absmax: jax.Array, signed: bool) -> jax.Array:
 
 
 CHUNK = 2**20  # leaves above this many elements are updated this many at a time
+_ZERO_CODE = {True: int(np.argmin(np.abs(C.DYNAMIC_SIGNED))), False: int(np.argmin(np.abs(C.DYNAMIC_UNSIGNED)))}
 
 
 def _chunked(update, g, m_q, v_q, m_a, v_a):
@@ -63,8 +64,7 @@ def _chunked(update, g, m_q, v_q, m_a, v_a):
     n, blocks = g.size, m_a.shape[0]
     n_chunks = -(-n // CHUNK)
     pad = n_chunks * CHUNK - n
-    zero_m = int(np.argmin(np.abs(C.DYNAMIC_SIGNED)))
-    zero_v = int(np.argmin(np.abs(C.DYNAMIC_UNSIGNED)))
+    zero_m, zero_v = _ZERO_CODE[True], _ZERO_CODE[False]
 
     def rows(x, fill):
         return jnp.pad(x.reshape(-1), (0, pad), constant_values=fill).reshape(n_chunks, CHUNK)
@@ -84,8 +84,9 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
 
     def init(params):
         def zeros(p, signed):
-            if _is_8bit(p, min_8bit_size):
-                return _encode(jnp.zeros(p.shape, jnp.float32), signed)
+            if _is_8bit(p, min_8bit_size):  # the codes of 0.0 and a zero absmax: what _encode(zeros) gives
+                blocks = -(-int(np.prod(p.shape)) // BLOCKSIZE)
+                return jnp.full(p.shape, _ZERO_CODE[signed], jnp.uint8), jnp.zeros((blocks,), jnp.float32)
             return jnp.zeros(p.shape, jnp.float32), jnp.zeros((1,), jnp.float32)  # (unused; Orbax refuses empty arrays)
 
         mu = jax.tree.map(lambda p: zeros(p, True)[0], params)

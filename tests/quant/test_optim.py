@@ -143,3 +143,13 @@ def test_large_leaves_are_updated_in_chunks_with_the_same_result(monkeypatch):
     whole = three_steps()
     for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_initial_8bit_state_is_the_quantization_of_zeros():
+    from jaxtune.quant.optim import _encode, scale_by_adam_8bit
+
+    state = scale_by_adam_8bit().init({"w": jnp.ones((37, 300))})
+    for signed, codes, absmax in ((True, state.mu["w"], state.mu_absmax["w"]), (False, state.nu["w"], state.nu_absmax["w"])):
+        ref_codes, ref_absmax = _encode(jnp.zeros((37, 300)), signed)
+        np.testing.assert_array_equal(np.asarray(codes), np.asarray(ref_codes))
+        np.testing.assert_array_equal(np.asarray(absmax), np.asarray(ref_absmax))
