@@ -29,6 +29,8 @@ from jax.sharding import PartitionSpec as P
 from jaxtune.ops.linear import dropout, linear, register_linear
 from jaxtune.parallel.rules import nested_specs, register_sharding
 from jaxtune.peft.core import is_adapter, is_weight_leaf, merge_type, register_adapter
+from jaxtune.quant.matmul import lora_over_quantized
+from jaxtune.quant.weight import QuantizedWeight
 from jaxtune.utils.tree import keypath_str
 
 TARGET_PRESETS = {
@@ -65,8 +67,12 @@ class LoraWeight:
 
 @register_linear(LoraWeight)
 def _lora_linear(x, w: LoraWeight, *, dtype, rng=None):
-    y = linear(x, w.base, dtype=dtype)
     h = dropout(x, w.dropout, rng)
+    if isinstance(w.base, QuantizedWeight):  # QLoRA: one fused kernel where the quantized kernel takes that path
+        fused = lora_over_quantized(x, h, w.base, w.a, w.b, w.scale, dtype)
+        if fused is not None:
+            return fused
+    y = linear(x, w.base, dtype=dtype)
     return y + w.scale * linear(linear(h, w.a, dtype=dtype), w.b, dtype=dtype)
 
 

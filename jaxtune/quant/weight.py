@@ -21,8 +21,8 @@ so the packed bytes, absmax and double-quantized statistics are bitsandbytes' ow
 `jaxtune.quant.codes`) and a checkpoint quantized by bitsandbytes loads without a 16-bit round
 trip. NF4 with double quantization costs 4 + 8/64 + 32/(64*256) = 4.127 bits per parameter.
 
-The one linear op dequantizes to the compute dtype and multiplies (XLA fuses the unpacking into
-the matmul's operand where it can; the fused Pallas kernel is `jaxtune.kernels`). For shape,
+The one linear op (`jaxtune.quant.matmul`) dequantizes to the compute dtype and multiplies, by XLA
+or by the fused Pallas kernel of `jaxtune.kernels` (``QuantConfig.kernel``). For shape,
 dtype and ``astype`` a `QuantizedWeight` behaves like the kernel it stands for: ``astype``
 dequantizes, so adapters' ``merged()`` work on quantized bases unchanged.
 
@@ -45,12 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxtune.ops.linear import is_typed_weight, register_linear
+from jaxtune.ops.linear import is_typed_weight
 from jaxtune.parallel.rules import register_sharding
 from jaxtune.quant import codes as C
 from jaxtune.utils.tree import keypath_str
 
 KINDS = ("nf4", "fp4", "int8", "int4")
+KERNELS = ("auto", "xla", "pallas", "interpret")
 TARGET_PRESETS = {
     "attention": (r"attn/(q|k|v|o)_proj/kernel$",),
     "mlp": (r"mlp/(gate|up|down)_proj/kernel$",),
@@ -69,12 +70,17 @@ class QuantConfig:
     blocksize: int = 64
     double_quant: bool = True
     targets: tuple[str, ...] = ("all-linear",)
+    # how the linear op multiplies: auto (the fused Pallas kernel on GPU where it is faster, else
+    # XLA's dequantize-then-matmul) | xla | pallas | interpret (the kernel in Pallas' interpreter: tests)
+    kernel: Literal["auto", "xla", "pallas", "interpret"] = "auto"
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"quant.kind: unknown kind {self.kind!r} ({' | '.join(KINDS)})")
         if self.kind != "int8" and self.blocksize not in C.BLOCKSIZES:
             raise ValueError(f"quant.blocksize must be a power of two from 32 to 4096, got {self.blocksize}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"quant.kernel: unknown kernel choice {self.kernel!r} ({' | '.join(KERNELS)})")
         if self.double_quant and self.kind in ("int8", "int4"):
             raise ValueError(f"quant.double_quant applies to nf4/fp4 absmax only; set it false for {self.kind}")
         for t in self.targets:
@@ -99,6 +105,7 @@ class QuantizedWeight:
     shape: tuple = field(metadata=dict(static=True), default=())  # (in, out)
     orig_dtype: str = field(metadata=dict(static=True), default="float32")
     blocksize: int = field(metadata=dict(static=True), default=64)
+    kernel: str = field(metadata=dict(static=True), default="auto")  # see QuantConfig.kernel
 
     @property
     def dtype(self):
@@ -126,7 +133,14 @@ class QuantizedWeight:
         return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(self))
 
     def config(self, targets: tuple[str, ...] = ("all-linear",)) -> QuantConfig:
-        return QuantConfig(kind=self.kind, blocksize=self.blocksize, double_quant=self.double_quant, targets=targets)
+        return QuantConfig(kind=self.kind, blocksize=self.blocksize, double_quant=self.double_quant, targets=targets,
+                           kernel=self.kernel)
+
+    def absmax(self) -> jax.Array:
+        """The float32 absmax (nf4 / fp4: double-dequantized if need be) in ``scales``' shape."""
+        if not self.double_quant:
+            return self.scales
+        return C.double_dequantize(self.scales.reshape(-1), self.nested_scales, self.offset).reshape(self.scales.shape)
 
     def dequantize_t(self, dtype: Any = jnp.float32) -> jax.Array:
         """``W^T: [out, in]`` in ``dtype`` (the stored orientation; what the linear op contracts)."""
@@ -138,9 +152,7 @@ class QuantizedWeight:
             q = C.unpack_4bit(self.codes, n_in) - 8
             groups = q.reshape(n_out, n_in // self.blocksize, self.blocksize).astype(jnp.float32)
             return (groups * self.scales[..., None]).reshape(n_out, n_in).astype(dtype)
-        absmax = self.scales
-        if self.double_quant:
-            absmax = C.double_dequantize(self.scales.reshape(-1), self.nested_scales, self.offset).reshape(self.scales.shape)
+        absmax = self.absmax()
         if self.codes.ndim == 1:  # flat layout: blocks run across rows
             flat = C.dequantize_4bit(self.codes, absmax, n_in * n_out, self.blocksize, self.kind, jnp.float32)
             return flat.reshape(n_out, n_in).astype(dtype)
@@ -160,45 +172,6 @@ class QuantizedWeight:
         return quantize_kernel(w, self.config())
 
 
-@register_linear(QuantizedWeight)
-def _quantized_linear(x, w: QuantizedWeight, *, dtype, rng=None):
-    dtype = x.dtype if dtype is None else dtype
-    if x.shape[-1] != w.shape[0]:
-        raise ValueError(f"linear: x has {x.shape[-1]} input features, quantized kernel expects {w.shape[0]}")
-    return _dequantize_matmul(x.astype(dtype), w, jnp.dtype(dtype).name)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dequantize_matmul(x: jax.Array, w: QuantizedWeight, dtype: str) -> jax.Array:
-    """``x @ dequantize(w)``, with a backward pass that keeps no dense copy of the kernel: the
-    residuals are ``x`` and the packed ``w``, and ``dx = dy @ dequantize(w)^T`` dequantizes
-    again, after ``dy`` exists (an optimization barrier stops XLA from hoisting every layer's
-    dequantization to the start of the backward pass, which would hold them all at once).
-    The quantized kernel is frozen: its cotangent is zero."""
-    return _dot_t(x, w.dequantize_t(dtype))
-
-
-def _dot_t(x: jax.Array, wt: jax.Array) -> jax.Array:
-    """``x @ wt^T`` for ``wt: [out, in]`` (the stored orientation), without a transpose copy."""
-    return jax.lax.dot_general(x, wt, (((x.ndim - 1,), (1,)), ((), ())))
-
-
-def _dequantize_matmul_fwd(x, w, dtype):
-    return _dot_t(x, w.dequantize_t(dtype)), (x, w)
-
-
-def _dequantize_matmul_bwd(dtype, residuals, dy):
-    x, w = residuals
-    dy, w = jax.lax.optimization_barrier((dy, w))
-    dx = jax.lax.dot_general(dy, w.dequantize_t(dtype), (((dy.ndim - 1,), (0,)), ((), ())))
-    zero = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.inexact)
-                        else jnp.zeros_like(a), w)
-    return dx.astype(x.dtype), zero
-
-
-_dequantize_matmul.defvjp(_dequantize_matmul_fwd, _dequantize_matmul_bwd)
-
-
 @register_sharding(QuantizedWeight)
 def _quantized_specs(w: QuantizedWeight, spec: P) -> QuantizedWeight:
     """Stored ``[out, ...]`` arrays take the kernel's axes transposed (out first); flat arrays
@@ -214,10 +187,9 @@ def _quantized_specs(w: QuantizedWeight, spec: P) -> QuantizedWeight:
             return P(out_axis, in_axis)
         return P(out_axis) if a.ndim == 1 else P()
 
-    return QuantizedWeight(codes=of(w.codes), scales=of(w.scales),
-                           nested_scales=None if w.nested_scales is None else P(),
-                           offset=None if w.offset is None else P(),
-                           kind=w.kind, shape=w.shape, orig_dtype=w.orig_dtype, blocksize=w.blocksize)
+    return dataclasses.replace(w, codes=of(w.codes), scales=of(w.scales),
+                               nested_scales=None if w.nested_scales is None else P(),
+                               offset=None if w.offset is None else P())
 
 
 @partial(jax.jit, static_argnames=("kind", "blocksize", "double_quant"))
@@ -256,7 +228,17 @@ def quantize_kernel(w: jax.Array, cfg: QuantConfig, where: str = "kernel") -> Qu
         raise ValueError(f"quantize: int4 packs two inputs a byte; {where} has an odd input size {n_in}")
     codes, scales, nested, offset = _quantize_t(jnp.asarray(w).T, cfg.kind, cfg.blocksize, cfg.double_quant)
     return QuantizedWeight(codes=codes, scales=scales, nested_scales=nested, offset=offset, kind=cfg.kind,
-                           shape=(n_in, n_out), orig_dtype=jnp.dtype(w.dtype).name, blocksize=cfg.blocksize)
+                           shape=(n_in, n_out), orig_dtype=jnp.dtype(w.dtype).name, blocksize=cfg.blocksize,
+                           kernel=cfg.kernel)
+
+
+def with_kernel(params: Any, kernel: str) -> Any:
+    """``params`` with every quantized kernel's matmul choice set to ``kernel`` (see QuantConfig.kernel):
+    e.g. for a checkpoint loaded pre-quantized, or to compare the paths."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel choice {kernel!r} ({' | '.join(KERNELS)})")
+    return jax.tree.map(lambda x: dataclasses.replace(x, kernel=kernel) if is_quantized(x) else x, params,
+                        is_leaf=is_quantized)
 
 
 def is_quantized(x: Any) -> bool:
@@ -371,3 +353,6 @@ def quantized_bytes(cfg: QuantConfig, n_in: int, n_out: int) -> int:
     if not cfg.double_quant:
         return math.ceil(n / 2) + 4 * blocks
     return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / C.NESTED_BLOCKSIZE) + 4
+
+
+from jaxtune.quant import matmul as _matmul  # noqa: E402,F401  (registers QuantizedWeight's linear rule)
