@@ -32,13 +32,14 @@ def test_packed_documents_do_not_attend_across_segments(family):
                                                     activation="gelu_tanh", position="learned", num_kv_heads=4)
     model = Model(cfg)
     params = model.init(jax.random.key(1))
+    apply = jax.jit(model.apply)
     docs = [np.array([3, 9, 4, 7, 1]), np.array([8, 2, 6]), np.array([5, 5, 11, 30])]
     packed = np.concatenate(docs)[None]
     segments = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)])[None]
-    packed_logits = np.asarray(model.apply(params, jnp.asarray(packed), segment_ids=jnp.asarray(segments)))
+    packed_logits = np.asarray(apply(params, jnp.asarray(packed), segment_ids=jnp.asarray(segments)))
     start = 0
     for d in docs:
-        alone = np.asarray(model.apply(params, jnp.asarray(d[None])))
+        alone = np.asarray(apply(params, jnp.asarray(d[None])))
         np.testing.assert_allclose(packed_logits[0, start:start + len(d)], alone[0], atol=1e-5)
         start += len(d)
 
@@ -76,10 +77,11 @@ def test_cache_prefill_then_decode_equals_full_forward(model_and_params):
     full = model.apply(params, tokens)
     cache = model.init_cache(2, 12)
     positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
-    first, cache = model.apply(params, tokens[:, :6], positions=positions[:, :6], cache=cache)
+    apply = jax.jit(model.apply)  # one compilation serves the three decode steps
+    first, cache = apply(params, tokens[:, :6], positions=positions[:, :6], cache=cache)
     outs = [first]
     for t in range(6, 9):
-        step, cache = model.apply(params, tokens[:, t:t + 1], positions=positions[:, t:t + 1], cache=cache)
+        step, cache = apply(params, tokens[:, t:t + 1], positions=positions[:, t:t + 1], cache=cache)
         outs.append(step)
     np.testing.assert_allclose(np.concatenate(outs, 1), np.asarray(full), atol=1e-5)
     assert int(cache.end) == 9
@@ -88,9 +90,9 @@ def test_cache_prefill_then_decode_equals_full_forward(model_and_params):
 def test_bf16_compute_keeps_float32_logits_and_stays_close(model_and_params):
     model, params = model_and_params
     tokens = jax.random.randint(jax.random.key(4), (2, 8), 0, 64)
-    ref = model.apply(params, tokens)
+    ref = jax.jit(model.apply)(params, tokens)
     bf16_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    out = Model(CFG.replace(param_dtype="bfloat16", dtype="bfloat16")).apply(bf16_params, tokens)
+    out = jax.jit(Model(CFG.replace(param_dtype="bfloat16", dtype="bfloat16")).apply)(bf16_params, tokens)
     assert out.dtype == jnp.float32
     rel = np.abs(np.asarray(out) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max()
     assert rel < 0.05
@@ -119,9 +121,9 @@ def test_linear_dispatches_on_typed_leaves(model_and_params):
                   for leaf in jax.tree.leaves(typed, is_leaf=lambda v: isinstance(v, HalvedWeight)))
     assert n_typed == 2 * 7 + 1  # every projection plus the LM head
     np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(typed, tokens)),
-                               np.asarray(model.apply(params, tokens)), atol=1e-5)
+                               np.asarray(jax.jit(model.apply)(params, tokens)), atol=1e-5)
     # gradients flow into the typed leaf's fields
-    grads = jax.grad(lambda p: model.apply(p, tokens).sum())(typed)
+    grads = jax.jit(jax.grad(lambda p: model.apply(p, tokens).sum()))(typed)
     assert isinstance(grads["layers_0"]["attn"]["q_proj"]["kernel"], HalvedWeight)
 
 
