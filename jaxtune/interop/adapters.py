@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from jaxtune.interop.peft_adapters import ADAPTER_CONFIG, load_peft_adapter, save_peft_adapter
+from jaxtune.interop.peft_adapters import ADAPTER_CONFIG, load_peft_adapter
+from jaxtune.interop.peft_export import save_peft_adapter
 from jaxtune.interop.peft_prompt import PROMPT_TYPES, load_peft_prompt, save_peft_prompt
 from jaxtune.models import ModelConfig
 from jaxtune.peft.core import ADDED_KEYS, adapter_leaves

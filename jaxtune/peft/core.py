@@ -23,6 +23,7 @@ from typing import Any, Iterable
 
 import jax
 
+from jaxtune.quant.weight import QuantizedWeight
 from jaxtune.utils.tree import keypath_str
 
 ADDED_KEYS = ("prompt", "prefix")
@@ -46,8 +47,6 @@ def is_adapter(x: Any) -> bool:
 def is_weight_leaf(x: Any) -> bool:
     """Where a walk over kernels stops: an adapter leaf or a quantized kernel (a QLoRA base is
     both: an adapter whose base is quantized). Plain arrays are leaves anyway."""
-    from jaxtune.quant.weight import QuantizedWeight
-
     return is_adapter(x) or isinstance(x, QuantizedWeight)
 
 

@@ -19,14 +19,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from jaxtune.interop import load_hf, save_hf
-from jaxtune.interop.peft_adapters import (
-    AdapterFormatError,
-    linear_modules,
-    load_peft_adapter,
-    merge_adapters,
-    save_merged_hf,
-    save_peft_adapter,
-)
+from jaxtune.interop.peft_adapters import AdapterFormatError, linear_modules, load_peft_adapter
+from jaxtune.interop.peft_export import save_merged_hf, save_peft_adapter
+from jaxtune.peft.core import merge_adapters
 from jaxtune.models import Model
 from jaxtune.peft import LoraConfig, LoraWeight, apply_lora
 from jaxtune.peft.dora import DoraWeight, apply_dora
