@@ -311,7 +311,7 @@ def _metric_score(name: str, mode: str):
 
 
 NUMERICS = ("param_dtype", "dtype", "attention_impl", "remat")  # may change between runs of one model
-MATCH_ON_RESUME = ("trainable", "peft")  # extra_meta keys a resumed run must keep
+MATCH_ON_RESUME = ("trainable", "peft", "head")  # extra_meta keys a resumed run must keep
 
 
 def _check_resumable(directory: epath.Path, cfg: ModelConfig, extra_meta: dict) -> None:

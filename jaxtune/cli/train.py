@@ -11,7 +11,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("train", help="train a model (resumes from checkpoint.directory if it holds a run)")
     p.add_argument("args", nargs="*", help="[CONFIG.yaml] key=value ... (e.g. train.steps=200 checkpoint.directory=runs/a)")
     p.set_defaults(func=run_train)
-    e = sub.add_parser("eval", help="evaluate a checkpoint on the held-out stream (loss, perplexity)")
+    e = sub.add_parser("eval", help="evaluate a model: held-out loss / perplexity, generation exact match, multiple choice, classification (eval.tasks)")
     e.add_argument("args", nargs="*", help="[CONFIG.yaml] key=value ... (e.g. model.checkpoint=runs/a)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=run_eval)
@@ -62,14 +62,19 @@ def run_train(args) -> int:
 
 
 def run_eval(args) -> int:
-    from jaxtune.train.runner import run_evaluation
+    from jaxtune.eval.runner import format_table, run_eval_job, write_results
 
     job = _job(args)
-    metrics = run_evaluation(job)
-    if not metrics:
-        raise ValueError("the held-out stream produced no batches with real tokens (train.eval_batches > 0?)")
+    results = run_eval_job(job)
+    path = None
+    import jax
+
+    if jax.process_index() == 0:
+        path = write_results(job, results)
     if args.json:
-        print(json.dumps(metrics))
+        print(json.dumps(results, default=float))
     else:
-        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        print(format_table(results))
+        if path is not None:
+            print(f"results: {path}")
     return 0

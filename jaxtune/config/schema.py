@@ -13,6 +13,7 @@ from typing import Literal, Optional
 
 from jaxtune.checkpoint.manager import CheckpointConfig
 from jaxtune.data.streams import DataConfig
+from jaxtune.eval.config import EvalConfig
 from jaxtune.generate.sampling import SamplingConfig
 from jaxtune.models.config import ModelConfig
 from jaxtune.parallel.mesh import MeshConfig
@@ -73,3 +74,4 @@ class TrainJobConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # what `jaxtune eval` runs (default: the held-out loss)

@@ -11,6 +11,8 @@ padding (segment 0, no loss).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 ROW_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -27,14 +29,16 @@ def empty_rows(batch: int, seq_len: int, pad_id: int = 0) -> dict[str, np.ndarra
     }
 
 
-def write_piece(rows: dict[str, np.ndarray], row: int, start: int, piece: np.ndarray, segment: int) -> int:
+def write_piece(rows: dict[str, np.ndarray], row: int, start: int, piece: np.ndarray, segment: int,
+                trained: Optional[np.ndarray] = None) -> int:
     """Write ``piece`` (n + 1 tokens) into ``rows[row]`` at slot ``start`` as segment ``segment``;
-    returns the next free slot."""
+    returns the next free slot. ``trained`` (n + 1 bools, one per token): which tokens are
+    targets (default: all; SFT trains only completions)."""
     n = len(piece) - 1
     end = start + n
     rows["tokens"][row, start:end] = piece[:-1]
     rows["targets"][row, start:end] = piece[1:]
-    rows["loss_mask"][row, start:end] = 1.0
+    rows["loss_mask"][row, start:end] = 1.0 if trained is None else trained[1:]
     rows["segment_ids"][row, start:end] = segment
     rows["positions"][row, start:end] = np.arange(n, dtype=np.int32)
     return end

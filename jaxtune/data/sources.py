@@ -81,6 +81,11 @@ class DocumentSource:
         """The document at ``index``; raises `BadRow` if that row is not a usable document."""
         raise TypeError(f"{self.name}: a streaming source cannot be read at an index")
 
+    def record(self, index: int) -> tuple[dict, str]:
+        """-> (the whole row at ``index`` as a dict, where it is) for record-shaped data (SFT,
+        classification, preference pairs); raises `BadRow` if the row is not an object."""
+        raise TypeError(f"{self.name}: this source holds plain documents, not records with fields")
+
     def stream(self, start: int = 0) -> Iterator[str | BadRow]:
         """Documents in source order from ``start`` (a bad row is yielded as its `BadRow`)."""
         for index in range(start, len(self)):
@@ -98,6 +103,12 @@ def text_of(record: Any, field: str, where: str) -> str:
         fields = ", ".join(map(str, list(record)[:12])) or "none"
         raise BadRow(where, "missing_field", f"no field {field!r} (fields: {fields})")
     return checked_text(record[field], where, field)
+
+
+def as_record(record: Any, where: str) -> tuple[dict, str]:
+    if not isinstance(record, dict):
+        raise BadRow(where, "not_a_record", f"expected an object with fields, got {type(record).__name__}")
+    return record, where
 
 
 def checked_text(value: Any, where: str, field: str = "text") -> str:
@@ -120,7 +131,7 @@ def resolve_path(path: str | Path) -> Path:
         name = text[len(BUILTIN_PREFIX):]
         asset = Path(__file__).with_name("assets") / name
         if not asset.exists():
-            known = sorted(p.name for p in asset.parent.iterdir() if p.suffix == ".txt")
+            known = sorted(p.name for p in asset.parent.iterdir() if p.suffix in (".txt", ".jsonl"))
             raise FileNotFoundError(f"data path: no built-in dataset {name!r} (built in: {', '.join(known)})")
         return asset
     return Path(path)
@@ -219,14 +230,20 @@ class JsonlSource(DocumentSource):
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
 
-    def read(self, index: int) -> str:
+    def _parsed(self, index: int) -> tuple[Any, str]:
         where = f"{self.path}:{int(self.numbers[index])}"
         raw = os.pread(self._fd, int(self.lengths[index]), int(self.offsets[index]))  # pread: safe from several threads
         try:
-            record = json.loads(raw)
+            return json.loads(raw), where
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise BadRow(where, "invalid_json", f"invalid JSON ({err})") from None
+
+    def read(self, index: int) -> str:
+        record, where = self._parsed(index)
         return text_of(record, self.field, where)
+
+    def record(self, index: int) -> tuple[dict, str]:
+        return as_record(*self._parsed(index))
 
 
 class JsonSource(DocumentSource):
@@ -253,9 +270,14 @@ class JsonSource(DocumentSource):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _where(self, index: int) -> str:
+        return f"{self.path} record {index}" + (f" of {self.key!r}" if self.key else "")
+
     def read(self, index: int) -> str:
-        where = f"{self.path} record {index}" + (f" of {self.key!r}" if self.key else "")
-        return text_of(self.records[index], self.field, where)
+        return text_of(self.records[index], self.field, self._where(index))
+
+    def record(self, index: int) -> tuple[dict, str]:
+        return as_record(self.records[index], self._where(index))
 
 
 class ParquetSource(DocumentSource):
@@ -269,6 +291,7 @@ class ParquetSource(DocumentSource):
         if field not in schema.names:
             raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(schema.names)})")
         self.column = pq.read_table(path, columns=[field], memory_map=True).column(field)
+        self._table = None
 
     def __len__(self) -> int:
         return len(self.column)
@@ -279,6 +302,13 @@ class ParquetSource(DocumentSource):
         if value is None:
             raise BadRow(where, "missing_field", f"column {self.field!r} is null")
         return checked_text(value, where, self.field)
+
+    def record(self, index: int) -> tuple[dict, str]:
+        if self._table is None:  # every column, read once when records are asked for
+            import pyarrow.parquet as pq
+
+            self._table = pq.read_table(self.path, memory_map=True)
+        return as_record(self._table.slice(index, 1).to_pylist()[0], f"{self.path} row {index}")
 
 
 class HFDatasetSource(DocumentSource):
@@ -318,6 +348,11 @@ class HFDatasetSource(DocumentSource):
         if not self.random_access:
             return super().read(index)
         return text_of(self.ds[int(index)], self.field, f"{self.name} row {index}")
+
+    def record(self, index: int) -> tuple[dict, str]:
+        if not self.random_access:
+            return super().record(index)
+        return as_record(self.ds[int(index)], f"{self.name} row {index}")
 
     def stream(self, start: int = 0) -> Iterator[str | BadRow]:
         if self.random_access:
@@ -364,10 +399,18 @@ class ConcatSource(DocumentSource):
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0
 
-    def read(self, index: int) -> str:
+    def _locate(self, index: int) -> tuple[DocumentSource, int]:
         part = int(np.searchsorted(self.ends, index, side="right"))
         start = 0 if part == 0 else int(self.ends[part - 1])
-        return self.parts[part].read(index - start)
+        return self.parts[part], index - start
+
+    def read(self, index: int) -> str:
+        part, local = self._locate(index)
+        return part.read(local)
+
+    def record(self, index: int) -> tuple[dict, str]:
+        part, local = self._locate(index)
+        return part.record(local)
 
 
 def build_source(cfg: SourceConfig) -> DocumentSource:

@@ -13,12 +13,14 @@ protocol and the two simplest streams.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Protocol
 
 import numpy as np
 
+from jaxtune.data.classify import ClassifyDataConfig
+from jaxtune.data.instruct import InstructConfig
 from jaxtune.data.sources import SourceConfig, resolve_path
 
 
@@ -33,9 +35,11 @@ class BatchStream(Protocol):
 class DataConfig:
     """kind: synthetic (learnable counting sequences) | text (one continuous UTF-8 file cut into
     rows, nanoGPT style) | documents (files / datasets of documents, packed or padded, mixed by
-    weight, host-sharded; `jaxtune.data.pipeline`)."""
+    weight, host-sharded; `jaxtune.data.pipeline`) | sft (instruction records: prompt /
+    completion, Alpaca, chat messages; `jaxtune.data.sft`) | classification (text + label
+    records; `jaxtune.data.classify`)."""
 
-    kind: Literal["synthetic", "text", "documents"] = "synthetic"
+    kind: Literal["synthetic", "text", "documents", "sft", "classification"] = "synthetic"
     path: Optional[str] = None  # text: a UTF-8 file tokenized with the job's tokenizer
     eval_path: Optional[str] = None  # text: held-out file; default: the last eval_fraction of `path`
     eval_fraction: float = 0.05  # text: tail share held out; documents: share of documents held out (by index hash)
@@ -50,14 +54,16 @@ class DataConfig:
     shuffle: bool = True  # documents: a seeded permutation of documents per epoch
     prefetch: int = 2  # documents: batches prepared ahead in a background thread (0: none)
     tokenize_batch: int = 256  # documents: documents per tokenizer call
+    sft: InstructConfig = field(default_factory=InstructConfig)  # sft: formats, columns, chat template, loss masking
+    classify: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)  # classification: text / label fields
 
     def __post_init__(self):
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if not 0.0 <= self.pad_fraction < 1.0:
             raise ValueError(f"data.pad_fraction must be in [0, 1), got {self.pad_fraction}")
-        if self.kind == "documents" and not self.sources:
-            raise ValueError("data.sources: data.kind=documents needs at least one source")
+        if self.kind in ("documents", "sft", "classification") and not self.sources:
+            raise ValueError(f"data.sources: data.kind={self.kind} needs at least one source")
         if self.shards is not None and self.shards < 1:
             raise ValueError(f"data.shards must be >= 1, got {self.shards}")
         if self.tokenize_batch < 1:

@@ -48,12 +48,15 @@ def _load_weights(source: ModelSource) -> tuple[Any, ModelConfig, Optional[Path]
             meta = _train_meta(Path(source.checkpoint))
             peft = _peft_config(meta, Path(source.checkpoint))
             quant = _base_quant(meta, Path(source.checkpoint))
+            head = _head(meta)
             transform = None
-            if peft is not None or quant is not None:  # the tree the run trained: quantized base, then PEFT
-                def transform(p, c):
+            if peft is not None or quant is not None or head is not None:
+                def transform(p, c):  # the tree the run trained: quantized base, then PEFT, then a score head
                     p = p if quant is None else quantize(p, quant)
-                    return p if peft is None else apply_peft(p, peft, model_cfg=c)
+                    return head(p if peft is None else apply_peft(p, peft, model_cfg=c), c)
             base = _frozen_base(Path(source.checkpoint), source, meta, peft)
+            if base is not None:
+                base = head(base, None)
             params, cfg, _ = restore_train_params(source.checkpoint, base_params=base, transform=transform, **numerics)
         return params, cfg, Path(source.checkpoint)
     cfg = (preset(source.preset) if source.preset is not None else source.config).replace(**numerics)
@@ -71,6 +74,23 @@ def _peft_config(meta: dict, directory: Path) -> Optional[PeftConfig]:
     if not meta.get("peft"):
         return None
     return for_restore(from_dict(PeftConfig, meta["peft"], prefix=f"{directory / TRAIN_META_FILE}: peft"))
+
+
+def _head(meta: dict):
+    """``(params, cfg) -> params`` adding the run's classification / reward head (identity without one);
+    its values come from the checkpoint, so the init here only gives the structure."""
+    spec = meta.get("head")
+    if not spec:
+        return lambda p, c: p
+    from jaxtune.train.classify import HEAD
+
+    def add(p, c):
+        dtype = p["embed"]["embedding"].dtype
+        hidden = p["embed"]["embedding"].shape[-1]
+        n = int(spec["num_labels"])
+        return {**p, HEAD: {"kernel": jax.numpy.zeros((hidden, n), dtype), "bias": jax.numpy.zeros((n,), dtype)}}
+
+    return add
 
 
 def _base_quant(meta: dict, directory: Path) -> Optional[QuantConfig]:

@@ -132,6 +132,7 @@ def _check_cache_room(cache: KVCache, new_tokens: int) -> None:
 
 
 PREFIX_KEYS = ("prompt", "prefix")  # top-level subtrees the model reads besides its own weights
+HEAD_KEYS = ("score", "value_head")  # top-level heads over the hidden states (jaxtune.models.heads); the trunk ignores them
 
 
 def prompt_embeddings(prompt: Any) -> jax.Array:
@@ -221,7 +222,7 @@ class Model:
 
     @staticmethod
     def _decoder_params(params: Params) -> Params:
-        return {k: v for k, v in params.items() if k != "lm_head" and k not in PREFIX_KEYS}
+        return {k: v for k, v in params.items() if k != "lm_head" and k not in PREFIX_KEYS and k not in HEAD_KEYS}
 
     def prefix_kv(self, params: Params, *, rng: Optional[jax.Array] = None) -> Optional[tuple[jax.Array, jax.Array]]:
         """The per-layer (keys, values) [layers, n, kv_heads, head_dim] every real token sees, from

@@ -105,7 +105,7 @@ def causal_lm_loss(model: Model, *, z_loss: float = 0.0, chunk_tokens: int = 0) 
     return loss_fn
 
 
-OBJECTIVES = ("causal", "masked")
+OBJECTIVES = ("causal", "masked", "classification", "regression")
 
 
 @dataclass(frozen=True)
@@ -114,13 +114,22 @@ class ObjectiveConfig:
     (needs a bidirectional model, ``ModelConfig(causal=False)``): each real token is selected
     with probability ``mask_rate``; of those, ``random_rate`` become a uniformly random token,
     ``keep_rate`` stay as they are and the rest become ``mask_token_id`` (default: the
-    tokenizer's mask token)."""
+    tokenizer's mask token). classification / regression: a score head over the pooled hidden
+    states (``pooling``: the last real token or the mean), cross-entropy over ``num_labels``
+    classes or squared error (`jaxtune.train.classify`; data.kind=classification)."""
 
-    kind: Literal["causal", "masked"] = "causal"
+    kind: Literal["causal", "masked", "classification", "regression"] = "causal"
     mask_rate: float = 0.15
     random_rate: float = 0.1
     keep_rate: float = 0.1
     mask_token_id: Optional[int] = None
+    num_labels: int = 2  # classification: number of classes (regression uses 1)
+    pooling: Literal["last", "mean"] = "last"
+
+    @property
+    def head_labels(self) -> int:
+        """Outputs of the score head (0: no head)."""
+        return {"classification": self.num_labels, "regression": 1}.get(self.kind, 0)
 
     def __post_init__(self):
         if self.kind not in OBJECTIVES:
@@ -129,6 +138,8 @@ class ObjectiveConfig:
             self.mask_rate, self.random_rate, self.keep_rate,
             names=("ObjectiveConfig.mask_rate", "ObjectiveConfig.random_rate", "ObjectiveConfig.keep_rate"),
         )
+        if self.kind == "classification" and self.num_labels < 2:
+            raise ValueError(f"ObjectiveConfig.num_labels must be >= 2 for classification, got {self.num_labels}")
         if self.mask_token_id is not None and (
             isinstance(self.mask_token_id, bool) or not isinstance(self.mask_token_id, numbers.Integral)
             or self.mask_token_id < 0
@@ -197,6 +208,11 @@ def objective_loss(
 ) -> LossFn:
     """The loss for ``objective``: `causal_lm_loss` or `masked_lm_loss`. The mask token is
     ``objective.mask_token_id``, else ``tokenizer_mask_id`` (the tokenizer's mask token)."""
+    if objective.kind in ("classification", "regression"):
+        from jaxtune.train.classify import classification_loss
+
+        return classification_loss(model, num_labels=objective.head_labels, pooling=objective.pooling,
+                                   regression=objective.kind == "regression")
     if objective.kind == "causal":
         if not model.cfg.causal:
             raise ValueError(

@@ -87,7 +87,61 @@ def build_streams(job: TrainJobConfig, cfg: ModelConfig, tokenizer=None) -> tupl
     if d.kind == "documents":
         return document_streams(d, t.batch_size, t.seq_len, t.seed, tokenizer, vocab_size=cfg.vocab_size,
                                 pad_id=cfg.pad_token_id or 0)
-    raise ValueError(f"data.kind: unknown kind {d.kind!r} (synthetic | text | documents)")
+    if d.kind in ("sft", "classification"):
+        return record_streams(job, cfg, tokenizer)
+    raise ValueError(f"data.kind: unknown kind {d.kind!r} (synthetic | text | documents | sft | classification)")
+
+
+def record_streams(job: TrainJobConfig, cfg: ModelConfig, tokenizer, *, train: bool = True) -> tuple[Any, Optional[Callable[[], Iterable[dict]]]]:
+    """SFT (instruction) or classification streams over records read whole from their sources;
+    held out: data.eval_sources, else the data.eval_fraction share of the sources by row hash.
+    ``train=False``: only the held-out factory (the training stream is None)."""
+    from jaxtune.data.classify import LabelledStream, load_labelled
+    from jaxtune.data.sft import ExampleStream, load_examples
+
+    d, t, objective = job.data, job.train, job.objective
+    if any(c.weight != 1.0 for c in d.sources):
+        raise ValueError(f"data.sources: weights are for pretraining mixtures; data.kind={d.kind} reads every "
+                         "record of every source once per epoch (repeat a file to weight it)")
+    classify = d.kind == "classification"
+    if classify != (objective.head_labels > 0):
+        raise ValueError(f"data.kind={d.kind} and objective.kind={objective.kind} do not go together "
+                         "(classification data trains objective classification / regression)")
+    train_sources = [build_source(c) for c in d.sources]
+    splits = ("all", "all") if d.eval_sources else ("train", "eval")
+    eval_sources = [build_source(c) for c in d.eval_sources] if d.eval_sources else train_sources
+    pad = cfg.pad_token_id or 0
+    common = dict(eval_fraction=d.eval_fraction, seq_len=t.seq_len, add_bos=d.add_bos, on_bad_row=d.on_bad_row,
+                  vocab_size=cfg.vocab_size)
+    if classify:
+        regression = objective.kind == "regression"
+
+        def load(sources, split, name):
+            return load_labelled(sources, d.classify, tokenizer, num_labels=objective.head_labels,
+                                 regression=regression, split=split, name=name, **common)
+
+        def stream(examples, **kw):
+            return LabelledStream(examples, t.batch_size, t.seq_len, regression=regression, pad_id=pad, **kw)
+    else:
+        def load(sources, split, name):
+            return load_examples(sources, d.sft, tokenizer, split=split, add_eos=d.add_eos,
+                                 block=d.tokenize_batch, name=name, **common)
+
+        def stream(examples, **kw):
+            return ExampleStream(examples, t.batch_size, t.seq_len, packing=d.packing, pad_id=pad, **kw)
+
+    train_examples = load(train_sources, splits[0], "data.sources") if train else None
+    try:
+        eval_examples = load(eval_sources, splits[1], "data.eval_sources" if d.eval_sources else "held-out records")
+    except ValueError as err:
+        if d.eval_sources:
+            raise
+        log.warning("no held-out records (%s); training without evaluation", err)
+        eval_examples = None
+    train_stream = stream(train_examples, seed=t.seed, name="data.sources") if train else None
+    if eval_examples is None:
+        return train_stream, None
+    return train_stream, lambda: stream(eval_examples, shuffle=False, epochs=1, name="held-out records")
 
 
 def owned_shards(num_shards: int) -> list[int]:
@@ -169,6 +223,27 @@ def with_peft(job: TrainJobConfig, params: Any, cfg: ModelConfig, tokenizer, opt
     return params, mask, peft_optimizer(optimizer, job.peft, job.train.steps)
 
 
+def with_head(job: TrainJobConfig, params: Any, cfg: ModelConfig, mask: Any) -> tuple[Any, Any]:
+    """Classification / regression jobs: the score head added after PEFT (so adapter patterns never
+    reach it) and always trainable, next to whatever else trains."""
+    labels = job.objective.head_labels
+    if not labels:
+        return params, mask
+    from jaxtune.train.classify import HEAD_PATTERN, add_score_head
+
+    key = jax.random.key(job.model.init_seed + 1)
+    if callable(params):
+        init = params
+        params = lambda rng: add_score_head(init(rng), cfg, labels, key)  # noqa: E731
+        abstract = jax.eval_shape(params, jax.random.key(0))
+    else:
+        params = abstract = add_score_head(params, cfg, labels, key)
+    base_mask = mask if mask is not None else mask_by_regex(abstract, job.train.trainable)
+    if mask is not None and jax.tree.structure(mask) != jax.tree.structure(abstract):
+        base_mask = {**mask, "score": jax.tree.map(lambda _: False, abstract["score"])}
+    return params, any_mask(base_mask, mask_by_regex(abstract, [HEAD_PATTERN]))
+
+
 def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict], None]] = (),
                  checkpointer: Optional[TrainCheckpointer] = None) -> TrainResult:
     params, cfg, model_dir = model_for_training(job.model)
@@ -179,12 +254,15 @@ def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict
     stream, eval_streams = build_streams(job, cfg, tokenizer)
     optimizer, schedule = build_optimizer(job.optim, job.train.steps)
     params, trainable_mask, optimizer = with_peft(job, params, cfg, tokenizer, optimizer)
+    params, trainable_mask = with_head(job, params, cfg, trainable_mask)
     mesh = make_mesh(job.mesh)
     own_checkpointer = checkpointer is None
     if own_checkpointer:
         meta = {"job": to_dict(job), "base": to_dict(job.model),
                 "trainable": None if job.train.trainable is None else list(job.train.trainable),
-                "peft": to_dict(job.peft) if job.peft.active else None}
+                "peft": to_dict(job.peft) if job.peft.active else None,
+                "head": {"kind": job.objective.kind, "num_labels": job.objective.head_labels,
+                         "pooling": job.objective.pooling} if job.objective.head_labels else None}
         checkpointer = TrainCheckpointer(job.checkpoint, cfg, extra_meta=meta)
     if tokenizer is not None and job.checkpoint.directory and jax.process_index() == 0:
         tokenizer.save(job.checkpoint.directory)  # so generate / eval on the checkpoint need no tokenizer flags

@@ -67,7 +67,7 @@ def test_llama_recipe_cpu_sized_with_a_trained_tokenizer(tmp_path, capsys):
     assert (ckpt / "tokenizer.json").exists()  # saved beside the checkpoints
     not_model = [a for a in args if not a.startswith("model.config.")]
     assert main(["eval", "--json", *not_model, f"model.checkpoint={ckpt}"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"] == pytest.approx(val[0], rel=1e-6)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]["loss"] == pytest.approx(val[0], rel=1e-6)
 
 
 def test_bad_rows_stop_a_run_naming_the_line(tmp_path, capsys):

@@ -155,7 +155,7 @@ def test_train_and_eval_cli_with_logs(tmp_path, capsys):
     assert (ckpt / "model_config.json").exists()
 
     assert main(["eval", "--json", "configs/train_demo.yaml", f"model.checkpoint={ckpt}", *common]) == 0
-    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
     assert metrics["loss"] == pytest.approx(evals[-1]["eval/loss"], rel=1e-5)
     assert metrics["perplexity"] == pytest.approx(np.exp(metrics["nll"]), rel=1e-6)
 
@@ -252,7 +252,7 @@ def test_partially_trainable_run_checkpoints_only_its_trainable_half(tmp_path, c
         restore_params(ckpt)
     # eval rebuilds the frozen half from the run's base model (recorded in train_meta.json)
     assert main(["eval", "--json", f"model.checkpoint={ckpt}", *common, "train.eval_batches=1"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]["tokens"] > 0
     from jaxtune.interop.sources import load_model
     from jaxtune.config import ModelSource
 
@@ -275,7 +275,7 @@ def test_shakespeare_char_recipe_trains_evaluates_and_generates(tmp_path, capsys
     val = [r["eval/loss"] for r in records if "eval/loss" in r]
     assert len(val) == 1 and 3.0 < val[0] < 4.5  # ~ln(65) = 4.17 after 4 steps
     assert main(["eval", "--json", "configs/pretrain_shakespeare_char.yaml", f"model.checkpoint={ckpt}", *short]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"] == pytest.approx(val[0], rel=1e-6)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]["loss"] == pytest.approx(val[0], rel=1e-6)
     assert main(["generate", f"model.checkpoint={ckpt}", "model.preset=null", 'prompts=["ROMEO:"]',
                  "sampling.max_new_tokens=8", "--json"]) == 0
     out = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][0])

@@ -85,4 +85,4 @@ def test_two_processes_match_one_process(tmp_path):
                            *ARGS[1:], data, "train.eval_batches=2"],
                           env=_env(1), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["tokens"] > 0
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["loss"]["tokens"] > 0

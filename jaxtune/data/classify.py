@@ -1,0 +1,144 @@
+"""Labelled text for sequence classification and regression: records -> padded rows + labels.
+
+A record holds a text field and a label field. Class labels are integers in
+``[0, num_labels)`` or names listed in ``labels`` (mapped to their index); regression
+labels are numbers. One example per row (right-padded), because the head pools each row
+(its last real token, or the mean of its tokens). Over-long texts are truncated (keeping
+the start), dropped or refused by ``on_long``, and counted; bad rows raise or are counted.
+
+Batches: ``tokens``, ``segment_ids`` (1 = text, 0 = padding), ``positions``, ``labels``
+(int32 classes or float32 values) and ``row_mask`` (0 for the empty rows that fill the
+last batch of a finite pass).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from jaxtune.data.sft import ExampleSet, fit_length, read_records, report_counts, skip_or_raise
+from jaxtune.data.sources import BadRow, DocumentSource, text_of
+
+
+@dataclass(frozen=True)
+class ClassifyDataConfig:
+    """``data.classify``: where text and label are, and the label names."""
+
+    text: str = "text"
+    label: str = "label"
+    labels: tuple[str, ...] = ()  # class names, in index order (string labels are looked up here)
+    on_long: Literal["truncate", "drop", "error"] = "truncate"
+
+
+class LabelledExample(NamedTuple):
+    tokens: np.ndarray
+    label: float
+    where: str
+
+
+def label_of(record: dict, cfg: ClassifyDataConfig, where: str, *, num_labels: int, regression: bool) -> float:
+    if cfg.label not in record or record[cfg.label] is None:
+        raise BadRow(where, "missing_field", f"no field {cfg.label!r} (fields: {', '.join(map(str, list(record)[:12]))})")
+    value = record[cfg.label]
+    if regression:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+            raise BadRow(where, "bad_label", f"regression label {value!r} is not a finite number")
+        return float(value)
+    if isinstance(value, str):
+        if value not in cfg.labels:
+            raise BadRow(where, "bad_label", f"label {value!r} is not one of data.classify.labels {list(cfg.labels)}")
+        return float(cfg.labels.index(value))
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < num_labels:
+        raise BadRow(where, "bad_label", f"label {value!r} is not a class index in [0, {num_labels})")
+    return float(value)
+
+
+def load_labelled(sources: Sequence[DocumentSource], cfg: ClassifyDataConfig, tokenizer, *, num_labels: int,
+                  regression: bool, split: str = "all", eval_fraction: float = 0.05, seq_len: int,
+                  add_bos: bool = False, on_bad_row: str = "error", vocab_size: Optional[int] = None,
+                  name: str = "data.sources") -> ExampleSet:
+    counts: Counter = Counter()
+    records = read_records(sources, split, eval_fraction, on_bad_row=on_bad_row, counts=counts)
+    result = ExampleSet([], counts, len(records) + sum(counts.values()))
+    parsed = []
+    for record, where in records:
+        try:
+            parsed.append((text_of(record, cfg.text, where),
+                           label_of(record, cfg, where, num_labels=num_labels, regression=regression), where))
+        except BadRow as bad:
+            skip_or_raise(bad, on_bad_row, counts)
+    bos = [tokenizer.bos_token_id] if add_bos else []
+    for (text, label, where), ids in zip(parsed, tokenizer.encode_batch([p[0] for p in parsed]) if parsed else []):
+        tokens = np.asarray(bos + list(ids), np.int32)
+        if vocab_size is not None and len(tokens) and int(tokens.max()) >= vocab_size:
+            raise ValueError(f"{where}: token id {int(tokens.max())} >= the model's vocab_size {vocab_size}")
+        # seq_len tokens per row: fit_length counts inputs + one target, so allow seq_len - 1 + 1
+        fitted = fit_length(tokens, tokens, where, seq_len - 1, cfg.on_long, counts)
+        if fitted is None:
+            continue
+        result.examples.append(LabelledExample(fitted[0], label, where))
+    if not result.examples:
+        raise ValueError(f"{name}: no usable labelled examples in the {split} split ({dict(counts) or 'no rows'})")
+    report_counts(name, split, result)
+    return result
+
+
+class LabelledStream:
+    """Padded rows of labelled examples; the same order / epochs / state rules as `ExampleStream`."""
+
+    process_local = False
+
+    def __init__(self, examples: ExampleSet, batch_size: int, seq_len: int, *, regression: bool, seed: int = 0,
+                 shuffle: bool = True, epochs: Optional[int] = None, pad_id: int = 0, name: str = "classification"):
+        self.examples, self.counts = examples.examples, examples.counts
+        self.batch_size, self.seq_len, self.regression = batch_size, seq_len, regression
+        self.seed, self.shuffle, self.epochs, self.pad_id, self.name = seed, shuffle, epochs, pad_id, name
+        self.position = 0
+        self._order_epoch, self._order = None, None
+
+    def _order_for(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            n = len(self.examples)
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order_epoch = epoch
+        return self._order
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        n = len(self.examples)
+        end = None if self.epochs is None else self.epochs * n
+        if end is not None and self.position >= end:
+            raise StopIteration
+        b, s = self.batch_size, self.seq_len
+        batch = {"tokens": np.full((b, s), self.pad_id, np.int32), "segment_ids": np.zeros((b, s), np.int32),
+                 "positions": np.zeros((b, s), np.int32), "row_mask": np.zeros((b,), np.float32),
+                 "labels": np.zeros((b,), np.float32 if self.regression else np.int32)}
+        for row in range(b):
+            if end is not None and self.position >= end:
+                break
+            epoch, offset = divmod(self.position, n)
+            example = self.examples[int(self._order_for(epoch)[offset])]
+            k = len(example.tokens)
+            batch["tokens"][row, :k] = example.tokens
+            batch["segment_ids"][row, :k] = 1
+            batch["positions"][row, :k] = np.arange(k)
+            batch["labels"][row] = example.label
+            batch["row_mask"][row] = 1.0
+            self.position += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"kind": "labelled", "name": self.name, "position": self.position, "seed": self.seed,
+                "examples": len(self.examples)}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("kind") != "labelled" or state.get("seed") != self.seed or state.get("examples") != len(self.examples):
+            raise ValueError(f"data state {state} does not match this stream ({self.name}: {len(self.examples)} "
+                             f"examples, seed {self.seed})")
+        self.position = int(state["position"])

@@ -1,0 +1,267 @@
+"""Instruction records -> text segments that do or do not carry loss.
+
+Formats (``format``; ``auto`` picks per record by the fields it has):
+
+- ``prompt_completion``: ``{"prompt": ..., "completion": ...}`` (other names through
+  ``columns``), rendered as ``prompt_format.format(prompt=...)`` + ``completion_format``;
+- ``alpaca``: ``{"instruction", "input", "output"}`` with the Stanford Alpaca prompt;
+- ``messages``: ``{"messages": [{"role", "content"}, ...]}`` rendered with a chat template:
+  the tokenizer's (``apply_chat_template`` of a local Hugging Face tokenizer) or the
+  built-in ChatML one when the tokenizer has none.
+
+A rendered example is a list of `Segment`\\ s, each a text (or a special token id) and
+whether its tokens are targets. With ``loss="completion"`` only the completion, or, in a
+chat, every assistant turn, is trained; ``loss="all"`` trains every token. Segments are
+tokenized one by one, so the prompt's tokens are exactly what a generation prompt gives.
+
+Assistant spans under a tokenizer's template are found by rendering prefixes of the chat:
+turn ``i`` is the text between ``render(messages[:i], add_generation_prompt=True)`` and
+``render(messages[:i + 1])``. A template whose renderings are not prefixes of each other
+(one that rewrites earlier turns) cannot be split that way and is reported for the row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, Optional, Sequence, Union
+
+from jaxtune.data.sources import BadRow, checked_text
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{context}. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n"
+)
+ALPACA_CONTEXT = ", paired with an input that provides further context"
+FORMATS = ("prompt_completion", "alpaca", "messages")
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Field names of the dataset for each part a format reads."""
+
+    prompt: str = "prompt"
+    completion: str = "completion"
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    messages: str = "messages"
+    role: str = "role"  # key of a message's role
+    content: str = "content"  # key of a message's text
+    system: Optional[str] = None  # a field with a per-row system prompt (chat templates)
+
+
+@dataclass(frozen=True)
+class InstructConfig:
+    """How instruction records become training rows (``data.sft``)."""
+
+    format: Literal["auto", "prompt_completion", "alpaca", "messages"] = "auto"
+    columns: Columns = field(default_factory=Columns)
+    template: Literal["auto", "plain", "tokenizer", "chatml"] = "auto"  # auto: messages use the tokenizer's template, else ChatML; other formats plain
+    prompt_format: str = "{prompt}"  # plain prompt_completion: how the prompt is written ({prompt})
+    completion_format: str = "{completion}"
+    system_prompt: Optional[str] = None  # chat templates: a system turn before every conversation
+    loss: Literal["completion", "all"] = "completion"  # completion: only completions / assistant turns are targets
+    on_long: Literal["truncate", "drop", "error"] = "truncate"  # examples longer than train.seq_len + 1 tokens (counted)
+
+    def __post_init__(self):
+        for name in ("prompt_format", "completion_format"):
+            key = name.split("_")[0]
+            if "{" + key + "}" not in getattr(self, name):
+                raise ValueError(f"data.sft.{name} must contain {{{key}}}, got {getattr(self, name)!r}")
+
+
+class Segment(NamedTuple):
+    text: Union[str, int]  # text, or one special token id
+    trained: bool
+
+
+def chat_of(prompt: str, completion: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+
+
+def _field(record: dict, name: str, where: str, *, optional: bool = False) -> Optional[str]:
+    if name not in record or record[name] is None:
+        if optional:
+            return None
+        fields = ", ".join(map(str, list(record)[:12])) or "none"
+        raise BadRow(where, "missing_field", f"no field {name!r} (fields: {fields})")
+    if optional and isinstance(record[name], str) and not record[name].strip():
+        return None
+    return checked_text(record[name], where, name)
+
+
+def record_format(record: dict, cfg: InstructConfig, where: str) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    c = cfg.columns
+    if c.messages in record:
+        return "messages"
+    if c.instruction in record and c.output in record:
+        return "alpaca"
+    if c.prompt in record and c.completion in record:
+        return "prompt_completion"
+    fields = ", ".join(map(str, list(record)[:12])) or "none"
+    raise BadRow(where, "missing_field",
+                 f"cannot tell the instruction format: expected {c.messages!r}, {c.instruction!r}+{c.output!r} or "
+                 f"{c.prompt!r}+{c.completion!r} (fields: {fields}); set data.sft.format / data.sft.columns")
+
+
+def messages_of(record: dict, cfg: InstructConfig, where: str) -> list[dict]:
+    """The record's conversation as [{"role", "content"}] (system prompt first when configured)."""
+    c = cfg.columns
+    if c.messages not in record:
+        _field(record, c.messages, where)  # raises: no such field, naming the fields there are
+    raw = record[c.messages]
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise BadRow(where, "missing_field" if raw is None else "not_text",
+                     f"field {c.messages!r} must be a non-empty list of messages")
+    messages = []
+    system = cfg.system_prompt
+    if c.system is not None:
+        system = _field(record, c.system, where, optional=True) or system
+    if system is not None and not (isinstance(raw[0], dict) and raw[0].get(c.role) == "system"):
+        messages.append({"role": "system", "content": system})
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or c.role not in m or c.content not in m:
+            raise BadRow(where, "not_a_record", f"message {i} must be an object with {c.role!r} and {c.content!r}")
+        role = m[c.role]
+        if not isinstance(role, str) or not role:
+            raise BadRow(where, "not_text", f"message {i}: role must be a non-empty string, got {role!r}")
+        content = m[c.content]
+        if not isinstance(content, str):
+            raise BadRow(where, "not_text", f"message {i}: content is a {type(content).__name__}, not text")
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise BadRow(where, "empty", "the conversation has no non-empty assistant message to learn")
+    return messages
+
+
+def prompt_and_completion(record: dict, cfg: InstructConfig, where: str, fmt: str) -> tuple[str, str]:
+    """Plain (prompt text, completion text) of a prompt_completion or alpaca record."""
+    c = cfg.columns
+    if fmt == "alpaca":
+        instruction = _field(record, c.instruction, where)
+        extra = _field(record, c.input, where, optional=True)
+        prompt = ALPACA_PROMPT.format(context=ALPACA_CONTEXT if extra else "", instruction=instruction,
+                                      input=f"### Input:\n{extra}\n\n" if extra else "")
+        return prompt, _field(record, c.output, where)
+    prompt = cfg.prompt_format.format(prompt=_field(record, c.prompt, where))
+    return prompt, cfg.completion_format.format(completion=_field(record, c.completion, where))
+
+
+def template_of(cfg: InstructConfig, fmt: str, tokenizer) -> str:
+    """The template a record of format ``fmt`` is rendered with: plain | tokenizer | chatml."""
+    has_own = has_chat_template(tokenizer)
+    if cfg.template == "auto":
+        return ("tokenizer" if has_own else "chatml") if fmt == "messages" else "plain"
+    if cfg.template == "plain" and fmt == "messages":
+        raise ValueError("data.sft.template=plain cannot render conversations (format messages); use auto, "
+                         "tokenizer or chatml")
+    if cfg.template == "tokenizer" and not has_own:
+        raise ValueError("data.sft.template=tokenizer, but the tokenizer has no chat template "
+                         "(use template=chatml for the built-in one)")
+    return cfg.template
+
+
+def has_chat_template(tokenizer) -> bool:
+    inner = getattr(tokenizer, "tokenizer", None)
+    return bool(getattr(inner, "chat_template", None))
+
+
+def render(record: dict, where: str, cfg: InstructConfig, tokenizer, *, eos: Optional[int]) -> list[Segment]:
+    """The record as segments (``eos``: a token id ending every completion / built-in assistant turn)."""
+    fmt = record_format(record, cfg, where)
+    if fmt not in FORMATS:
+        raise ValueError(f"data.sft.format: unknown format {fmt!r} ({' | '.join(FORMATS)})")
+    template = template_of(cfg, fmt, tokenizer)
+    train_prompt = cfg.loss == "all"
+    if template == "plain":
+        prompt, completion = prompt_and_completion(record, cfg, where, fmt)
+        if not completion.strip():
+            raise BadRow(where, "empty", "empty completion")
+        segments = [Segment(prompt, train_prompt), Segment(completion, True)]
+        return segments + ([Segment(eos, True)] if eos is not None else [])
+    messages = messages_of(record, cfg, where) if fmt == "messages" else chat_of(*prompt_and_completion(record, cfg, where, fmt))
+    if fmt != "messages" and cfg.system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    if template == "chatml":
+        return chatml_segments(messages, train_prompt, eos)
+    return tokenizer_template_segments(messages, tokenizer, train_prompt, where)
+
+
+def chatml_segments(messages: Sequence[dict], train_prompt: bool, eos: Optional[int]) -> list[Segment]:
+    """The built-in ChatML rendering: ``<|im_start|>role\\ncontent<|im_end|>\\n`` per turn; an
+    assistant turn's content, ``<|im_end|>`` and ``eos`` are its targets."""
+    out: list[Segment] = []
+    for m in messages:
+        if m["role"] == "assistant":
+            out.append(Segment("<|im_start|>assistant\n", train_prompt))
+            out.append(Segment(m["content"] + "<|im_end|>", True))
+            if eos is not None:
+                out.append(Segment(eos, True))
+            out.append(Segment("\n", train_prompt))
+        else:
+            out.append(Segment(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", train_prompt))
+    return out
+
+
+def chatml_generation_prompt(messages: Sequence[dict]) -> str:
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
+
+
+def apply_template(tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool) -> str:
+    return tokenizer.tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                                   add_generation_prompt=add_generation_prompt)
+
+
+def tokenizer_template_segments(messages: Sequence[dict], tokenizer, train_prompt: bool, where: str) -> list[Segment]:
+    out: list[Segment] = []
+    done = ""  # text rendered so far
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = apply_template(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        upto = apply_template(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not before.startswith(done) or not upto.startswith(before):
+            raise BadRow(where, "template", "the tokenizer's chat template renders earlier turns differently as the "
+                         f"conversation grows (at message {i}), so assistant turns cannot be located; use "
+                         "data.sft.template=chatml or data.sft.loss=all")
+        out += [Segment(before[len(done):], train_prompt), Segment(upto[len(before):], True)]
+        done = upto
+    full = apply_template(tokenizer, messages, add_generation_prompt=False)
+    if not full.startswith(done):
+        raise BadRow(where, "template", "the chat template's full rendering does not extend its prefixes")
+    if full[len(done):]:
+        out.append(Segment(full[len(done):], train_prompt))
+    return [s for s in out if s.text != ""]
+
+
+def generation_prompt(record: dict, where: str, cfg: InstructConfig, tokenizer, *,
+                      shots: Sequence[tuple[dict, str]] = ()) -> tuple[str, str]:
+    """-> (prompt text to generate from, reference completion) for a prompt_completion / alpaca
+    record, ``shots`` (records with their locations) put before it as solved examples: as
+    earlier user/assistant turns under a chat template, as prompt + completion blocks
+    separated by a blank line in plain text."""
+    fmt = record_format(record, cfg, where)
+    if fmt == "messages":
+        messages = messages_of(record, cfg, where)
+        if messages[-1]["role"] != "assistant":
+            raise BadRow(where, "not_a_record", "the last message must be the assistant's reference answer")
+        history, reference = messages[:-1], messages[-1]["content"]
+        shot_turns = [m for r, w in shots for m in messages_of(r, cfg, w) if m["role"] != "system"]
+    else:
+        prompt, reference = prompt_and_completion(record, cfg, where, fmt)
+        history = chat_of(prompt, "")[:1]
+        shot_turns = [m for r, w in shots for m in chat_of(*prompt_and_completion(r, cfg, w, record_format(r, cfg, w)))]
+    template = template_of(cfg, fmt, tokenizer)
+    if template == "plain":
+        blocks = ["".join(prompt_and_completion(r, cfg, w, record_format(r, cfg, w))) for r, w in shots]
+        return "\n\n".join(blocks + [history[0]["content"]]), reference
+    system = [m for m in history if m["role"] == "system"]
+    if not system and cfg.system_prompt is not None:
+        system = [{"role": "system", "content": cfg.system_prompt}]
+    messages = system + shot_turns + [m for m in history if m["role"] != "system"]
+    if template == "chatml":
+        return chatml_generation_prompt(messages), reference
+    return apply_template(tokenizer, messages, add_generation_prompt=True), reference
+

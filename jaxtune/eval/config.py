@@ -1,0 +1,73 @@
+"""The ``eval:`` section of a job: which evaluations `jaxtune eval` runs and where results go."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from jaxtune.data.instruct import InstructConfig
+from jaxtune.data.sources import SourceConfig
+
+TASK_KINDS = ("loss", "generate", "choice", "classify")
+GSM8K_ANSWER = r"####\s*(-?[\d,]*\.?\d+)"
+
+
+@dataclass(frozen=True)
+class EvalTaskConfig:
+    """One evaluation. kind:
+
+    - ``loss``: token-weighted loss and perplexity on the job's held-out stream (``sources``
+      replace data.eval_sources);
+    - ``generate``: greedy KV-cache generation from each record's prompt, scored by exact match
+      of the answer ``answer_pattern`` extracts (its first group) from prediction and reference;
+    - ``choice``: log-likelihood multiple choice: the record's prompt with each of its
+      ``choices_field`` continuations, the right one at index ``answer_field``;
+    - ``classify``: accuracy and F1 (or MSE for regression) of a classification job's head.
+
+    ``shots`` > 0 puts that many solved examples, drawn per example with ``seed`` from
+    ``shots_sources`` (default: the training split of the job's data), before each prompt.
+    """
+
+    kind: Literal["loss", "generate", "choice", "classify"] = "loss"
+    name: Optional[str] = None  # label in the table (default: the kind)
+    sources: tuple[SourceConfig, ...] = ()  # default: the job's held-out split (data.eval_sources / eval_fraction)
+    sft: Optional[InstructConfig] = None  # record format / prompts (default: data.sft)
+    limit: Optional[int] = None  # the first N examples only
+    batch_size: int = 16  # prompts (generate) or continuations (choice) per forward
+    shots: int = 0
+    shots_sources: tuple[SourceConfig, ...] = ()
+    seed: int = 0
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()  # generated text is cut at the first of these strings
+    answer_pattern: Optional[str] = GSM8K_ANSWER  # regex, group 1 = the answer; None: the whole stripped text
+    numeric: bool = True  # compare extracted answers as numbers ("1,000" == "1000.0")
+    choices_field: str = "choices"
+    answer_field: str = "answer"
+    samples: int = 5  # predictions kept in the JSON results per task
+
+    def __post_init__(self):
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"eval task kind must be one of {' | '.join(TASK_KINDS)}, got {self.kind!r}")
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval task {self.label}: {name} must be >= 1, got {getattr(self, name)}")
+        if self.shots < 0 or (self.limit is not None and self.limit < 1):
+            raise ValueError(f"eval task {self.label}: shots must be >= 0 and limit >= 1")
+        if self.answer_pattern is not None:
+            import re
+
+            try:
+                if re.compile(self.answer_pattern).groups < 1:
+                    raise ValueError(f"eval task {self.label}: answer_pattern needs one (group) holding the answer")
+            except re.error as err:
+                raise ValueError(f"eval task {self.label}: answer_pattern is not a regex ({err})") from None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tasks: tuple[EvalTaskConfig, ...] = ()  # none: the held-out loss (kind loss)
+    output: Optional[str] = None  # JSON results file; default: <checkpoint or .>/eval/<UTC time>.json (never overwritten)

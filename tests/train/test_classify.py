@@ -1,0 +1,121 @@
+"""Classification fine-tuning: the head's loss in closed form, metrics against scikit-learn, a
+separable toy task learned to high accuracy (full and LoRA), and eval restoring the head."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtune.config import TrainJobConfig, from_dict
+from jaxtune.models import Model
+from jaxtune.models.presets import preset
+from jaxtune.train.classify import add_score_head, classification_loss, classification_report, regression_report
+from tests.conftest import FINE_TUNE_COMMON
+
+COLORS = ["red", "green", "blue"]
+FILLER = "the a of and to in is it on at by we".split()
+
+
+def _write(path, n, seed):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        k = int(rng.integers(3))
+        words = list(rng.choice(FILLER, int(rng.integers(3, 8))))
+        words.insert(int(rng.integers(len(words) + 1)), COLORS[k])
+        rows.append({"text": " ".join(words), "label": COLORS[k], "score": float(k)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def color_data(tmp_path_factory):
+    """Which colour word a sentence contains (3 classes): separable by one token anywhere."""
+    d = tmp_path_factory.mktemp("colors")
+    return {"kind": "classification", "sources": [{"path": _write(d / "train.jsonl", 400, 0)}],
+            "eval_sources": [{"path": _write(d / "eval.jsonl", 96, 1)}], "classify": {"labels": COLORS}}
+
+
+def _job(data, directory, **extra):
+    job = {**FINE_TUNE_COMMON, "model": {"preset": "tiny-llama"}, "data": data,
+           "objective": {"kind": "classification", "num_labels": 3},
+           "train": {"steps": 40, "batch_size": 16, "seq_len": 48, "eval_batches": 6},
+           "checkpoint": {"directory": str(directory)}, **extra}
+    return from_dict(TrainJobConfig, job)
+
+
+def test_loss_is_cross_entropy_of_the_last_real_token_and_mse_for_regression():
+    cfg = preset("tiny-llama")
+    model = Model(cfg)
+    params = add_score_head(jax.jit(model.init)(jax.random.key(0)), cfg, 3, jax.random.key(1))
+    params["score"]["kernel"] = params["score"]["kernel"] * 50  # logits far from uniform
+    tokens = np.array([[5, 6, 7, 0], [8, 9, 0, 0]], np.int32)
+    seg = (np.arange(4)[None] < np.array([[3], [2]])).astype(np.int32)
+    batch = {"tokens": tokens, "segment_ids": seg, "positions": np.tile(np.arange(4), (2, 1)),
+             "labels": np.array([2, 0], np.int32), "row_mask": np.array([1.0, 1.0], np.float32)}
+    hidden, _ = jax.jit(lambda p, t, s: model.hidden(p, t, segment_ids=s))(params, jnp.asarray(tokens), jnp.asarray(seg))
+    last = np.asarray(hidden)[[0, 1], [2, 1]]  # the last real token of each row
+    logits = last @ np.asarray(params["score"]["kernel"]) + np.asarray(params["score"]["bias"])
+    expected = sum(np.log(np.exp(l).sum()) - l[y] for l, y in zip(logits.astype(np.float64), [2, 0]))
+    total, weight, metrics = jax.jit(classification_loss(model, num_labels=3))(params, batch, None)
+    assert float(weight) == 2 and float(total) == pytest.approx(expected, rel=1e-5)
+    assert float(metrics["accuracy"]) == sum(np.argmax(logits, -1) == [2, 0])
+    reg = add_score_head(jax.jit(model.init)(jax.random.key(0)), cfg, 1, jax.random.key(1))
+    values = (last @ np.asarray(reg["score"]["kernel"]))[:, 0]
+    targets = np.array([0.5, -1.0], np.float32)
+    total, _, _ = jax.jit(classification_loss(model, num_labels=1, regression=True))(
+        reg, {**batch, "labels": targets, "row_mask": np.array([1.0, 0.0], np.float32)}, None)
+    assert float(total) == pytest.approx((values[0] - 0.5) ** 2, rel=1e-4)  # the masked row does not count
+
+
+def test_reports_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, mean_squared_error
+
+    rng = np.random.default_rng(0)
+    labels, preds = rng.integers(0, 4, 200), rng.integers(0, 4, 200)
+    preds[preds == 3] = 0  # class 3 never predicted: its F1 is 0 (sklearn's zero_division=0)
+    report = classification_report(preds, labels, 4)
+    assert report["accuracy"] == pytest.approx(accuracy_score(labels, preds))
+    assert report["macro_f1"] == pytest.approx(f1_score(labels, preds, average="macro", zero_division=0))
+    for k, f1 in enumerate(f1_score(labels, preds, average=None, zero_division=0)):
+        assert report[f"class_{k}"]["f1"] == pytest.approx(f1)
+    x, y = rng.normal(size=50), rng.normal(size=50)
+    reg = regression_report(x, y)
+    assert reg["mse"] == pytest.approx(mean_squared_error(y, x)) and reg["mae"] == pytest.approx(mean_absolute_error(y, x))
+
+
+@pytest.mark.parametrize("peft", [None, "lora"])
+def test_head_learns_a_separable_task_and_eval_restores_it(tmp_path, color_data, peft):
+    from jaxtune.eval.runner import run_eval_job
+    from jaxtune.train.runner import run_training
+
+    extra = {}
+    if peft:  # LoRA r8 + the head learn more slowly than full fine-tuning (measured: 0.90 at 60 steps, 0.64 at 40)
+        extra = {"peft": {"lora": {"rank": 8, "targets": "all-linear"}}, "optim": {**FINE_TUNE_COMMON["optim"], "lr": 1e-2},
+                 "train": {"steps": 60, "batch_size": 16, "seq_len": 48, "eval_batches": 6}}
+    result = run_training(_job(color_data, tmp_path / "run", **extra))
+    trained = result.evals[-1]
+    assert trained["accuracy"] >= (0.8 if peft else 0.95), trained  # chance: 0.33
+    if peft:
+        assert result.trainable_params < 0.2 * result.total_params
+    extra["model"] = {"checkpoint": str(tmp_path / "run")}
+    restored = run_eval_job(_job(color_data, tmp_path / "run", eval={"tasks": [{"kind": "classify"}, {"kind": "loss"}]},
+                                 **extra))
+    assert restored["classify"]["accuracy"] == pytest.approx(trained["accuracy"])
+    assert restored["loss"]["loss"] == pytest.approx(trained["loss"], rel=1e-5)
+    assert restored["classify"]["macro_f1"] >= (0.75 if peft else 0.95)
+
+
+def test_bad_labels_name_the_row(tmp_path):
+    from jaxtune.train.runner import run_training
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"text": "a red", "label": "red"}) + "\n" + json.dumps({"text": "x", "label": "pink"}) + "\n")
+    data = {"kind": "classification", "sources": [{"path": str(path)}], "eval_sources": [{"path": str(path)}],
+            "classify": {"labels": COLORS}}
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: label 'pink' is not one of data\.classify\.labels"):
+        run_training(_job(data, tmp_path / "run"))

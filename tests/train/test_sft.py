@@ -1,0 +1,102 @@
+"""SFT training: packing never mixes examples, accumulation normalises over completion tokens, and
+LoRA / QLoRA SFT jobs restore for `jaxtune eval` with the metrics they had in training."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxtune.config import TrainJobConfig, from_dict
+from jaxtune.data.instruct import InstructConfig
+from jaxtune.data.sft import ExampleStream, load_examples
+from jaxtune.data.sources import SourceConfig, build_source
+from jaxtune.data.tokenizer import ByteTokenizer
+from jaxtune.models import Model
+from jaxtune.models.presets import preset
+from jaxtune.train.losses import causal_lm_loss
+from jaxtune.train.step import TrainState, make_train_step
+from tests.conftest import FINE_TUNE_COMMON
+
+BYTE = ByteTokenizer()
+
+
+def _examples(tmp_path, n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in rng.integers(0, 500, (n, 2))]
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return load_examples([build_source(SourceConfig(path=str(path)))], InstructConfig(), BYTE, seq_len=32)
+
+
+@partial(jax.jit, static_argnums=0)
+def _token_nll(model, params, batch):
+    logits = model.apply(params, batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+    return nll * batch["loss_mask"]
+
+
+def test_packed_batch_gives_each_example_its_unpacked_loss(tmp_path):
+    model = Model(preset("tiny-llama"))
+    params = jax.jit(model.init)(jax.random.key(0))
+    examples = _examples(tmp_path)
+    packed = next(ExampleStream(examples, 3, 32, shuffle=False, epochs=1))
+    assert packed["segment_ids"].max() >= 3
+    per_token = np.asarray(_token_nll(model, params, packed))
+    packed_losses = [per_token[r, packed["segment_ids"][r] == s].sum()
+                     for r in range(3) for s in range(1, packed["segment_ids"][r].max() + 1)]
+    alone = next(ExampleStream(examples, len(packed_losses), 32, shuffle=False, epochs=1, packing="pad"))
+    alone_losses = np.asarray(_token_nll(model, params, alone)).sum(1)
+    np.testing.assert_allclose(packed_losses, alone_losses, rtol=2e-5)
+
+
+def test_accumulated_uneven_sft_micro_batches_equal_the_full_batch(tmp_path):
+    model = Model(preset("tiny-llama"))
+    params = jax.jit(model.init)(jax.random.key(1))
+    batch = next(ExampleStream(_examples(tmp_path, n=24, seed=3), 4, 32, shuffle=False))
+    tokens_per_micro = batch["loss_mask"].reshape(2, 2, -1).swapaxes(0, 1).sum((1, 2))
+    assert tokens_per_micro[0] != tokens_per_micro[1]  # the two micro-batches hold different target counts
+    loss_fn = causal_lm_loss(model)
+    out = {}
+    for accum in (1, 2):
+        state = TrainState.create(params, optax.sgd(0.5), jax.random.key(0))
+        step = make_train_step(loss_fn, optax.sgd(0.5), grad_accum=accum)
+        state, metrics = step(state, None, {k: jnp.asarray(v) for k, v in batch.items()})
+        out[accum] = (float(metrics["loss"]), state.params)
+    assert out[1][0] == pytest.approx(out[2][0], rel=1e-6)
+    for a, b in zip(jax.tree.leaves(out[1][1]), jax.tree.leaves(out[2][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _sft_job(directory, **extra):
+    job = {**FINE_TUNE_COMMON, "model": {"preset": "tiny-llama"},
+           "data": {"kind": "sft", "sources": [{"path": "builtin:gsm8k_train_slice.jsonl"}], "eval_fraction": 0.1,
+                    "sft": {"columns": {"prompt": "question", "completion": "answer"},
+                            "prompt_format": "Question: {prompt}\nAnswer: "}},
+           "train": {"steps": 4, "batch_size": 4, "seq_len": 384, "eval_batches": 2},
+           "checkpoint": {"directory": str(directory)}}
+    for key, value in extra.items():
+        job[key] = {**job.get(key, {}), **value} if isinstance(value, dict) else value
+    return from_dict(TrainJobConfig, job)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_peft_sft_checkpoint_evaluates_to_its_training_metrics(tmp_path, method):
+    from jaxtune.eval.runner import run_eval_job
+    from jaxtune.train.runner import run_training
+
+    extra = {"peft": {"lora": {"rank": 4, "targets": "all-linear"}}}
+    if method == "qlora":
+        extra["model"] = {"preset": "tiny-llama", "quant": {"kind": "nf4", "blocksize": 32}}
+    job = _sft_job(tmp_path / "run", **extra)
+    result = run_training(job)
+    assert result.trainable_params < result.total_params / 10
+    trained_eval = result.evals[-1]
+    evaluated = run_eval_job(_sft_job(tmp_path / "run", model={"preset": None, "checkpoint": str(tmp_path / "run")}))
+    assert evaluated["loss"]["loss"] == pytest.approx(trained_eval["loss"], rel=1e-5)
+    assert evaluated["loss"]["tokens"] == trained_eval["tokens"]
