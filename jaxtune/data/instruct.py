@@ -23,7 +23,7 @@ turn ``i`` is the text between ``render(messages[:i], add_generation_prompt=True
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Optional, Sequence, Union
+from typing import Literal, NamedTuple, Optional, Sequence, Union
 
 from jaxtune.data.sources import BadRow, checked_text
 

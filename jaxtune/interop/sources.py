@@ -25,13 +25,28 @@ def load_model(source: ModelSource) -> tuple[Any, ModelConfig, Optional[Path]]:
     """-> (params, cfg, directory) from the source, its kernels quantized by ``source.quant`` and
     ``source.adapter`` (a PEFT adapter directory) put on when given."""
     params, cfg, directory = _load_weights(source)
-    if source.quant is not None:
+    if source.quant is not None and not _run_quantized(source, params):
         params = quantize(params, source.quant)
     if source.adapter is not None:
         from jaxtune.interop.adapters import load_adapter
 
         params = load_adapter(params, cfg, source.adapter)
     return params, cfg, directory
+
+
+def _run_quantized(source: ModelSource, params: Any) -> bool:
+    """Whether ``source`` is a training run whose base was already quantized by ``source.quant`` (a
+    QLoRA run restored with its own recipe); a different quantization is refused, not stacked."""
+    if source.checkpoint is None:
+        return False
+    meta = _train_meta(Path(source.checkpoint))
+    recorded = _base_quant(meta, Path(source.checkpoint))
+    if recorded is None:
+        return False
+    if recorded != source.quant:
+        raise ValueError(f"model.quant {source.quant} differs from the quantization the run at {source.checkpoint} "
+                         f"trained on ({recorded}, from {TRAIN_META_FILE}); leave model.quant unset to restore it as trained")
+    return True
 
 
 def _load_weights(source: ModelSource) -> tuple[Any, ModelConfig, Optional[Path]]:
@@ -53,10 +68,11 @@ def _load_weights(source: ModelSource) -> tuple[Any, ModelConfig, Optional[Path]
             if peft is not None or quant is not None or head is not None:
                 def transform(p, c):  # the tree the run trained: quantized base, then PEFT, then a score head
                     p = p if quant is None else quantize(p, quant)
-                    return head(p if peft is None else apply_peft(p, peft, model_cfg=c), c)
+                    p = p if peft is None else apply_peft(p, peft, model_cfg=c)
+                    return p if head is None else head(p)
             base = _frozen_base(Path(source.checkpoint), source, meta, peft)
-            if base is not None:
-                base = head(base, None)
+            if base is not None and head is not None:
+                base = head(base)
             params, cfg, _ = restore_train_params(source.checkpoint, base_params=base, transform=transform, **numerics)
         return params, cfg, Path(source.checkpoint)
     cfg = (preset(source.preset) if source.preset is not None else source.config).replace(**numerics)
@@ -77,14 +93,14 @@ def _peft_config(meta: dict, directory: Path) -> Optional[PeftConfig]:
 
 
 def _head(meta: dict):
-    """``(params, cfg) -> params`` adding the run's classification / reward head (identity without one);
-    its values come from the checkpoint, so the init here only gives the structure."""
+    """``params -> params`` adding the run's classification / reward head (None without one); its
+    values come from the checkpoint, so zeros here only give the structure."""
     spec = meta.get("head")
     if not spec:
-        return lambda p, c: p
+        return None
     from jaxtune.train.classify import HEAD
 
-    def add(p, c):
+    def add(p):
         dtype = p["embed"]["embedding"].dtype
         hidden = p["embed"]["embedding"].shape[-1]
         n = int(spec["num_labels"])

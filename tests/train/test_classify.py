@@ -11,33 +11,22 @@ import numpy as np
 import pytest
 
 from jaxtune.config import TrainJobConfig, from_dict
+from jaxtune.data.tasks import COLOURS, colour_sentences, write_jsonl
 from jaxtune.models import Model
 from jaxtune.models.presets import preset
 from jaxtune.train.classify import add_score_head, classification_loss, classification_report, regression_report
 from tests.conftest import FINE_TUNE_COMMON
 
-COLORS = ["red", "green", "blue"]
-FILLER = "the a of and to in is it on at by we".split()
-
-
-def _write(path, n, seed):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(n):
-        k = int(rng.integers(3))
-        words = list(rng.choice(FILLER, int(rng.integers(3, 8))))
-        words.insert(int(rng.integers(len(words) + 1)), COLORS[k])
-        rows.append({"text": " ".join(words), "label": COLORS[k], "score": float(k)})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+COLORS = list(COLOURS)
 
 
 @pytest.fixture(scope="module")
 def color_data(tmp_path_factory):
     """Which colour word a sentence contains (3 classes): separable by one token anywhere."""
     d = tmp_path_factory.mktemp("colors")
-    return {"kind": "classification", "sources": [{"path": _write(d / "train.jsonl", 400, 0)}],
-            "eval_sources": [{"path": _write(d / "eval.jsonl", 96, 1)}], "classify": {"labels": COLORS}}
+    train, held = write_jsonl(d / "train.jsonl", colour_sentences(400, 0)), write_jsonl(d / "eval.jsonl", colour_sentences(96, 1))
+    return {"kind": "classification", "sources": [{"path": str(train)}], "eval_sources": [{"path": str(held)}],
+            "classify": {"labels": COLORS}}
 
 
 def _job(data, directory, **extra):
@@ -88,7 +77,7 @@ def test_reports_match_scikit_learn():
     assert reg["mse"] == pytest.approx(mean_squared_error(y, x)) and reg["mae"] == pytest.approx(mean_absolute_error(y, x))
 
 
-@pytest.mark.parametrize("peft", [None, "lora"])
+@pytest.mark.parametrize("peft", ["lora"])  # full fine-tuning: test_classification_recipe_runs_end_to_end
 def test_head_learns_a_separable_task_and_eval_restores_it(tmp_path, color_data, peft):
     from jaxtune.eval.runner import run_eval_job
     from jaxtune.train.runner import run_training
@@ -119,3 +108,15 @@ def test_bad_labels_name_the_row(tmp_path):
             "classify": {"labels": COLORS}}
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: label 'pink' is not one of data\.classify\.labels"):
         run_training(_job(data, tmp_path / "run"))
+
+
+def test_classification_recipe_runs_end_to_end(tmp_path, capsys):
+    from jaxtune.cli.main import main
+
+    run = tmp_path / "run"
+    common = ["logging.progress=false", "logging.tensorboard=false", f"checkpoint.directory={run}"]
+    assert main(["train", "configs/classify_colours.yaml", "train.steps=40", *common]) == 0
+    assert main(["eval", "--json", "configs/classify_colours.yaml", f"model.checkpoint={run}", *common]) == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert results["classify"]["examples"] == 120 and results["classify"]["accuracy"] >= 0.95
+    assert list((run / "eval").glob("*.json"))

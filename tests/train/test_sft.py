@@ -78,7 +78,7 @@ def _sft_job(directory, **extra):
            "data": {"kind": "sft", "sources": [{"path": "builtin:gsm8k_train_slice.jsonl"}], "eval_fraction": 0.1,
                     "sft": {"columns": {"prompt": "question", "completion": "answer"},
                             "prompt_format": "Question: {prompt}\nAnswer: "}},
-           "train": {"steps": 4, "batch_size": 4, "seq_len": 384, "eval_batches": 2},
+           "train": {"steps": 2, "batch_size": 4, "seq_len": 256, "eval_batches": 2},
            "checkpoint": {"directory": str(directory)}}
     for key, value in extra.items():
         job[key] = {**job.get(key, {}), **value} if isinstance(value, dict) else value
@@ -100,3 +100,51 @@ def test_peft_sft_checkpoint_evaluates_to_its_training_metrics(tmp_path, method)
     evaluated = run_eval_job(_sft_job(tmp_path / "run", model={"preset": None, "checkpoint": str(tmp_path / "run")}))
     assert evaluated["loss"]["loss"] == pytest.approx(trained_eval["loss"], rel=1e-5)
     assert evaluated["loss"]["tokens"] == trained_eval["tokens"]
+    if method == "lora":
+        _same_on_eight_devices(tmp_path, job, evaluated)
+    else:  # the recipe's own model.quant restores the run as trained; another quantization is refused
+        from jaxtune.config import ModelSource
+        from jaxtune.interop.sources import load_model
+        from jaxtune.quant.weight import QuantConfig
+
+        same = load_model(ModelSource(checkpoint=str(tmp_path / "run"), quant=QuantConfig(kind="nf4", blocksize=32)))
+        as_trained = load_model(ModelSource(checkpoint=str(tmp_path / "run")))
+        for a, b in zip(jax.tree.leaves(same[0]), jax.tree.leaves(as_trained[0])):
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(ValueError, match="differs from the quantization the run"):
+            load_model(ModelSource(checkpoint=str(tmp_path / "run"), quant=QuantConfig(kind="int8", double_quant=False)))
+
+
+def _same_on_eight_devices(tmp_path, job, single):
+    """`jaxtune eval` of the run on a (2, 2, 2) mesh of 8 CPU devices (a subprocess) reports the
+    single-device figures: loss, and the same greedy generations."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from jaxtune.config.loader import to_dict
+
+    spec = to_dict(job)
+    spec["model"] = {"checkpoint": str(tmp_path / "run")}
+    spec["mesh"] = {"data": 2, "fsdp": 2, "tensor": 2}
+    spec["eval"] = {"tasks": [{"kind": "loss"}, {"kind": "generate", "name": "gsm8k", "limit": 4, "batch_size": 4,
+                               "max_new_tokens": 8}]}
+    config = tmp_path / "eval8.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-m", "jaxtune.cli.main", "eval", "--json", str(config)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sharded["loss"]["loss"] == pytest.approx(single["loss"]["loss"], rel=1e-5)
+    from jaxtune.eval.runner import run_eval_job
+
+    spec["mesh"] = {}
+    one = run_eval_job(from_dict(TrainJobConfig, spec))
+    assert [s["prediction"] for s in sharded["gsm8k"]["samples"]] == [s["prediction"] for s in one["gsm8k"]["samples"]]
+

@@ -1,0 +1,26 @@
+"""The shipped synthetic task files are what `jaxtune.data.tasks` generates (their provenance)."""
+
+import json
+
+from jaxtune.data.sources import resolve_path
+from jaxtune.data.tasks import addition, colour_sentences
+
+
+def _read(name):
+    return [json.loads(line) for line in resolve_path(f"builtin:{name}").read_text().splitlines()]
+
+
+def test_builtin_task_files_equal_their_generator():
+    assert _read("addition_train.jsonl") == addition(3000, 0)
+    assert _read("addition_eval.jsonl") == addition(128, 1)
+    assert _read("colours_train.jsonl") == colour_sentences(600, 0)
+    assert _read("colours_eval.jsonl") == colour_sentences(120, 1)
+
+
+def test_addition_answers_are_the_sums():
+    for record in addition(50, 3):
+        a, b = record["prompt"].rstrip("=").split("+")
+        assert int(record["completion"]) == int(a) + int(b) and int(a) < 100 and int(b) < 10
+    chat = addition(5, 3, chat=True)
+    assert [m["role"] for m in chat[0]["messages"]] == ["user", "assistant"]
+    assert chat[0]["messages"][1]["content"] == addition(5, 3)[0]["completion"]
