@@ -28,7 +28,8 @@ from jaxtune.train.runner import run_training  # noqa: E402
 
 QUIET = ["logging.progress=false", "logging.tensorboard=false"]
 LORA = ["peft.lora.rank=16", "peft.lora.alpha=32", "peft.lora.targets=[all-linear]"]
-METHODS = {"full": [], "lora": LORA, "qlora": [*LORA, "model.quant.kind=nf4", "model.quant.blocksize=32"]}
+METHODS = {"full": [], "lora": LORA, "qlora": [*LORA, "model.quant.kind=nf4", "model.quant.blocksize=32"],
+           "lora_head": [*LORA, "train.trainable=[lm_head]"]}  # LoRA + the output layer (PEFT's modules_to_save)
 
 
 def recipe(name: str, overrides: list[str]) -> TrainJobConfig:
@@ -39,7 +40,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", help="a base checkpoint (default: train configs/pretrain_tiny_bytes.yaml here)")
     parser.add_argument("--steps", type=int, help="SFT steps (default: the recipe's)")
-    parser.add_argument("--methods", default="full,lora,qlora")
+    parser.add_argument("--methods", default="full,lora,qlora,lora_head")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
 
