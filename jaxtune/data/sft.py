@@ -42,6 +42,7 @@ class ExampleSet:
     examples: list[Example]
     counts: Counter = field(default_factory=Counter)  # truncated, dropped_long, no_target, skipped kinds
     total_rows: int = 0
+    reference: Optional[np.ndarray] = None  # preference pairs: precomputed reference log-probs [n, 2]
 
 
 def split_ids(source: DocumentSource, split: str, eval_fraction: float) -> np.ndarray:

@@ -45,3 +45,15 @@ def colour_sentences(n: int, seed: int) -> list[dict]:
         words.insert(int(rng.integers(len(words) + 1)), COLOURS[k])
         rows.append({"text": " ".join(words), "label": COLOURS[k]})
     return rows
+
+
+def shout_preferences(n: int, seed: int) -> list[dict]:
+    """Preference pairs with a known preference: asked to say a made-up word, the chosen answer
+    shouts it (upper case), the rejected one does not (``{"prompt", "chosen", "rejected"}``)."""
+    rng = np.random.default_rng(seed)
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice(letters, int(rng.integers(3, 7))))
+        rows.append({"prompt": f"Say {word}:", "chosen": f" {word.upper()}!", "rejected": f" {word}."})
+    return rows

@@ -56,13 +56,13 @@ def task_records(job: TrainJobConfig, task: EvalTaskConfig, counts) -> tuple[lis
 
 def held_out_loss(job: TrainJobConfig, task: EvalTaskConfig, params: Any, cfg, tokenizer, mesh) -> dict:
     from jaxtune.train.loop import evaluate
-    from jaxtune.train.runner import build_streams, job_loss, record_streams
+    from jaxtune.train.runner import RECORD_KINDS, build_streams, job_loss, record_streams, reference_pass
     from jaxtune.train.step import make_eval_step
 
     if task.sources:
         job = dataclasses.replace(job, data=dataclasses.replace(job.data, eval_sources=task.sources))
-    if job.data.kind in ("sft", "classification"):
-        _, eval_streams = record_streams(job, cfg, tokenizer, train=False)
+    if job.data.kind in RECORD_KINDS:
+        _, eval_streams = record_streams(job, cfg, tokenizer, train=False, prepare=reference_pass(job, params, cfg))
     else:
         _, eval_streams = build_streams(job, cfg, tokenizer)
     if eval_streams is None:

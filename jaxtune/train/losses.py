@@ -27,12 +27,13 @@ and per micro-batch.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from jaxtune.align.objectives import PreferenceObjectiveConfig
 from jaxtune.data.masking import check_mask_token_id, check_masking_rates, mask_tokens
 from jaxtune.models import Model
 from jaxtune.models.decoder import lm_head
@@ -105,7 +106,7 @@ def causal_lm_loss(model: Model, *, z_loss: float = 0.0, chunk_tokens: int = 0) 
     return loss_fn
 
 
-OBJECTIVES = ("causal", "masked", "classification", "regression")
+OBJECTIVES = ("causal", "masked", "classification", "regression", "dpo", "reward")
 
 
 @dataclass(frozen=True)
@@ -116,20 +117,23 @@ class ObjectiveConfig:
     ``keep_rate`` stay as they are and the rest become ``mask_token_id`` (default: the
     tokenizer's mask token). classification / regression: a score head over the pooled hidden
     states (``pooling``: the last real token or the mean), cross-entropy over ``num_labels``
-    classes or squared error (`jaxtune.train.classify`; data.kind=classification)."""
+    classes or squared error (`jaxtune.train.classify`; data.kind=classification). dpo: a DPO-family
+    loss on preference pairs; reward: a Bradley-Terry reward model (a one-output score head at the
+    last token); both read ``preference`` and data.kind=preference (`jaxtune.align.objectives`)."""
 
-    kind: Literal["causal", "masked", "classification", "regression"] = "causal"
+    kind: Literal["causal", "masked", "classification", "regression", "dpo", "reward"] = "causal"
     mask_rate: float = 0.15
     random_rate: float = 0.1
     keep_rate: float = 0.1
     mask_token_id: Optional[int] = None
     num_labels: int = 2  # classification: number of classes (regression uses 1)
     pooling: Literal["last", "mean"] = "last"
+    preference: PreferenceObjectiveConfig = field(default_factory=PreferenceObjectiveConfig)  # dpo / reward
 
     @property
     def head_labels(self) -> int:
         """Outputs of the score head (0: no head)."""
-        return {"classification": self.num_labels, "regression": 1}.get(self.kind, 0)
+        return {"classification": self.num_labels, "regression": 1, "reward": 1}.get(self.kind, 0)
 
     def __post_init__(self):
         if self.kind not in OBJECTIVES:
@@ -205,9 +209,16 @@ def objective_loss(
     chunk_tokens: int = 0,
     tokenizer_mask_id: Optional[int] = None,
     special_ids: Sequence[int] = (),
+    reference: str = "precomputed",
 ) -> LossFn:
     """The loss for ``objective``: `causal_lm_loss` or `masked_lm_loss`. The mask token is
     ``objective.mask_token_id``, else ``tokenizer_mask_id`` (the tokenizer's mask token)."""
+    if objective.kind in ("dpo", "reward"):
+        from jaxtune.align.objectives import dpo_loss, reward_loss
+
+        if objective.kind == "reward":
+            return reward_loss(model, objective.preference)
+        return dpo_loss(model, objective.preference, reference=reference)
     if objective.kind in ("classification", "regression"):
         from jaxtune.train.classify import classification_loss
 

@@ -87,16 +87,34 @@ def build_streams(job: TrainJobConfig, cfg: ModelConfig, tokenizer=None) -> tupl
     if d.kind == "documents":
         return document_streams(d, t.batch_size, t.seq_len, t.seed, tokenizer, vocab_size=cfg.vocab_size,
                                 pad_id=cfg.pad_token_id or 0)
-    if d.kind in ("sft", "classification"):
+    if d.kind in RECORD_KINDS:
         return record_streams(job, cfg, tokenizer)
-    raise ValueError(f"data.kind: unknown kind {d.kind!r} (synthetic | text | documents | sft | classification)")
+    raise ValueError(f"data.kind: unknown kind {d.kind!r} (synthetic | text | documents | {' | '.join(RECORD_KINDS)})")
 
 
-def record_streams(job: TrainJobConfig, cfg: ModelConfig, tokenizer, *, train: bool = True) -> tuple[Any, Optional[Callable[[], Iterable[dict]]]]:
-    """SFT (instruction) or classification streams over records read whole from their sources;
-    held out: data.eval_sources, else the data.eval_fraction share of the sources by row hash.
-    ``train=False``: only the held-out factory (the training stream is None)."""
+RECORD_KINDS = {"sft": ("causal",), "classification": ("classification", "regression"), "preference": ("dpo", "reward")}
+
+
+def reference_kind(job: TrainJobConfig) -> str:
+    """Where a DPO job's reference log-probs come from: the adapter-disabled policy (PEFT) or a pass
+    over the data with the starting weights before training (full fine-tuning)."""
+    chosen = job.objective.preference.reference
+    if chosen == "auto":
+        return "adapter" if job.peft.active else "precomputed"
+    if chosen == "adapter" and not job.peft.active:
+        raise ValueError("objective.preference.reference=adapter needs a PEFT policy (peft: ...); a fully fine-tuned "
+                         "policy uses reference=precomputed")
+    return chosen
+
+
+def record_streams(job: TrainJobConfig, cfg: ModelConfig, tokenizer, *, train: bool = True,
+                   prepare: Optional[Callable[[Any], None]] = None) -> tuple[Any, Optional[Callable[[], Iterable[dict]]]]:
+    """SFT (instruction), classification or preference streams over records read whole from their
+    sources; held out: data.eval_sources, else the data.eval_fraction share of the sources by row
+    hash. ``train=False``: only the held-out factory (the training stream is None). ``prepare``:
+    called on each loaded example set (DPO: precompute the reference log-probs)."""
     from jaxtune.data.classify import LabelledStream, load_labelled
+    from jaxtune.data.preference import PairStream, load_pairs
     from jaxtune.data.sft import ExampleStream, load_examples
 
     d, t, objective = job.data, job.train, job.objective
@@ -104,9 +122,9 @@ def record_streams(job: TrainJobConfig, cfg: ModelConfig, tokenizer, *, train: b
         raise ValueError(f"data.sources: weights are for pretraining mixtures; data.kind={d.kind} reads every "
                          "record of every source once per epoch (repeat a file to weight it)")
     classify = d.kind == "classification"
-    if classify != (objective.head_labels > 0):
+    if objective.kind not in RECORD_KINDS[d.kind]:
         raise ValueError(f"data.kind={d.kind} and objective.kind={objective.kind} do not go together "
-                         "(classification data trains objective classification / regression)")
+                         f"({d.kind} data trains objective {' / '.join(RECORD_KINDS[d.kind])})")
     train_sources = [build_source(c) for c in d.sources]
     splits = ("all", "all") if d.eval_sources else ("train", "eval")
     eval_sources = [build_source(c) for c in d.eval_sources] if d.eval_sources else train_sources
@@ -122,6 +140,12 @@ def record_streams(job: TrainJobConfig, cfg: ModelConfig, tokenizer, *, train: b
 
         def stream(examples, **kw):
             return LabelledStream(examples, t.batch_size, t.seq_len, regression=regression, pad_id=pad, **kw)
+    elif d.kind == "preference":
+        def load(sources, split, name):
+            return load_pairs(sources, d.preference, tokenizer, split=split, add_eos=d.add_eos, name=name, **common)
+
+        def stream(examples, **kw):
+            return PairStream(examples, t.batch_size, t.seq_len, pad_id=pad, **kw)
     else:
         def load(sources, split, name):
             return load_examples(sources, d.sft, tokenizer, split=split, add_eos=d.add_eos,
@@ -138,6 +162,10 @@ def record_streams(job: TrainJobConfig, cfg: ModelConfig, tokenizer, *, train: b
             raise
         log.warning("no held-out records (%s); training without evaluation", err)
         eval_examples = None
+    if prepare is not None:
+        for examples in (train_examples, eval_examples):
+            if examples is not None:
+                prepare(examples)
     train_stream = stream(train_examples, seed=t.seed, name="data.sources") if train else None
     if eval_examples is None:
         return train_stream, None
@@ -200,8 +228,10 @@ def job_loss(job: TrainJobConfig, cfg: ModelConfig, tokenizer=None) -> LossFn:
     unless ``objective.mask_token_id`` is set; its BOS/EOS/pad tokens are never masked)."""
     specials = tuple(sorted({int(i) for i in (getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad"))
                              if i is not None}))
+    reference = reference_kind(job) if job.objective.kind == "dpo" else "precomputed"
     return objective_loss(Model(cfg), job.objective, z_loss=job.train.z_loss, chunk_tokens=job.train.loss_chunk_tokens,
-                          tokenizer_mask_id=getattr(tokenizer, "mask_token_id", None), special_ids=specials)
+                          tokenizer_mask_id=getattr(tokenizer, "mask_token_id", None), special_ids=specials,
+                          reference=reference)
 
 
 def with_peft(job: TrainJobConfig, params: Any, cfg: ModelConfig, tokenizer, optimizer):
@@ -221,6 +251,23 @@ def with_peft(job: TrainJobConfig, params: Any, cfg: ModelConfig, tokenizer, opt
     if job.train.trainable is not None:
         mask = any_mask(mask, mask_by_regex(abstract, job.train.trainable))
     return params, mask, peft_optimizer(optimizer, job.peft, job.train.steps)
+
+
+def reference_pass(job: TrainJobConfig, params: Any, cfg: ModelConfig) -> Optional[Callable[[Any], None]]:
+    """DPO with reference=precomputed: a function that scores every pair of an example set with the
+    starting weights (``params``, before any training) and keeps the log-probs on it."""
+    if job.objective.kind != "dpo" or job.objective.preference.loss == "orpo" or reference_kind(job) != "precomputed":
+        return None
+    from jaxtune.align.objectives import precompute_reference
+
+    start = params(jax.random.key(0)) if callable(params) else params
+    model = Model(cfg.replace(remat="none"))
+
+    def prepare(examples):
+        examples.reference = precompute_reference(model, start, examples, batch_size=job.train.batch_size,
+                                                  seq_len=job.train.seq_len, pad_id=cfg.pad_token_id or 0)
+
+    return prepare
 
 
 def with_head(job: TrainJobConfig, params: Any, cfg: ModelConfig, mask: Any) -> tuple[Any, Any]:
@@ -251,7 +298,10 @@ def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict
     if job.objective.kind == "masked":
         cfg = cfg.replace(causal=False)  # masked LM attends both ways
     tokenizer = _tokenizer(job, model_dir)
-    stream, eval_streams = build_streams(job, cfg, tokenizer)
+    if job.data.kind in RECORD_KINDS:
+        stream, eval_streams = record_streams(job, cfg, tokenizer, prepare=reference_pass(job, params, cfg))
+    else:
+        stream, eval_streams = build_streams(job, cfg, tokenizer)
     optimizer, schedule = build_optimizer(job.optim, job.train.steps)
     params, trainable_mask, optimizer = with_peft(job, params, cfg, tokenizer, optimizer)
     params, trainable_mask = with_head(job, params, cfg, trainable_mask)

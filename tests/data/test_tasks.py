@@ -3,7 +3,7 @@
 import json
 
 from jaxtune.data.sources import resolve_path
-from jaxtune.data.tasks import addition, colour_sentences
+from jaxtune.data.tasks import addition, colour_sentences, shout_preferences
 
 
 def _read(name):
@@ -15,6 +15,8 @@ def test_builtin_task_files_equal_their_generator():
     assert _read("addition_eval.jsonl") == addition(128, 1)
     assert _read("colours_train.jsonl") == colour_sentences(600, 0)
     assert _read("colours_eval.jsonl") == colour_sentences(120, 1)
+    assert _read("shout_train.jsonl") == shout_preferences(400, 0)
+    assert _read("shout_eval.jsonl") == shout_preferences(64, 1)
 
 
 def test_addition_answers_are_the_sums():

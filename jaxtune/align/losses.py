@@ -1,0 +1,73 @@
+"""Preference losses over sequence log-probabilities and reward scores, as pure functions.
+
+Sequence log-prob of a completion: the sum of ``log p(target)`` over its masked (completion)
+positions of a row in the LM layout (`completion_logps`). With ``Δ = (log π(y_c) - log π_ref(y_c))
+- (log π(y_r) - log π_ref(y_r))`` per pair (chosen c, rejected r), `preference_losses` gives:
+
+- ``sigmoid`` (DPO, Rafailov et al. 2023): ``-log σ(βΔ)``;
+- ``conservative`` (cDPO, label smoothing ε): ``-(1-ε) log σ(βΔ) - ε log σ(-βΔ)``;
+- ``robust`` (Chowdhury et al. 2024): ``(-(1-ε) log σ(βΔ) + ε log σ(-βΔ)) / (1 - 2ε)``;
+- ``hinge`` (SLiC): ``max(0, 1 - βΔ)``;
+- ``ipo`` (Azar et al. 2023): ``(Δ' - 1/(2β))²`` with Δ' from per-token *averaged* log-ratios
+  (TRL's normalisation, confirmed by the IPO authors; ``ipo_normalize=False`` uses sums);
+- ``orpo`` (Hong et al. 2024, no reference): ``NLL(y_c) - λ log σ(log odds(y_c) - log odds(y_r))``
+  with ``odds = p / (1 - p)`` of the per-token *mean* log-probs and NLL the mean per token.
+
+``sft_weight`` adds that multiple of the chosen completion's mean per-token NLL (RPO). Reward
+models: `bradley_terry` ``-log σ(r_c - r_r - margin)`` + ``centering · (r_c + r_r)²``.
+Everything is per pair; the loop sums pairs and divides by their count.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+
+LossKind = Literal["sigmoid", "conservative", "robust", "hinge", "ipo", "orpo"]
+LOSSES = ("sigmoid", "conservative", "robust", "hinge", "ipo", "orpo")
+
+
+def completion_logps(model, params, rows: dict, rng=None) -> tuple[jax.Array, jax.Array]:
+    """-> (summed log-probs of the masked targets [N], their count [N]) for LM-layout ``rows``."""
+    hidden, _ = model.hidden(params, rows["tokens"], positions=rows.get("positions"),
+                             segment_ids=rows["segment_ids"], rng=rng)
+    logits = model.logits(params, hidden)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), rows["targets"][..., None], -1)[..., 0]
+    mask = rows["loss_mask"].astype(jnp.float32)
+    return jnp.sum(logp * mask, -1), jnp.sum(mask, -1)
+
+
+def preference_losses(kind: str, chosen: jax.Array, rejected: jax.Array, ref_chosen: Optional[jax.Array] = None,
+                      ref_rejected: Optional[jax.Array] = None, *, beta: float = 0.1, label_smoothing: float = 0.0,
+                      chosen_tokens: Optional[jax.Array] = None, rejected_tokens: Optional[jax.Array] = None,
+                      ipo_normalize: bool = True) -> jax.Array:
+    """Per-pair losses [B] from summed completion log-probs (module docstring)."""
+    if kind not in LOSSES:
+        raise ValueError(f"preference loss must be one of {' | '.join(LOSSES)}, got {kind!r}")
+    if kind == "orpo":
+        mean_c, mean_r = chosen / chosen_tokens, rejected / rejected_tokens
+        log_odds = (mean_c - mean_r) - (jnp.log1p(-jnp.exp(mean_c)) - jnp.log1p(-jnp.exp(mean_r)))
+        return -mean_c - beta * jax.nn.log_sigmoid(log_odds)
+    ratio_c, ratio_r = chosen - ref_chosen, rejected - ref_rejected
+    if kind == "ipo":
+        if ipo_normalize:
+            ratio_c, ratio_r = ratio_c / jnp.maximum(chosen_tokens, 1.0), ratio_r / jnp.maximum(rejected_tokens, 1.0)
+        return jnp.square(ratio_c - ratio_r - 1.0 / (2.0 * beta))
+    z = beta * (ratio_c - ratio_r)
+    if kind == "sigmoid":
+        return -jax.nn.log_sigmoid(z)
+    if kind == "conservative":
+        return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+    if kind == "robust":
+        return (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) + label_smoothing * jax.nn.log_sigmoid(-z)) / (
+            1.0 - 2.0 * label_smoothing)
+    return jax.nn.relu(1.0 - z)  # hinge
+
+
+def bradley_terry(r_chosen: jax.Array, r_rejected: jax.Array, *, margin: jax.Array | float = 0.0,
+                  centering: float = 0.0) -> jax.Array:
+    """Per-pair reward-model loss ``-log σ(r_c - r_r - margin) + centering · (r_c + r_r)²``."""
+    loss = -jax.nn.log_sigmoid(r_chosen - r_rejected - margin)
+    return loss + centering * jnp.square(r_chosen + r_rejected) if centering else loss

@@ -1,0 +1,210 @@
+"""Preference pairs: records -> (prompt, chosen, rejected) -> tokenized pairs -> padded batches.
+
+Layouts (``format``; ``auto``: ``pairs`` when the record has the prompt field, else ``dialogue``):
+
+- ``pairs``: ``{"prompt", "chosen", "rejected"}`` texts (the completions follow the prompt);
+- ``dialogue``: the Anthropic HH layout, where chosen and rejected are whole dialogues sharing
+  their opening turns: the prompt is the shared text up to and including the last
+  ``assistant_tag`` (``"\\n\\nAssistant:"``) they share, the completions the rest of each.
+
+Malformed pairs are counted and left out, with a warning naming the counts: ``identical`` (chosen
+== rejected), ``empty`` (a completion with no text), ``no_shared_prefix`` (dialogues that do not
+share a turn ending in the assistant tag). Rows without the fields follow ``data.on_bad_row``.
+Pairs longer than ``seq_len + 1`` tokens have their completions truncated (``on_long``), counted.
+
+A batch holds, for B pairs, ``chosen_*`` and ``rejected_*`` rows in the LM layout (tokens,
+targets, loss_mask over the completion, segment_ids, positions; one pair per row, right-padded)
+and ``pair_mask`` [B] (0 for the empty rows that fill the last batch of a finite pass).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from jaxtune.data.packing import empty_rows, write_piece
+from jaxtune.data.sft import ExampleSet, read_records, report_counts, skip_or_raise
+from jaxtune.data.sources import BadRow, DocumentSource, checked_text
+
+SIDES = ("chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    """``data.preference``: the layout and field names of preference records."""
+
+    format: Literal["auto", "pairs", "dialogue"] = "auto"
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    prompt_format: str = "{prompt}"  # pairs: how the prompt is written
+    assistant_tag: str = "\n\nAssistant:"  # dialogue: the prompt ends after the last shared one
+    on_long: Literal["truncate", "drop", "error"] = "truncate"
+
+
+class Pair(NamedTuple):
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+class TokenPair(NamedTuple):
+    prompt: np.ndarray  # int32
+    chosen: np.ndarray  # completion ids (EOS included when added)
+    rejected: np.ndarray
+    where: str
+
+
+def split_dialogues(chosen: str, rejected: str, tag: str) -> Optional[Pair]:
+    """HH layout -> (shared prompt through the last shared ``tag``, chosen rest, rejected rest); None
+    when the dialogues share no turn ending in ``tag``."""
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(tag, 0, n)  # the last tag lying wholly inside the shared text
+    if cut < 0:
+        return None
+    end = cut + len(tag)
+    return Pair(chosen[:end], chosen[end:], rejected[end:])
+
+
+def pair_of(record: dict, where: str, cfg: PreferenceConfig) -> Pair:
+    """The record as a `Pair` (BadRow for missing fields; malformed pairs raise ``Malformed``)."""
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = "pairs" if cfg.prompt in record else "dialogue"
+    texts = {}
+    for key in ((cfg.prompt,) if fmt == "pairs" else ()) + (cfg.chosen, cfg.rejected):
+        if key not in record:
+            fields = ", ".join(map(str, list(record)[:12])) or "none"
+            raise BadRow(where, "missing_field", f"no field {key!r} (fields: {fields})")
+        value = record[key]
+        if isinstance(value, str) and not value.strip():
+            raise Malformed(where, "empty", f"field {key!r} is empty")
+        texts[key] = checked_text(value, where, key)
+    if texts[cfg.chosen] == texts[cfg.rejected]:
+        raise Malformed(where, "identical", "chosen and rejected are identical")
+    if fmt == "pairs":
+        pair = Pair(cfg.prompt_format.format(prompt=texts[cfg.prompt]), texts[cfg.chosen], texts[cfg.rejected])
+    else:
+        pair = split_dialogues(texts[cfg.chosen], texts[cfg.rejected], cfg.assistant_tag)
+        if pair is None:
+            raise Malformed(where, "no_shared_prefix", f"chosen and rejected share no turn ending in {cfg.assistant_tag!r}")
+    if not pair.chosen.strip() or not pair.rejected.strip():
+        raise Malformed(where, "empty", "a completion is empty after the shared prompt")
+    return pair
+
+
+class Malformed(BadRow):
+    """A pair that parses but cannot teach a preference: always counted and left out."""
+
+
+def load_pairs(sources: Sequence[DocumentSource], cfg: PreferenceConfig, tokenizer, *, split: str = "all",
+               eval_fraction: float = 0.05, seq_len: int, add_bos: bool = False, add_eos: Optional[bool] = None,
+               on_bad_row: str = "error", vocab_size: Optional[int] = None, name: str = "data.sources") -> ExampleSet:
+    counts: Counter = Counter()
+    records = read_records(sources, split, eval_fraction, on_bad_row=on_bad_row, counts=counts)
+    result = ExampleSet([], counts, len(records) + sum(counts.values()))
+    pairs = []
+    for record, where in records:
+        try:
+            pairs.append((pair_of(record, where, cfg), where))
+        except Malformed as bad:
+            counts[bad.kind] += 1
+        except BadRow as bad:
+            skip_or_raise(bad, on_bad_row, counts)
+    eos = getattr(tokenizer, "eos_token_id", None) if add_eos is not False else None
+    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    flat = [t for p, _ in pairs for t in p]
+    encoded = iter(tokenizer.encode_batch(flat) if flat else [])
+    for pair, where in pairs:
+        prompt = np.asarray(bos + list(next(encoded)), np.int32)
+        sides = [np.asarray(list(next(encoded)) + ([eos] if eos is not None else []), np.int32) for _ in SIDES]
+        if vocab_size is not None and max(int(a.max()) for a in (prompt, *sides) if len(a)) >= vocab_size:
+            raise ValueError(f"{where}: a token id >= the model's vocab_size {vocab_size}")
+        room = seq_len + 1 - len(prompt)
+        if any(len(prompt) + len(s) > seq_len + 1 for s in sides):
+            if cfg.on_long == "error":
+                raise ValueError(f"{where}: prompt + completion exceed train.seq_len + 1 = {seq_len + 1} tokens "
+                                 "(data.preference.on_long: truncate or drop, counted)")
+            if cfg.on_long == "drop" or room < 1:
+                counts["dropped_long"] += 1
+                continue
+            counts["truncated"] += 1
+            sides = [s[:room] for s in sides]
+        result.examples.append(TokenPair(prompt, sides[0], sides[1], where))
+    if not result.examples:
+        raise ValueError(f"{name}: no usable preference pairs in the {split} split ({dict(counts) or 'no rows'})")
+    report_counts(name, split, result)
+    return result
+
+
+class PairStream:
+    """Batches of pairs (module docstring); order, epochs and state as `jaxtune.data.sft.ExampleStream`."""
+
+    process_local = False
+
+    def __init__(self, pairs: ExampleSet, batch_size: int, seq_len: int, *, seed: int = 0, shuffle: bool = True,
+                 epochs: Optional[int] = None, pad_id: int = 0, name: str = "preference"):
+        self.pairs, self.counts, self.source = pairs.examples, pairs.counts, pairs
+        self.batch_size, self.seq_len, self.seed, self.shuffle = batch_size, seq_len, seed, shuffle
+        self.epochs, self.pad_id, self.name = epochs, pad_id, name
+        self.position = 0
+        self._order_epoch, self._order = None, None
+
+    @property
+    def reference(self) -> Optional[np.ndarray]:
+        """Precomputed reference log-probs [n, 2] of the pairs (set on their `ExampleSet`), or None."""
+        return self.source.reference
+
+    def _order_for(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            n = len(self.pairs)
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order_epoch = epoch
+        return self._order
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        n = len(self.pairs)
+        end = None if self.epochs is None else self.epochs * n
+        if end is not None and self.position >= end:
+            raise StopIteration
+        sides = {s: empty_rows(self.batch_size, self.seq_len, self.pad_id) for s in SIDES}
+        pair_mask = np.zeros((self.batch_size,), np.float32)
+        reference = self.reference
+        ref = np.zeros((self.batch_size, 2), np.float32)
+        for row in range(self.batch_size):
+            if end is not None and self.position >= end:
+                break
+            epoch, offset = divmod(self.position, n)
+            index = int(self._order_for(epoch)[offset])
+            pair = self.pairs[index]
+            if reference is not None:
+                ref[row] = reference[index]
+            for side, completion in zip(SIDES, (pair.chosen, pair.rejected)):
+                tokens = np.concatenate([pair.prompt, completion])
+                trained = np.arange(len(tokens)) >= len(pair.prompt)
+                write_piece(sides[side], row, 0, tokens, 1, trained)
+            pair_mask[row] = 1.0
+            self.position += 1
+        batch = {f"{side}_{k}": v for side in SIDES for k, v in sides[side].items()}
+        batch["pair_mask"] = pair_mask
+        if reference is not None:
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
+        return batch
+
+    def get_state(self) -> dict:
+        return {"kind": "pairs", "name": self.name, "position": self.position, "seed": self.seed, "pairs": len(self.pairs)}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("kind") != "pairs" or state.get("seed") != self.seed or state.get("pairs") != len(self.pairs):
+            raise ValueError(f"data state {state} does not match this stream ({self.name}: {len(self.pairs)} pairs, "
+                             f"seed {self.seed})")
+        self.position = int(state["position"])
