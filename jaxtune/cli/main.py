@@ -23,7 +23,7 @@ def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jaxtune.cli import convert, estimate, generate, tokenizer, train
+    from jaxtune.cli import convert, estimate, generate, label, tokenizer, train
 
     parser = argparse.ArgumentParser(prog="jaxtune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_parser(sub)
     estimate.add_parser(sub)
     train.add_parsers(sub)
+    label.add_parser(sub)
     tokenizer.add_parser(sub)
     return parser
 

@@ -68,13 +68,14 @@ def test_every_shipped_config_loads():
     """Each YAML recipe in configs/ parses into its job tree (a typo in a shipped key fails here)."""
     from pathlib import Path
 
+    from jaxtune.align.label import LabelJobConfig
     from jaxtune.config import JobConfig, TrainJobConfig, load_config
 
     shipped = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
     assert len(shipped) >= 4
     for path in shipped:
-        cls = JobConfig if path.name.startswith("generate") else TrainJobConfig
-        load_config(cls, path)
+        kinds = {"generate": JobConfig, "label": LabelJobConfig}
+        load_config(kinds.get(path.name.split("_")[0], TrainJobConfig), path)
     speed = load_config(TrainJobConfig, shipped[0].with_name("pretrain_shakespeare_char_speedrun.yaml"))
     base = load_config(TrainJobConfig, shipped[0].with_name("pretrain_shakespeare_char.yaml"))
     # the speedrun keeps nanoGPT's model size, data, batch and context; only activation and schedule move
