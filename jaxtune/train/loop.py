@@ -248,6 +248,8 @@ def train(
         _with_shardings(abstract_state.params, state_sh.params),
         _with_shardings(_state_extras(abstract_state), _state_extras(state_sh)),
     )
+    if not callable(params):  # loaded weights (one device, or the host) go onto the mesh before they are split
+        params = jax.device_put(params, named(param_specs(abstract_params, mesh, rules, warn=False), mesh))
     static = (0,) if callable(params) else ()
     resumed_from = None
     if restored is None:
@@ -368,6 +370,8 @@ def train(
         with _Preemption() as preemption:
             step = start
             while step < cfg.steps:
+                if hasattr(batches, "set_policy"):  # a rollout stream (GRPO / PPO) samples from the current policy
+                    batches.set_policy(state.params, frozen)
                 batch = place_batch(next(batches), mesh, local_batches)
                 state, metrics = step_fn(state, frozen, batch)
                 step += 1

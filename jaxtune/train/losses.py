@@ -33,6 +33,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxtune.align.grpo import GRPOConfig
 from jaxtune.align.objectives import PreferenceObjectiveConfig
 from jaxtune.data.masking import check_mask_token_id, check_masking_rates, mask_tokens
 from jaxtune.models import Model
@@ -106,7 +107,7 @@ def causal_lm_loss(model: Model, *, z_loss: float = 0.0, chunk_tokens: int = 0) 
     return loss_fn
 
 
-OBJECTIVES = ("causal", "masked", "classification", "regression", "dpo", "reward")
+OBJECTIVES = ("causal", "masked", "classification", "regression", "dpo", "reward", "grpo")
 
 
 @dataclass(frozen=True)
@@ -119,9 +120,11 @@ class ObjectiveConfig:
     states (``pooling``: the last real token or the mean), cross-entropy over ``num_labels``
     classes or squared error (`jaxtune.train.classify`; data.kind=classification). dpo: a DPO-family
     loss on preference pairs; reward: a Bradley-Terry reward model (a one-output score head at the
-    last token); both read ``preference`` and data.kind=preference (`jaxtune.align.objectives`)."""
+    last token); both read ``preference`` and data.kind=preference (`jaxtune.align.objectives`).
+    grpo: group-sampled RL with verifiable rewards on the prompts of data.kind=sft records
+    (`jaxtune.align.grpo`)."""
 
-    kind: Literal["causal", "masked", "classification", "regression", "dpo", "reward"] = "causal"
+    kind: Literal["causal", "masked", "classification", "regression", "dpo", "reward", "grpo"] = "causal"
     mask_rate: float = 0.15
     random_rate: float = 0.1
     keep_rate: float = 0.1
@@ -129,6 +132,7 @@ class ObjectiveConfig:
     num_labels: int = 2  # classification: number of classes (regression uses 1)
     pooling: Literal["last", "mean"] = "last"
     preference: PreferenceObjectiveConfig = field(default_factory=PreferenceObjectiveConfig)  # dpo / reward
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # grpo: sampling, reward, clipping, KL, normalisation
 
     @property
     def head_labels(self) -> int:
@@ -213,6 +217,10 @@ def objective_loss(
 ) -> LossFn:
     """The loss for ``objective``: `causal_lm_loss` or `masked_lm_loss`. The mask token is
     ``objective.mask_token_id``, else ``tokenizer_mask_id`` (the tokenizer's mask token)."""
+    if objective.kind == "grpo":
+        from jaxtune.align.grpo import grpo_loss
+
+        return grpo_loss(model, objective.grpo, reference=reference)
     if objective.kind in ("dpo", "reward"):
         from jaxtune.align.objectives import dpo_loss, reward_loss
 

@@ -92,7 +92,7 @@ def build_streams(job: TrainJobConfig, cfg: ModelConfig, tokenizer=None) -> tupl
     raise ValueError(f"data.kind: unknown kind {d.kind!r} (synthetic | text | documents | {' | '.join(RECORD_KINDS)})")
 
 
-RECORD_KINDS = {"sft": ("causal",), "classification": ("classification", "regression"), "preference": ("dpo", "reward")}
+RECORD_KINDS = {"sft": ("causal", "grpo"), "classification": ("classification", "regression"), "preference": ("dpo", "reward")}
 
 
 def reference_kind(job: TrainJobConfig) -> str:
@@ -229,6 +229,8 @@ def job_loss(job: TrainJobConfig, cfg: ModelConfig, tokenizer=None) -> LossFn:
     specials = tuple(sorted({int(i) for i in (getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad"))
                              if i is not None}))
     reference = reference_kind(job) if job.objective.kind == "dpo" else "precomputed"
+    if job.objective.kind == "grpo":
+        reference = "adapter" if job.peft.active else ("batch" if job.objective.grpo.kl_coef else "none")
     return objective_loss(Model(cfg), job.objective, z_loss=job.train.z_loss, chunk_tokens=job.train.loss_chunk_tokens,
                           tokenizer_mask_id=getattr(tokenizer, "mask_token_id", None), special_ids=specials,
                           reference=reference)
@@ -251,6 +253,29 @@ def with_peft(job: TrainJobConfig, params: Any, cfg: ModelConfig, tokenizer, opt
     if job.train.trainable is not None:
         mask = any_mask(mask, mask_by_regex(abstract, job.train.trainable))
     return params, mask, peft_optimizer(optimizer, job.peft, job.train.steps)
+
+
+def rollout_stream(job: TrainJobConfig, params: Any, cfg: ModelConfig, tokenizer):
+    """GRPO: the rollout stream over the prompts of the job's records (data.kind=sft); a fully
+    fine-tuned policy with a KL penalty keeps its starting weights as the reference."""
+    from jaxtune.align.grpo import GroupRolloutStream
+    from jaxtune.data.sft import read_records
+
+    if job.data.kind != "sft":
+        raise ValueError("objective.kind=grpo samples from the prompts of data.kind=sft records (prompt/completion, "
+                         "Alpaca or messages; the completion is the reference answer the reward checks)")
+    from collections import Counter
+
+    counts: Counter = Counter()
+    split = "all" if job.data.eval_sources else "train"
+    records = read_records([build_source(c) for c in job.data.sources], split, job.data.eval_fraction,
+                           on_bad_row=job.data.on_bad_row, counts=counts)
+    reference = None
+    if job.objective.grpo.kl_coef and not job.peft.active:
+        reference = params(jax.random.key(0)) if callable(params) else params
+    return GroupRolloutStream(records, job.objective.grpo, Model(cfg.replace(remat="none")), tokenizer, job.data.sft,
+                              batch_size=job.train.batch_size, seq_len=job.train.seq_len, seed=job.train.seed,
+                              add_bos=job.data.add_bos, reference_params=reference)
 
 
 def reference_pass(job: TrainJobConfig, params: Any, cfg: ModelConfig) -> Optional[Callable[[Any], None]]:
@@ -298,7 +323,9 @@ def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict
     if job.objective.kind == "masked":
         cfg = cfg.replace(causal=False)  # masked LM attends both ways
     tokenizer = _tokenizer(job, model_dir)
-    if job.data.kind in RECORD_KINDS:
+    if job.objective.kind == "grpo":
+        stream, eval_streams = rollout_stream(job, params, cfg, tokenizer), None
+    elif job.data.kind in RECORD_KINDS:
         stream, eval_streams = record_streams(job, cfg, tokenizer, prepare=reference_pass(job, params, cfg))
     else:
         stream, eval_streams = build_streams(job, cfg, tokenizer)

@@ -1,0 +1,213 @@
+"""GRPO (Shao et al. 2024): group sampling, group-normalised advantages, a clipped token-level objective
+and an optional KL penalty to the reference, as a rollout stream plus a loss for the one loop.
+
+Rollout (`GroupRolloutStream`, the loop hands it the current policy through ``set_policy`` before
+each step): ``batch_size / group_size`` prompts per step, ``group_size`` sampled completions each
+(the jitted KV-cache sampler), a verifiable reward per completion (`jaxtune.align.rewards`),
+advantages ``(r - mean_group) / (std_group + 1e-4)`` (``scale_rewards=none``: Dr. GRPO, no std),
+and the policy's per-token log-probs at sampling time (``old_logps``). Each rollout batch is used
+for ``iterations`` optimizer steps (the ratio leaves 1 after the first, so the clip matters).
+
+Loss per completion token: ``-min(ρ A, clip(ρ, 1-ε, 1+ε_high) A) + β KL``, with ``ρ = π / π_old``
+and KL the k3 estimator ``exp(ref - logp) - (ref - logp) - 1`` (or k1, ``logp - ref``); the
+reference is the adapter-disabled policy for PEFT policies, otherwise the starting weights kept
+by the stream (log-probs computed at rollout). Length normalisation (``length_norm``):
+``sequence`` (GRPO: each completion's mean, then the mean over completions), ``token`` (DAPO:
+the mean over all completion tokens of the micro-batch) or ``constant`` (Dr. GRPO: sums divided
+by ``max_new_tokens``). Metrics are per-completion means: reward, kl, clip_fraction, length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtune.align.rewards import reward_function
+from jaxtune.peft.core import base_model
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """``objective.grpo``."""
+
+    group_size: int = 4  # completions per prompt; train.batch_size must be a multiple
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    reward: str = "exact_number"  # a built-in reward (jaxtune.align.rewards) or "module:function"
+    clip_eps: float = 0.2
+    clip_eps_high: Optional[float] = None  # DAPO's clip-higher (default: clip_eps)
+    kl_coef: float = 0.0  # β
+    kl_estimator: Literal["k3", "k1"] = "k3"
+    scale_rewards: Literal["group", "none"] = "group"
+    length_norm: Literal["sequence", "token", "constant"] = "sequence"
+    iterations: int = 1  # optimizer steps per rollout batch
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(f"objective.grpo.group_size must be >= 2 (advantages compare a group), got {self.group_size}")
+        if self.iterations < 1 or self.max_new_tokens < 1 or self.clip_eps <= 0 or self.kl_coef < 0:
+            raise ValueError("objective.grpo: iterations, max_new_tokens >= 1, clip_eps > 0, kl_coef >= 0")
+
+
+def token_logps(model, params, rows: dict, rng=None) -> jax.Array:
+    """``log p(target)`` per position [B, S] (0 where loss_mask is 0)."""
+    hidden, _ = model.hidden(params, rows["tokens"], positions=rows.get("positions"), segment_ids=rows["segment_ids"],
+                             rng=rng)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(model.logits(params, hidden), -1), rows["targets"][..., None], -1)[..., 0]
+    return jnp.where(rows["loss_mask"] > 0, logp, 0.0)
+
+
+_token_logps = jax.jit(token_logps, static_argnums=0)
+
+
+def group_advantages(rewards: np.ndarray, group_size: int, scale: str = "group") -> np.ndarray:
+    r = np.asarray(rewards, np.float64).reshape(-1, group_size)
+    centred = r - r.mean(1, keepdims=True)
+    if scale == "group":
+        centred = centred / (r.std(1, keepdims=True) + 1e-4)
+    return centred.reshape(-1).astype(np.float32)
+
+
+def grpo_loss(model, cfg: GRPOConfig, *, reference: str):
+    """The GRPO loss (module docstring); ``reference``: adapter | batch (``ref_logps``) | none."""
+    high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
+
+    def loss_fn(params, batch, rng):
+        logp = token_logps(model, params, batch, rng)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        ratio = jnp.exp(logp - batch["old_logps"])
+        adv = batch["advantages"][:, None]
+        per_token = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + high) * adv)
+        kl = jnp.zeros_like(logp)
+        if cfg.kl_coef and reference != "none":
+            if reference == "adapter":
+                ref = jax.lax.stop_gradient(token_logps(model, base_model(params), batch))
+            else:
+                ref = batch["ref_logps"]
+            d = ref - logp
+            kl = jnp.exp(d) - d - 1.0 if cfg.kl_estimator == "k3" else logp - ref
+            per_token = per_token + cfg.kl_coef * kl
+        lengths = jnp.sum(mask, -1)
+        n = jnp.asarray(mask.shape[0], jnp.float32)
+        if cfg.length_norm == "sequence":
+            total = jnp.sum(jnp.sum(per_token * mask, -1) / jnp.maximum(lengths, 1.0))
+        elif cfg.length_norm == "token":
+            total = n * jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        else:
+            total = jnp.sum(per_token * mask) / cfg.max_new_tokens
+        per_seq = lambda x: jnp.sum(jax.lax.stop_gradient(x) * mask, -1) / jnp.maximum(lengths, 1.0)  # noqa: E731
+        clipped = ((ratio < 1.0 - cfg.clip_eps) | (ratio > 1.0 + high)).astype(jnp.float32)
+        metrics = {"reward": jnp.sum(batch["rewards"]), "kl": jnp.sum(per_seq(kl)), "clip_fraction": jnp.sum(per_seq(clipped)),
+                   "completion_length": jnp.sum(lengths)}
+        return total, n, metrics
+
+    return loss_fn
+
+
+class GroupRolloutStream:
+    """Rollout batches for GRPO (module docstring). ``records``: (record, where) with prompts;
+    ``reference_params``: the starting weights, kept for the KL of a fully fine-tuned policy."""
+
+    process_local = False
+
+    def __init__(self, records, cfg: GRPOConfig, model, tokenizer, sft, *, batch_size: int, seq_len: int, seed: int = 0,
+                 add_bos: bool = False, reference_params: Any = None):
+        from jaxtune.data.instruct import generation_prompt
+        from jaxtune.eval.tasks import encode_prompt
+
+        if batch_size % cfg.group_size:
+            raise ValueError(f"train.batch_size ({batch_size}) must be a multiple of objective.grpo.group_size "
+                             f"({cfg.group_size})")
+        self.cfg, self.model, self.tokenizer, self.reward_fn = cfg, model, tokenizer, reward_function(cfg.reward)
+        self.batch_size, self.seq_len, self.seed, self.reference_params = batch_size, seq_len, seed, reference_params
+        self.items = []
+        for record, where in records:
+            prompt, reference = generation_prompt(record, where, sft, tokenizer)
+            ids = encode_prompt(tokenizer, prompt, add_bos)
+            if len(ids) + cfg.max_new_tokens > seq_len + 1:
+                raise ValueError(f"{where}: prompt of {len(ids)} tokens + objective.grpo.max_new_tokens "
+                                 f"{cfg.max_new_tokens} exceed train.seq_len + 1 = {seq_len + 1}")
+            self.items.append((ids, reference, record))
+        if not self.items:
+            raise ValueError("GRPO: no prompts")
+        self.rollouts, self.iteration, self.policy, self._batch = 0, 0, None, None
+
+    def set_policy(self, trainable: Any, frozen: Any) -> None:
+        from jaxtune.train.partition import join
+
+        self.policy = join(trainable, frozen)
+
+    def __iter__(self):
+        return self
+
+    def _prompts(self, rollout: int) -> list[int]:
+        per = self.batch_size // self.cfg.group_size
+        n = len(self.items)
+        out = []
+        for k in range(rollout * per, (rollout + 1) * per):
+            epoch, offset = divmod(k, n)
+            out.append(int(np.random.default_rng([self.seed, epoch]).permutation(n)[offset]))
+        return out
+
+    def __next__(self) -> dict:
+        if self._batch is not None and self.iteration < self.cfg.iterations:
+            self.iteration += 1
+            return self._batch
+        if self.policy is None:
+            raise RuntimeError("GroupRolloutStream: the loop must hand it the policy (set_policy) before a rollout")
+        self._batch = self.rollout(self.rollouts)
+        self.rollouts += 1
+        self.iteration = 1
+        return self._batch
+
+    def rollout(self, index: int) -> dict:
+        from jaxtune.eval.tasks import stop_tokens_of
+        from jaxtune.generate import generate, left_pad
+        from jaxtune.generate.sampling import SamplingConfig
+
+        cfg, g = self.cfg, self.cfg.group_size
+        chosen = [i for i in self._prompts(index) for _ in range(g)]
+        pad = int(self.model.cfg.pad_token_id or 0)
+        stops = stop_tokens_of(self.tokenizer, self.model.cfg)
+        sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  stop_tokens=stops, pad_token_id=pad)
+        prompts = [self.items[i][0] for i in chosen]
+        width = -(-max(len(p) for p in prompts) // 16) * 16
+        tokens, mask = left_pad(prompts, pad, length=width)
+        key = jax.random.fold_in(jax.random.key(self.seed), index)
+        out = jax.device_get(generate(self.model, self.policy, tokens, mask, key, sampling))
+        rows = {k: np.zeros((self.batch_size, self.seq_len), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
+        rows["loss_mask"] = np.zeros((self.batch_size, self.seq_len), np.float32)
+        rewards = np.zeros(self.batch_size, np.float32)
+        for row, i in enumerate(chosen):
+            completion = [int(t) for t in out.tokens[row, : out.lengths[row]]]
+            text = self.tokenizer.decode([t for t in completion if t not in stops])
+            ids, reference, record = self.items[i]
+            rewards[row] = float(self.reward_fn(text, reference, record))
+            seq = ids + completion
+            n = len(seq) - 1
+            rows["tokens"][row, :n], rows["targets"][row, :n] = seq[:-1], seq[1:]
+            rows["segment_ids"][row, :n] = 1
+            rows["positions"][row, :n] = np.arange(n)
+            rows["loss_mask"][row, len(ids) - 1: n] = 1.0
+        batch = {**rows, "rewards": rewards, "advantages": group_advantages(rewards, g, cfg.scale_rewards)}
+        batch["old_logps"] = np.asarray(_token_logps(self.model, self.policy, rows))
+        if self.reference_params is not None and cfg.kl_coef:
+            batch["ref_logps"] = np.asarray(_token_logps(self.model, self.reference_params, rows))
+        return batch
+
+    def get_state(self) -> dict:
+        return {"kind": "grpo", "rollouts": self.rollouts, "iteration": self.iteration, "seed": self.seed,
+                "prompts": len(self.items)}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("kind") != "grpo" or state.get("seed") != self.seed or state.get("prompts") != len(self.items):
+            raise ValueError(f"data state {state} does not match this GRPO stream ({len(self.items)} prompts, seed {self.seed})")
+        # a resumed run starts a fresh rollout (the interrupted one's batch is not in the checkpoint)
+        self.rollouts, self.iteration, self._batch = int(state["rollouts"]), 0, None
+

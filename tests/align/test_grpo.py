@@ -1,0 +1,99 @@
+"""GRPO: group advantages, the clipped objective and KL against closed forms, a job raising the reward
+with the KL bounded, and the step sharded over 8 fake CPU devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtune.align.grpo import GRPOConfig, group_advantages, grpo_loss
+from jaxtune.align.rewards import exact_number, reward_function, uppercase
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_group_advantages_and_rewards():
+    r = np.array([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    adv = group_advantages(r, 4)
+    np.testing.assert_allclose(adv[:4], (r[:4] - 0.5) / (0.5 + 1e-4), rtol=1e-6)
+    np.testing.assert_allclose(adv[4:], 0.0)  # a group with one reward teaches nothing
+    np.testing.assert_allclose(group_advantages(r, 4, "none")[:4], r[:4] - 0.5)  # Dr. GRPO
+    assert exact_number("so it is 72.", "#### 72", {}) == 1.0 and exact_number("#### 7", "#### 72", {}) == 0.0
+    assert uppercase(" HEllo!", "", {}) == pytest.approx(0.4)
+    assert reward_function("jaxtune.align.rewards:exact_text")(" yes\nmore", "yes", {}) == 1.0
+    with pytest.raises(ValueError, match="unknown reward"):
+        reward_function("nope")
+
+
+def test_clipped_objective_and_k3_kl_equal_closed_forms():
+    """A stand-in model whose per-token log-probs are the params: checks ratio, clip, KL, normalisations."""
+
+    class Fixed:
+        pass
+
+    logp = jnp.log(jnp.array([[0.5, 0.25, 0.9], [0.2, 0.6, 0.3]]))
+    old = jnp.log(jnp.array([[0.4, 0.25, 0.5], [0.2, 0.3, 0.3]]))
+    ref = jnp.log(jnp.array([[0.5, 0.5, 0.5], [0.1, 0.6, 0.3]]))
+    mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    adv = jnp.array([1.0, -1.0])
+    batch = {"loss_mask": mask, "old_logps": old, "advantages": adv, "ref_logps": ref, "rewards": jnp.array([1.0, 0.0])}
+    import jaxtune.align.grpo as grpo
+
+    original = grpo.token_logps
+    grpo.token_logps = lambda model, params, rows, rng=None: jnp.where(rows["loss_mask"] > 0, params, 0.0)
+    try:
+        cfg = GRPOConfig(clip_eps=0.2, kl_coef=0.1, length_norm="sequence")
+        total, n, metrics = grpo_loss(Fixed(), cfg, reference="batch")(logp, batch, None)
+    finally:
+        grpo.token_logps = original
+    ratio = np.exp(np.asarray(logp) - np.asarray(old))
+    a = np.asarray(adv)[:, None]
+    obj = -np.minimum(ratio * a, np.clip(ratio, 0.8, 1.2) * a)
+    d = np.asarray(ref) - np.asarray(logp)
+    per_token = obj + 0.1 * (np.exp(d) - d - 1)
+    m = np.asarray(mask)
+    expected = sum((per_token[i] * m[i]).sum() / m[i].sum() for i in range(2))
+    assert float(n) == 2 and float(total) == pytest.approx(expected, rel=1e-5)
+    clipped = ((ratio < 0.8) | (ratio > 1.2)) * m
+    assert float(metrics["clip_fraction"]) == pytest.approx(sum(clipped[i].sum() / m[i].sum() for i in range(2)), rel=1e-6)
+
+
+def _grpo_args(base, run, steps):
+    return ["configs/grpo_shout.yaml", f"model.checkpoint={base}", f"checkpoint.directory={run}", f"train.steps={steps}",
+            "train.batch_size=16", "logging.progress=false", "logging.tensorboard=false", "train.log_every=1"]
+
+
+def _history(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "train/reward" in line]
+
+
+def test_grpo_raises_the_reward_with_a_bounded_kl(tmp_path, shakespeare_base):
+    from jaxtune.cli.main import main
+
+    run = tmp_path / "grpo"
+    assert main(["train", *_grpo_args(shakespeare_base, run, 12), "optim.lr=1e-2"]) == 0
+    history = _history(run)
+    first, last = history[0]["train/reward"], np.mean([h["train/reward"] for h in history[-3:]])
+    print(f"GRPO (LoRA, uppercase reward): step 1 reward {first:.3f}, last 3 steps {last:.3f}, "
+          f"kl {history[-1]['train/kl']:.3f}")
+    assert last > first + 0.3
+    assert all(np.isfinite(h["train/kl"]) and h["train/kl"] < 20 for h in history)
+
+
+def test_grpo_step_runs_sharded_on_eight_devices(tmp_path, shakespeare_base):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    run = tmp_path / "grpo8"
+    proc = subprocess.run([sys.executable, "-m", "jaxtune.cli.main", "train", *_grpo_args(shakespeare_base, run, 1),
+                           "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = _history(run)
+    assert len(history) == 1 and all(np.isfinite(h["train/loss"]) for h in history)
