@@ -109,6 +109,25 @@ def grpo_loss(model, cfg: GRPOConfig, *, reference: str):
     return loss_fn
 
 
+def prompt_items(records, sft, tokenizer, *, add_bos: bool, max_new_tokens: int, seq_len: int) -> list[tuple]:
+    """(prompt ids, reference answer, record) of each record, rendered as generation prompts; a prompt
+    that leaves no room for ``max_new_tokens`` in a row is an error naming the record."""
+    from jaxtune.data.instruct import generation_prompt
+    from jaxtune.eval.tasks import encode_prompt
+
+    items = []
+    for record, where in records:
+        prompt, reference = generation_prompt(record, where, sft, tokenizer)
+        ids = encode_prompt(tokenizer, prompt, add_bos)
+        if len(ids) + max_new_tokens > seq_len + 1:
+            raise ValueError(f"{where}: prompt of {len(ids)} tokens + max_new_tokens {max_new_tokens} exceed "
+                             f"train.seq_len + 1 = {seq_len + 1}")
+        items.append((ids, reference, record))
+    if not items:
+        raise ValueError("RL fine-tuning: no prompts")
+    return items
+
+
 class GroupRolloutStream:
     """Rollout batches for GRPO (module docstring). ``records``: (record, where) with prompts;
     ``reference_params``: the starting weights, kept for the KL of a fully fine-tuned policy."""
@@ -117,24 +136,13 @@ class GroupRolloutStream:
 
     def __init__(self, records, cfg: GRPOConfig, model, tokenizer, sft, *, batch_size: int, seq_len: int, seed: int = 0,
                  add_bos: bool = False, reference_params: Any = None):
-        from jaxtune.data.instruct import generation_prompt
-        from jaxtune.eval.tasks import encode_prompt
-
         if batch_size % cfg.group_size:
             raise ValueError(f"train.batch_size ({batch_size}) must be a multiple of objective.grpo.group_size "
                              f"({cfg.group_size})")
         self.cfg, self.model, self.tokenizer, self.reward_fn = cfg, model, tokenizer, reward_function(cfg.reward)
         self.batch_size, self.seq_len, self.seed, self.reference_params = batch_size, seq_len, seed, reference_params
-        self.items = []
-        for record, where in records:
-            prompt, reference = generation_prompt(record, where, sft, tokenizer)
-            ids = encode_prompt(tokenizer, prompt, add_bos)
-            if len(ids) + cfg.max_new_tokens > seq_len + 1:
-                raise ValueError(f"{where}: prompt of {len(ids)} tokens + objective.grpo.max_new_tokens "
-                                 f"{cfg.max_new_tokens} exceed train.seq_len + 1 = {seq_len + 1}")
-            self.items.append((ids, reference, record))
-        if not self.items:
-            raise ValueError("GRPO: no prompts")
+        self.items = prompt_items(records, sft, tokenizer, add_bos=add_bos, max_new_tokens=cfg.max_new_tokens,
+                                  seq_len=seq_len)
         self.rollouts, self.iteration, self.policy, self._batch = 0, 0, None, None
 
     def set_policy(self, trainable: Any, frozen: Any) -> None:

@@ -104,7 +104,7 @@ def _head(meta: dict):
         dtype = p["embed"]["embedding"].dtype
         hidden = p["embed"]["embedding"].shape[-1]
         n = int(spec["num_labels"])
-        return {**p, HEAD: {"kernel": jax.numpy.zeros((hidden, n), dtype), "bias": jax.numpy.zeros((n,), dtype)}}
+        return {**p, spec.get("key", HEAD): {"kernel": jax.numpy.zeros((hidden, n), dtype), "bias": jax.numpy.zeros((n,), dtype)}}
 
     return add
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from jaxtune.align.grpo import GRPOConfig
 from jaxtune.align.objectives import PreferenceObjectiveConfig
+from jaxtune.align.ppo import PPOConfig
 from jaxtune.data.masking import check_mask_token_id, check_masking_rates, mask_tokens
 from jaxtune.models import Model
 from jaxtune.models.decoder import lm_head
@@ -107,7 +108,7 @@ def causal_lm_loss(model: Model, *, z_loss: float = 0.0, chunk_tokens: int = 0) 
     return loss_fn
 
 
-OBJECTIVES = ("causal", "masked", "classification", "regression", "dpo", "reward", "grpo")
+OBJECTIVES = ("causal", "masked", "classification", "regression", "dpo", "reward", "grpo", "ppo")
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,9 @@ class ObjectiveConfig:
     loss on preference pairs; reward: a Bradley-Terry reward model (a one-output score head at the
     last token); both read ``preference`` and data.kind=preference (`jaxtune.align.objectives`).
     grpo: group-sampled RL with verifiable rewards on the prompts of data.kind=sft records
-    (`jaxtune.align.grpo`)."""
+    (`jaxtune.align.grpo`). ppo: RLHF with a value head, GAE and a KL-shaped reward (`jaxtune.align.ppo`)."""
 
-    kind: Literal["causal", "masked", "classification", "regression", "dpo", "reward", "grpo"] = "causal"
+    kind: Literal["causal", "masked", "classification", "regression", "dpo", "reward", "grpo", "ppo"] = "causal"
     mask_rate: float = 0.15
     random_rate: float = 0.1
     keep_rate: float = 0.1
@@ -133,6 +134,7 @@ class ObjectiveConfig:
     pooling: Literal["last", "mean"] = "last"
     preference: PreferenceObjectiveConfig = field(default_factory=PreferenceObjectiveConfig)  # dpo / reward
     grpo: GRPOConfig = field(default_factory=GRPOConfig)  # grpo: sampling, reward, clipping, KL, normalisation
+    ppo: PPOConfig = field(default_factory=PPOConfig)  # ppo: reward (function or model), KL, GAE, clipping, epochs
 
     @property
     def head_labels(self) -> int:
@@ -217,6 +219,10 @@ def objective_loss(
 ) -> LossFn:
     """The loss for ``objective``: `causal_lm_loss` or `masked_lm_loss`. The mask token is
     ``objective.mask_token_id``, else ``tokenizer_mask_id`` (the tokenizer's mask token)."""
+    if objective.kind == "ppo":
+        from jaxtune.align.ppo import ppo_loss
+
+        return ppo_loss(model, objective.ppo)
     if objective.kind == "grpo":
         from jaxtune.align.grpo import grpo_loss
 

@@ -92,7 +92,7 @@ def build_streams(job: TrainJobConfig, cfg: ModelConfig, tokenizer=None) -> tupl
     raise ValueError(f"data.kind: unknown kind {d.kind!r} (synthetic | text | documents | {' | '.join(RECORD_KINDS)})")
 
 
-RECORD_KINDS = {"sft": ("causal", "grpo"), "classification": ("classification", "regression"), "preference": ("dpo", "reward")}
+RECORD_KINDS = {"sft": ("causal", "grpo", "ppo"), "classification": ("classification", "regression"), "preference": ("dpo", "reward")}
 
 
 def reference_kind(job: TrainJobConfig) -> str:
@@ -229,7 +229,7 @@ def job_loss(job: TrainJobConfig, cfg: ModelConfig, tokenizer=None) -> LossFn:
     specials = tuple(sorted({int(i) for i in (getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad"))
                              if i is not None}))
     reference = reference_kind(job) if job.objective.kind == "dpo" else "precomputed"
-    if job.objective.kind == "grpo":
+    if job.objective.kind in ("grpo", "ppo"):
         reference = "adapter" if job.peft.active else ("batch" if job.objective.grpo.kl_coef else "none")
     return objective_loss(Model(cfg), job.objective, z_loss=job.train.z_loss, chunk_tokens=job.train.loss_chunk_tokens,
                           tokenizer_mask_id=getattr(tokenizer, "mask_token_id", None), special_ids=specials,
@@ -256,13 +256,14 @@ def with_peft(job: TrainJobConfig, params: Any, cfg: ModelConfig, tokenizer, opt
 
 
 def rollout_stream(job: TrainJobConfig, params: Any, cfg: ModelConfig, tokenizer):
-    """GRPO: the rollout stream over the prompts of the job's records (data.kind=sft); a fully
+    """GRPO / PPO: the rollout stream over the prompts of the job's records (data.kind=sft); a fully
     fine-tuned policy with a KL penalty keeps its starting weights as the reference."""
     from jaxtune.align.grpo import GroupRolloutStream
+    from jaxtune.align.ppo import PPORolloutStream
     from jaxtune.data.sft import read_records
 
     if job.data.kind != "sft":
-        raise ValueError("objective.kind=grpo samples from the prompts of data.kind=sft records (prompt/completion, "
+        raise ValueError(f"objective.kind={job.objective.kind} samples from the prompts of data.kind=sft records (prompt/completion, "
                          "Alpaca or messages; the completion is the reference answer the reward checks)")
     from collections import Counter
 
@@ -271,11 +272,21 @@ def rollout_stream(job: TrainJobConfig, params: Any, cfg: ModelConfig, tokenizer
     records = read_records([build_source(c) for c in job.data.sources], split, job.data.eval_fraction,
                            on_bad_row=job.data.on_bad_row, counts=counts)
     reference = None
-    if job.objective.grpo.kl_coef and not job.peft.active:
+    kl = job.objective.grpo.kl_coef if job.objective.kind == "grpo" else job.objective.ppo.kl_coef
+    if kl and not job.peft.active:
         reference = params(jax.random.key(0)) if callable(params) else params
-    return GroupRolloutStream(records, job.objective.grpo, Model(cfg.replace(remat="none")), tokenizer, job.data.sft,
-                              batch_size=job.train.batch_size, seq_len=job.train.seq_len, seed=job.train.seed,
-                              add_bos=job.data.add_bos, reference_params=reference)
+    common = dict(batch_size=job.train.batch_size, seq_len=job.train.seq_len, seed=job.train.seed,
+                  add_bos=job.data.add_bos, reference_params=reference)
+    model = Model(cfg.replace(remat="none"))
+    if job.objective.kind == "grpo":
+        return GroupRolloutStream(records, job.objective.grpo, model, tokenizer, job.data.sft, **common)
+    scorer = None
+    if job.objective.ppo.reward_model is not None:
+        from jaxtune.align.label import reward_judge
+
+        judge_params, judge_cfg, _ = load_model(ModelSource(checkpoint=job.objective.ppo.reward_model))
+        scorer = reward_judge(Model(judge_cfg), judge_params, tokenizer, job.train.batch_size)
+    return PPORolloutStream(records, job.objective.ppo, model, tokenizer, job.data.sft, scorer=scorer, **common)
 
 
 def reference_pass(job: TrainJobConfig, params: Any, cfg: ModelConfig) -> Optional[Callable[[Any], None]]:
@@ -299,21 +310,27 @@ def with_head(job: TrainJobConfig, params: Any, cfg: ModelConfig, mask: Any) -> 
     """Classification / regression jobs: the score head added after PEFT (so adapter patterns never
     reach it) and always trainable, next to whatever else trains."""
     labels = job.objective.head_labels
-    if not labels:
+    if not labels and job.objective.kind != "ppo":
         return params, mask
-    from jaxtune.train.classify import HEAD_PATTERN, add_score_head
+    from jaxtune.align.ppo import VALUE_HEAD, add_value_head
+    from jaxtune.train.classify import HEAD, add_score_head
 
     key = jax.random.key(job.model.init_seed + 1)
+    name = VALUE_HEAD if job.objective.kind == "ppo" else HEAD
+
+    def add(p):
+        return add_value_head(p, cfg, key) if name == VALUE_HEAD else add_score_head(p, cfg, labels, key)
+
     if callable(params):
         init = params
-        params = lambda rng: add_score_head(init(rng), cfg, labels, key)  # noqa: E731
+        params = lambda rng: add(init(rng))  # noqa: E731
         abstract = jax.eval_shape(params, jax.random.key(0))
     else:
-        params = abstract = add_score_head(params, cfg, labels, key)
+        params = abstract = add(params)
     base_mask = mask if mask is not None else mask_by_regex(abstract, job.train.trainable)
     if mask is not None and jax.tree.structure(mask) != jax.tree.structure(abstract):
-        base_mask = {**mask, "score": jax.tree.map(lambda _: False, abstract["score"])}
-    return params, any_mask(base_mask, mask_by_regex(abstract, [HEAD_PATTERN]))
+        base_mask = {**mask, name: jax.tree.map(lambda _: False, abstract[name])}
+    return params, any_mask(base_mask, mask_by_regex(abstract, [f"^{name}/"]))
 
 
 def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict], None]] = (),
@@ -323,7 +340,7 @@ def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict
     if job.objective.kind == "masked":
         cfg = cfg.replace(causal=False)  # masked LM attends both ways
     tokenizer = _tokenizer(job, model_dir)
-    if job.objective.kind == "grpo":
+    if job.objective.kind in ("grpo", "ppo"):
         stream, eval_streams = rollout_stream(job, params, cfg, tokenizer), None
     elif job.data.kind in RECORD_KINDS:
         stream, eval_streams = record_streams(job, cfg, tokenizer, prepare=reference_pass(job, params, cfg))
@@ -338,8 +355,9 @@ def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict
         meta = {"job": to_dict(job), "base": to_dict(job.model),
                 "trainable": None if job.train.trainable is None else list(job.train.trainable),
                 "peft": to_dict(job.peft) if job.peft.active else None,
-                "head": {"kind": job.objective.kind, "num_labels": job.objective.head_labels,
-                         "pooling": job.objective.pooling} if job.objective.head_labels else None}
+                "head": {"kind": job.objective.kind, "num_labels": job.objective.head_labels or 1,
+                         "pooling": job.objective.pooling, "key": "value_head" if job.objective.kind == "ppo" else "score"}
+                if job.objective.head_labels or job.objective.kind == "ppo" else None}
         checkpointer = TrainCheckpointer(job.checkpoint, cfg, extra_meta=meta)
     if tokenizer is not None and job.checkpoint.directory and jax.process_index() == 0:
         tokenizer.save(job.checkpoint.directory)  # so generate / eval on the checkpoint need no tokenizer flags

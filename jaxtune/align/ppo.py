@@ -1,0 +1,239 @@
+"""PPO for RLHF (Ziegler et al. 2019; Ouyang et al. 2022) as a rollout stream plus a loss for the one loop.
+
+Rollout (`PPORolloutStream`): ``batch_size x minibatches`` prompts sampled once each from the
+current policy; the completion is scored by a reward model (a run with ``objective.kind=reward``)
+or a Python reward function, ``missing_eos_penalty`` is subtracted from completions that did not
+stop; the per-token reward is ``-β · KL_t`` (k1 ``log π_old - log π_ref``, or k3) with the score
+added at the last token; values come from the value head (``params["value_head"]``, a shared
+trunk) at sampling time; advantages and returns by GAE (γ, λ), advantages whitened over the
+rollout. The rollout is then cut into ``minibatches`` and visited ``epochs`` times in a seeded
+order, one optimizer step per minibatch. β is fixed or adapted toward ``kl_target`` (the
+proportional controller of Ziegler et al.) after each rollout.
+
+Loss per completion token: ``max(-A ρ, -A clip(ρ, 1±ε))`` + ``vf_coef · ½ max((V - R)², (V_clip - R)²)``
+with ``V_clip = V_old + clip(V - V_old, ±value_clip)``, the mean over the minibatch's completion
+tokens. Logged per rollout row: score, kl, entropy, clip_fraction, value_loss, explained_variance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtune.align.grpo import _token_logps
+from jaxtune.align.rewards import reward_function
+from jaxtune.models.heads import scalar_head
+from jaxtune.peft.core import base_model
+
+VALUE_HEAD = "value_head"
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """``objective.ppo``."""
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    reward: Optional[str] = None  # a Python reward (jaxtune.align.rewards), or use reward_model
+    reward_model: Optional[str] = None  # a reward-model run directory (objective.kind=reward)
+    missing_eos_penalty: Optional[float] = None
+    kl_coef: float = 0.05  # β (the initial one when adaptive)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_target: Optional[float] = None  # adaptive β toward this KL per completion (None: fixed β)
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    epochs: int = 4
+    minibatches: int = 1  # the rollout holds train.batch_size x minibatches completions
+    whiten_advantages: bool = True
+
+    def __post_init__(self):
+        if self.reward is not None and self.reward_model is not None:
+            raise ValueError("objective.ppo: set one of reward (a function) and reward_model (a run directory)")
+        if self.epochs < 1 or self.minibatches < 1 or self.max_new_tokens < 1:
+            raise ValueError("objective.ppo: epochs, minibatches and max_new_tokens must be >= 1")
+
+
+def gae(rewards: np.ndarray, values: np.ndarray, mask: np.ndarray, gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """Generalised advantage estimation over each row's masked steps (contiguous, in order):
+    ``δ_t = r_t + γ V_{t+1} - V_t`` (V after the last step is 0), ``A_t = δ_t + γλ A_{t+1}``;
+    -> (advantages, returns = A + V), 0 off the mask."""
+    adv = np.zeros_like(rewards, dtype=np.float64)
+    for b in range(rewards.shape[0]):
+        steps = np.flatnonzero(mask[b] > 0)
+        running, next_value = 0.0, 0.0
+        for t in steps[::-1]:
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            running = delta + gamma * lam * running
+            adv[b, t] = running
+            next_value = values[b, t]
+    return adv.astype(np.float32), ((adv + values) * mask).astype(np.float32)
+
+
+def add_value_head(params: Any, cfg, rng: jax.Array) -> Any:
+    from jaxtune.models.heads import init_scalar_head
+
+    return {**params, VALUE_HEAD: init_scalar_head(rng, cfg)}
+
+
+def _forward(model, params, rows, rng=None):
+    hidden, _ = model.hidden(params, rows["tokens"], positions=rows.get("positions"), segment_ids=rows["segment_ids"],
+                             rng=rng)
+    logits = model.logits(params, hidden)
+    logsm = jax.nn.log_softmax(logits, -1)
+    logp = jnp.take_along_axis(logsm, rows["targets"][..., None], -1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logsm) * logsm, -1)
+    return logp, entropy, scalar_head(params[VALUE_HEAD], hidden)
+
+
+_values = jax.jit(lambda model, params, rows: _forward(model, params, rows)[2], static_argnums=0)
+
+
+def ppo_loss(model, cfg: PPOConfig):
+    def loss_fn(params, batch, rng):
+        logp, entropy, values = _forward(model, params, batch, rng)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        tokens = jnp.maximum(jnp.sum(mask), 1.0)
+        adv = batch["advantages"]
+        ratio = jnp.exp(logp - batch["old_logps"])
+        pg = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps))
+        v_old, returns = batch["old_values"], batch["returns"]
+        v_clip = v_old + jnp.clip(values - v_old, -cfg.value_clip, cfg.value_clip)
+        vf = 0.5 * jnp.maximum(jnp.square(values - returns), jnp.square(v_clip - returns))
+        n = jnp.asarray(mask.shape[0], jnp.float32)
+        mean = lambda x: jnp.sum(x * mask) / tokens  # noqa: E731  (over the minibatch's completion tokens)
+        total = n * (mean(pg) + cfg.vf_coef * mean(vf))
+        clipped = (jnp.abs(ratio - 1.0) > cfg.clip_eps).astype(jnp.float32)
+        sg = jax.lax.stop_gradient
+        metrics = {"score": jnp.sum(batch["scores"]), "kl": jnp.sum(batch["kl"]), "entropy": n * mean(sg(entropy)),
+                   "clip_fraction": n * mean(clipped), "value_loss": n * mean(sg(vf)), "policy_loss": n * mean(sg(pg)),
+                   "explained_variance": jnp.sum(batch["explained_variance"])}
+        return total, n, metrics
+
+    return loss_fn
+
+
+class PPORolloutStream:
+    """Rollouts and minibatches for PPO (module docstring). ``reference_params``: the starting weights
+    of a fully fine-tuned policy (a PEFT policy's reference is its adapter-disabled self)."""
+
+    process_local = False
+
+    def __init__(self, records, cfg: PPOConfig, model, tokenizer, sft, *, batch_size: int, seq_len: int, seed: int = 0,
+                 add_bos: bool = False, reference_params: Any = None, scorer=None):
+        from jaxtune.align.grpo import prompt_items
+
+        if (cfg.reward is None) == (scorer is None):
+            raise ValueError("objective.ppo: set exactly one of reward (a function) and reward_model (a run directory)")
+        self.items = prompt_items(records, sft, tokenizer, add_bos=add_bos, max_new_tokens=cfg.max_new_tokens,
+                                  seq_len=seq_len)
+        self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
+        self.batch_size, self.seq_len, self.seed, self.reference_params = batch_size, seq_len, seed, reference_params
+        self.reward_fn = reward_function(cfg.reward) if cfg.reward is not None else None
+        self.scorer = scorer
+        self.kl_coef = cfg.kl_coef
+        self.rollouts, self.visit, self.policy, self._rollout = 0, 0, None, None
+
+    def set_policy(self, trainable: Any, frozen: Any) -> None:
+        from jaxtune.train.partition import join
+
+        self.policy = join(trainable, frozen)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        per_rollout = self.cfg.epochs * self.cfg.minibatches
+        if self._rollout is None or self.visit >= per_rollout:
+            if self.policy is None:
+                raise RuntimeError("PPORolloutStream: the loop must hand it the policy (set_policy) before a rollout")
+            self._rollout = self.rollout(self.rollouts)
+            self.rollouts += 1
+            self.visit = 0
+        epoch, part = divmod(self.visit, self.cfg.minibatches)
+        order = np.random.default_rng([self.seed, self.rollouts, epoch]).permutation(self.batch_size * self.cfg.minibatches)
+        rows = order[part * self.batch_size: (part + 1) * self.batch_size]
+        self.visit += 1
+        return {k: v[rows] for k, v in self._rollout.items()}
+
+    def rollout(self, index: int) -> dict:
+        from jaxtune.eval.tasks import stop_tokens_of
+        from jaxtune.generate import generate, left_pad
+        from jaxtune.generate.sampling import SamplingConfig
+
+        cfg, n = self.cfg, self.batch_size * self.cfg.minibatches
+        items = self.items
+        chosen = []
+        for k in range(index * n, (index + 1) * n):  # prompts in a seeded order per pass over them
+            epoch, offset = divmod(k, len(items))
+            chosen.append(int(np.random.default_rng([self.seed, epoch]).permutation(len(items))[offset]))
+        pad = int(self.model.cfg.pad_token_id or 0)
+        stops = stop_tokens_of(self.tokenizer, self.model.cfg)
+        sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_tokens=stops,
+                                  pad_token_id=pad)
+        prompts = [items[i][0] for i in chosen]
+        tokens, mask = left_pad(prompts, pad, length=-(-max(len(p) for p in prompts) // 16) * 16)
+        out = jax.device_get(generate(self.model, self.policy, tokens, mask,
+                                      jax.random.fold_in(jax.random.key(self.seed), index), sampling))
+        rows = {k: np.zeros((n, self.seq_len), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
+        rows["loss_mask"] = np.zeros((n, self.seq_len), np.float32)
+        texts, prompt_texts, last = [], [], np.zeros(n, np.int64)
+        scores = np.zeros(n, np.float32)
+        for row, i in enumerate(chosen):
+            completion = [int(t) for t in out.tokens[row, : out.lengths[row]]]
+            ids, reference, record = items[i]
+            text = self.tokenizer.decode([t for t in completion if t not in stops])
+            texts.append(text)
+            prompt_texts.append(self.tokenizer.decode(ids))
+            if self.reward_fn is not None:
+                scores[row] = float(self.reward_fn(text, reference, record))
+            seq = ids + completion
+            k = len(seq) - 1
+            rows["tokens"][row, :k], rows["targets"][row, :k] = seq[:-1], seq[1:]
+            rows["segment_ids"][row, :k] = 1
+            rows["positions"][row, :k] = np.arange(k)
+            rows["loss_mask"][row, len(ids) - 1: k] = 1.0
+            last[row] = k - 1
+        if self.scorer is not None:
+            scores = np.asarray(self.scorer(prompt_texts, texts), np.float32)
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (~np.asarray(out.stopped)).astype(np.float32)
+        m = rows["loss_mask"]
+        old = np.asarray(_token_logps(self.model, self.policy, rows))
+        reference = self.reference_params if self.reference_params is not None else base_model(self.policy)
+        ref = np.asarray(_token_logps(self.model, reference, rows))
+        d = ref - old
+        kl_tok = (old - ref) if cfg.kl_estimator == "k1" else (np.exp(d) - d - 1.0)
+        kl_tok = kl_tok * m
+        values = np.asarray(_values(self.model, self.policy, rows)) * m
+        rewards = -self.kl_coef * kl_tok
+        rewards[np.arange(n), last] += scores
+        adv, returns = gae(rewards, values, m, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            mu, sd = adv[m > 0].mean(), adv[m > 0].std()
+            adv = (adv - mu) / (sd + 1e-8) * m
+        kl_seq = kl_tok.sum(1)
+        var = np.var(returns[m > 0])
+        explained = 1.0 - np.var((returns - values)[m > 0]) / var if var > 0 else 0.0
+        if cfg.kl_target is not None:  # Ziegler et al.'s proportional controller
+            error = np.clip(kl_seq.mean() / cfg.kl_target - 1.0, -0.2, 0.2)
+            self.kl_coef = float(self.kl_coef * (1.0 + error * n / cfg.kl_horizon))
+        return {**rows, "old_logps": old * m, "old_values": values, "advantages": adv, "returns": returns,
+                "scores": scores, "kl": kl_seq.astype(np.float32),
+                "explained_variance": np.full(n, explained, np.float32)}
+
+    def get_state(self) -> dict:
+        return {"kind": "ppo", "rollouts": self.rollouts, "seed": self.seed, "kl_coef": float(self.kl_coef),
+                "prompts": len(self.items)}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("kind") != "ppo" or state.get("seed") != self.seed or state.get("prompts") != len(self.items):
+            raise ValueError(f"data state {state} does not match this PPO stream")
+        self.rollouts, self.kl_coef, self._rollout = int(state["rollouts"]), float(state["kl_coef"]), None
