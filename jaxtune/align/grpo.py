@@ -128,6 +128,32 @@ def prompt_items(records, sft, tokenizer, *, add_bos: bool, max_new_tokens: int,
     return items
 
 
+def empty_rollout_rows(n: int, seq_len: int) -> dict:
+    rows = {k: np.zeros((n, seq_len), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
+    rows["loss_mask"] = np.zeros((n, seq_len), np.float32)
+    return rows
+
+
+def write_completion(rows: dict, row: int, prompt: list[int], completion: list[int]) -> int:
+    """Prompt + sampled completion into an LM row, loss on the completion's tokens; -> index of the
+    last target position."""
+    seq = list(prompt) + list(completion)
+    n = len(seq) - 1
+    rows["tokens"][row, :n], rows["targets"][row, :n] = seq[:-1], seq[1:]
+    rows["segment_ids"][row, :n] = 1
+    rows["positions"][row, :n] = np.arange(n)
+    rows["loss_mask"][row, len(prompt) - 1: n] = 1.0
+    return n - 1
+
+
+def sample_completions(model, policy, prompts: list[list[int]], key, sampling):
+    """Left-padded prompts (length rounded up to 16) through the jitted sampler -> host `Generation`."""
+    from jaxtune.generate import generate, left_pad
+
+    tokens, mask = left_pad(prompts, sampling.pad_token_id, length=-(-max(len(p) for p in prompts) // 16) * 16)
+    return jax.device_get(generate(model, policy, tokens, mask, key, sampling))
+
+
 class GroupRolloutStream:
     """Rollout batches for GRPO (module docstring). ``records``: (record, where) with prompts;
     ``reference_params``: the starting weights, kept for the KL of a fully fine-tuned policy."""
@@ -175,7 +201,6 @@ class GroupRolloutStream:
 
     def rollout(self, index: int) -> dict:
         from jaxtune.eval.tasks import stop_tokens_of
-        from jaxtune.generate import generate, left_pad
         from jaxtune.generate.sampling import SamplingConfig
 
         cfg, g = self.cfg, self.cfg.group_size
@@ -184,25 +209,16 @@ class GroupRolloutStream:
         stops = stop_tokens_of(self.tokenizer, self.model.cfg)
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                   stop_tokens=stops, pad_token_id=pad)
-        prompts = [self.items[i][0] for i in chosen]
-        width = -(-max(len(p) for p in prompts) // 16) * 16
-        tokens, mask = left_pad(prompts, pad, length=width)
         key = jax.random.fold_in(jax.random.key(self.seed), index)
-        out = jax.device_get(generate(self.model, self.policy, tokens, mask, key, sampling))
-        rows = {k: np.zeros((self.batch_size, self.seq_len), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
-        rows["loss_mask"] = np.zeros((self.batch_size, self.seq_len), np.float32)
+        out = sample_completions(self.model, self.policy, [self.items[i][0] for i in chosen], key, sampling)
+        rows = empty_rollout_rows(self.batch_size, self.seq_len)
         rewards = np.zeros(self.batch_size, np.float32)
         for row, i in enumerate(chosen):
             completion = [int(t) for t in out.tokens[row, : out.lengths[row]]]
-            text = self.tokenizer.decode([t for t in completion if t not in stops])
             ids, reference, record = self.items[i]
-            rewards[row] = float(self.reward_fn(text, reference, record))
-            seq = ids + completion
-            n = len(seq) - 1
-            rows["tokens"][row, :n], rows["targets"][row, :n] = seq[:-1], seq[1:]
-            rows["segment_ids"][row, :n] = 1
-            rows["positions"][row, :n] = np.arange(n)
-            rows["loss_mask"][row, len(ids) - 1: n] = 1.0
+            rewards[row] = float(self.reward_fn(self.tokenizer.decode([t for t in completion if t not in stops]),
+                                                reference, record))
+            write_completion(rows, row, ids, completion)
         batch = {**rows, "rewards": rewards, "advantages": group_advantages(rewards, g, cfg.scale_rewards)}
         batch["old_logps"] = np.asarray(_token_logps(self.model, self.policy, rows))
         if self.reference_params is not None and cfg.kl_coef:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.align.grpo import _token_logps
+from jaxtune.align.grpo import _token_logps, empty_rollout_rows, sample_completions, write_completion
 from jaxtune.align.rewards import reward_function
 from jaxtune.models.heads import scalar_head
 from jaxtune.peft.core import base_model
@@ -165,7 +165,6 @@ class PPORolloutStream:
 
     def rollout(self, index: int) -> dict:
         from jaxtune.eval.tasks import stop_tokens_of
-        from jaxtune.generate import generate, left_pad
         from jaxtune.generate.sampling import SamplingConfig
 
         cfg, n = self.cfg, self.batch_size * self.cfg.minibatches
@@ -178,12 +177,9 @@ class PPORolloutStream:
         stops = stop_tokens_of(self.tokenizer, self.model.cfg)
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_tokens=stops,
                                   pad_token_id=pad)
-        prompts = [items[i][0] for i in chosen]
-        tokens, mask = left_pad(prompts, pad, length=-(-max(len(p) for p in prompts) // 16) * 16)
-        out = jax.device_get(generate(self.model, self.policy, tokens, mask,
-                                      jax.random.fold_in(jax.random.key(self.seed), index), sampling))
-        rows = {k: np.zeros((n, self.seq_len), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
-        rows["loss_mask"] = np.zeros((n, self.seq_len), np.float32)
+        out = sample_completions(self.model, self.policy, [items[i][0] for i in chosen],
+                                 jax.random.fold_in(jax.random.key(self.seed), index), sampling)
+        rows = empty_rollout_rows(n, self.seq_len)
         texts, prompt_texts, last = [], [], np.zeros(n, np.int64)
         scores = np.zeros(n, np.float32)
         for row, i in enumerate(chosen):
@@ -194,13 +190,7 @@ class PPORolloutStream:
             prompt_texts.append(self.tokenizer.decode(ids))
             if self.reward_fn is not None:
                 scores[row] = float(self.reward_fn(text, reference, record))
-            seq = ids + completion
-            k = len(seq) - 1
-            rows["tokens"][row, :k], rows["targets"][row, :k] = seq[:-1], seq[1:]
-            rows["segment_ids"][row, :k] = 1
-            rows["positions"][row, :k] = np.arange(k)
-            rows["loss_mask"][row, len(ids) - 1: k] = 1.0
-            last[row] = k - 1
+            last[row] = write_completion(rows, row, ids, completion)
         if self.scorer is not None:
             scores = np.asarray(self.scorer(prompt_texts, texts), np.float32)
         if cfg.missing_eos_penalty is not None:

@@ -30,7 +30,7 @@ def test_sft_beats_the_base_zero_and_few_shot_on_held_out_sums(tmp_path, shakesp
     assert tuned["loss"]["loss"] < base["loss"]["loss"] / 2
 
 
-@pytest.mark.parametrize("recipe", ["sft_full_llama_small", "sft_lora_llama_small", "sft_qlora_llama_small"])
+@pytest.mark.parametrize("recipe", ["sft_full_llama_small", "sft_qlora_llama_small"])  # LoRA = QLoRA without model.quant (test_sft.py runs LoRA SFT)
 def test_sft_recipes_train_and_evaluate_shrunk_to_a_cpu(tmp_path, capsys, shakespeare_base, recipe):
     from jaxtune.cli.main import main
 
