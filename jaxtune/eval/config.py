@@ -8,7 +8,7 @@ from typing import Literal, Optional
 from jaxtune.data.instruct import InstructConfig
 from jaxtune.data.sources import SourceConfig
 
-TASK_KINDS = ("loss", "generate", "choice", "classify")
+TASK_KINDS = ("loss", "generate", "choice", "classify", "score")
 GSM8K_ANSWER = r"####\s*(-?[\d,]*\.?\d+)"
 
 
@@ -22,13 +22,15 @@ class EvalTaskConfig:
       of the answer ``answer_pattern`` extracts (its first group) from prediction and reference;
     - ``choice``: log-likelihood multiple choice: the record's prompt with each of its
       ``choices_field`` continuations, the right one at index ``answer_field``;
-    - ``classify``: accuracy and F1 (or MSE for regression) of a classification job's head.
+    - ``classify``: accuracy and F1 (or MSE for regression) of a classification job's head;
+    - ``score``: a reward model's scores of single responses (``prompt`` + ``response_field``: mean,
+      std) or of pairs (``prompt`` / ``chosen`` / ``rejected``: pairwise accuracy, mean margin).
 
     ``shots`` > 0 puts that many solved examples, drawn per example with ``seed`` from
     ``shots_sources`` (default: the training split of the job's data), before each prompt.
     """
 
-    kind: Literal["loss", "generate", "choice", "classify"] = "loss"
+    kind: Literal["loss", "generate", "choice", "classify", "score"] = "loss"
     name: Optional[str] = None  # label in the table (default: the kind)
     sources: tuple[SourceConfig, ...] = ()  # default: the job's held-out split (data.eval_sources / eval_fraction)
     sft: Optional[InstructConfig] = None  # record format / prompts (default: data.sft)
@@ -43,6 +45,7 @@ class EvalTaskConfig:
     numeric: bool = True  # compare extracted answers as numbers ("1,000" == "1000.0")
     choices_field: str = "choices"
     answer_field: str = "answer"
+    response_field: str = "response"  # score: the field holding a single response
     samples: int = 5  # predictions kept in the JSON results per task
 
     def __post_init__(self):

@@ -110,6 +110,33 @@ def classify(job: TrainJobConfig, task: EvalTaskConfig, params: Any, cfg, tokeni
     return classification_report(preds, labels, objective.num_labels)
 
 
+def reward_scores_task(job: TrainJobConfig, task: EvalTaskConfig, params: Any, cfg, tokenizer) -> dict:
+    """Score single responses, or preference pairs, with the restored reward model."""
+    from collections import Counter
+
+    from jaxtune.align.label import reward_judge
+
+    counts: Counter = Counter()
+    records, _ = task_records(job, task, counts)
+    pc = job.data.preference
+    score = reward_judge(Model(cfg), params, tokenizer, task.batch_size)
+    prompt_of = lambda r: pc.prompt_format.format(prompt=r.get(pc.prompt, ""))  # noqa: E731
+    if all(pc.chosen in r and pc.rejected in r for r, _ in records):
+        prompts = [prompt_of(r) for r, _ in records]
+        chosen = score(prompts, [r[pc.chosen] for r, _ in records])
+        rejected = score(prompts, [r[pc.rejected] for r, _ in records])
+        return {"pairs": len(records), "accuracy": float(np.mean(chosen > rejected)),
+                "margin": float(np.mean(chosen - rejected)), "chosen_mean": float(np.mean(chosen)),
+                "rejected_mean": float(np.mean(rejected))}
+    missing = [w for r, w in records if task.response_field not in r]
+    if missing:
+        raise ValueError(f"{missing[0]}: no field {task.response_field!r} (eval task score: responses, or "
+                         f"{pc.chosen!r} / {pc.rejected!r} pairs)")
+    scores = score([prompt_of(r) for r, _ in records], [r[task.response_field] for r, _ in records])
+    return {"responses": len(records), "mean": float(np.mean(scores)), "std": float(np.std(scores)),
+            "samples": [{"where": w, "score": float(s)} for (_, w), s in zip(records[: task.samples], scores)]}
+
+
 def run_eval_job(job: TrainJobConfig) -> dict:
     """Run every task of ``job.eval`` (default: the held-out loss) -> {task label: metrics}."""
     from jaxtune.train.runner import _tokenizer
@@ -128,6 +155,8 @@ def run_eval_job(job: TrainJobConfig) -> dict:
         start = time.perf_counter()
         if task.kind == "loss":
             metrics = held_out_loss(job, task, params, cfg, tokenizer, mesh)
+        elif task.kind == "score":
+            metrics = reward_scores_task(job, task, params, cfg, tokenizer)
         elif task.kind == "classify":
             metrics = classify(job, task, params, cfg, tokenizer)
         else:

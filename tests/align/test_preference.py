@@ -107,8 +107,16 @@ def test_reward_model_learns_the_preference_and_eval_restores_it(tmp_path):
     result = run_training(_job(data, {"kind": "reward"}, tmp_path / "rm"))
     held_out = result.evals[-1]
     assert held_out["accuracy"] >= 0.95 and held_out["margin"] > 1.0, held_out
-    restored = run_eval_job(_job(data, {"kind": "reward"}, model={"checkpoint": str(tmp_path / "rm")}))
+    responses = write_jsonl(tmp_path / "responses.jsonl", [{"prompt": r["prompt"], "response": r[side]}
+                                                           for r in shout_preferences(16, 1) for side in ("chosen", "rejected")])
+    tasks = {"tasks": [{"kind": "loss"}, {"kind": "score", "name": "pairs"},
+                       {"kind": "score", "name": "single", "sources": [{"path": str(responses)}]}]}
+    restored = run_eval_job(_job(data, {"kind": "reward"}, model={"checkpoint": str(tmp_path / "rm")}, eval=tasks))
     assert restored["loss"]["accuracy"] == pytest.approx(held_out["accuracy"])
+    assert restored["pairs"]["accuracy"] == pytest.approx(held_out["accuracy"])  # the same 64 held-out pairs
+    assert restored["pairs"]["margin"] == pytest.approx(held_out["margin"], rel=1e-4)
+    single = [s["score"] for s in restored["single"]["samples"]]
+    assert restored["single"]["responses"] == 32 and single[0] > single[1]  # shouted answer scores higher
 
 
 def test_dpo_raises_held_out_preference_accuracy(tmp_path, shakespeare_base):
