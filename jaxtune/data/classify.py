@@ -20,7 +20,7 @@ from typing import Literal, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from jaxtune.data.sft import ExampleSet, fit_length, read_records, report_counts, skip_or_raise
+from jaxtune.data.sft import ExampleSet, OnePerRowStream, fit_length, read_records, report_counts, skip_or_raise
 from jaxtune.data.sources import BadRow, DocumentSource, text_of
 
 
@@ -87,58 +87,28 @@ def load_labelled(sources: Sequence[DocumentSource], cfg: ClassifyDataConfig, to
     return result
 
 
-class LabelledStream:
-    """Padded rows of labelled examples; the same order / epochs / state rules as `ExampleStream`."""
+class LabelledStream(OnePerRowStream):
+    """Padded rows of labelled examples (order, epochs and state: `OnePerRowStream`)."""
 
-    process_local = False
+    state_kind = "labelled"
 
-    def __init__(self, examples: ExampleSet, batch_size: int, seq_len: int, *, regression: bool, seed: int = 0,
-                 shuffle: bool = True, epochs: Optional[int] = None, pad_id: int = 0, name: str = "classification"):
-        self.examples, self.counts = examples.examples, examples.counts
-        self.batch_size, self.seq_len, self.regression = batch_size, seq_len, regression
-        self.seed, self.shuffle, self.epochs, self.pad_id, self.name = seed, shuffle, epochs, pad_id, name
-        self.position = 0
-        self._order_epoch, self._order = None, None
-
-    def _order_for(self, epoch: int) -> np.ndarray:
-        if self._order_epoch != epoch:
-            n = len(self.examples)
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._order_epoch = epoch
-        return self._order
-
-    def __iter__(self):
-        return self
+    def __init__(self, examples: ExampleSet, batch_size: int, seq_len: int, *, regression: bool, name: str = "classification",
+                 **kw):
+        super().__init__(examples, batch_size, seq_len, name=name, **kw)
+        self.regression = regression
 
     def __next__(self) -> dict[str, np.ndarray]:
-        n = len(self.examples)
-        end = None if self.epochs is None else self.epochs * n
-        if end is not None and self.position >= end:
-            raise StopIteration
+        indices = self.next_indices()
         b, s = self.batch_size, self.seq_len
         batch = {"tokens": np.full((b, s), self.pad_id, np.int32), "segment_ids": np.zeros((b, s), np.int32),
                  "positions": np.zeros((b, s), np.int32), "row_mask": np.zeros((b,), np.float32),
                  "labels": np.zeros((b,), np.float32 if self.regression else np.int32)}
-        for row in range(b):
-            if end is not None and self.position >= end:
-                break
-            epoch, offset = divmod(self.position, n)
-            example = self.examples[int(self._order_for(epoch)[offset])]
+        for row, index in enumerate(indices):
+            example = self.examples[index]
             k = len(example.tokens)
             batch["tokens"][row, :k] = example.tokens
             batch["segment_ids"][row, :k] = 1
             batch["positions"][row, :k] = np.arange(k)
             batch["labels"][row] = example.label
             batch["row_mask"][row] = 1.0
-            self.position += 1
         return batch
-
-    def get_state(self) -> dict:
-        return {"kind": "labelled", "name": self.name, "position": self.position, "seed": self.seed,
-                "examples": len(self.examples)}
-
-    def set_state(self, state: dict) -> None:
-        if state.get("kind") != "labelled" or state.get("seed") != self.seed or state.get("examples") != len(self.examples):
-            raise ValueError(f"data state {state} does not match this stream ({self.name}: {len(self.examples)} "
-                             f"examples, seed {self.seed})")
-        self.position = int(state["position"])

@@ -26,7 +26,7 @@ from typing import Literal, NamedTuple, Optional, Sequence
 import numpy as np
 
 from jaxtune.data.packing import empty_rows, write_piece
-from jaxtune.data.sft import ExampleSet, read_records, report_counts, skip_or_raise
+from jaxtune.data.sft import ExampleSet, OnePerRowStream, read_records, report_counts, skip_or_raise
 from jaxtune.data.sources import BadRow, DocumentSource, checked_text
 
 SIDES = ("chosen", "rejected")
@@ -143,49 +143,27 @@ def load_pairs(sources: Sequence[DocumentSource], cfg: PreferenceConfig, tokeniz
     return result
 
 
-class PairStream:
-    """Batches of pairs (module docstring); order, epochs and state as `jaxtune.data.sft.ExampleStream`."""
+class PairStream(OnePerRowStream):
+    """Batches of pairs (module docstring); order, epochs and state: `jaxtune.data.sft.OnePerRowStream`."""
 
-    process_local = False
+    state_kind = "pairs"
 
-    def __init__(self, pairs: ExampleSet, batch_size: int, seq_len: int, *, seed: int = 0, shuffle: bool = True,
-                 epochs: Optional[int] = None, pad_id: int = 0, name: str = "preference"):
-        self.pairs, self.counts, self.source = pairs.examples, pairs.counts, pairs
-        self.batch_size, self.seq_len, self.seed, self.shuffle = batch_size, seq_len, seed, shuffle
-        self.epochs, self.pad_id, self.name = epochs, pad_id, name
-        self.position = 0
-        self._order_epoch, self._order = None, None
+    def __init__(self, pairs: ExampleSet, batch_size: int, seq_len: int, *, name: str = "preference", **kw):
+        super().__init__(pairs, batch_size, seq_len, name=name, **kw)
 
     @property
     def reference(self) -> Optional[np.ndarray]:
         """Precomputed reference log-probs [n, 2] of the pairs (set on their `ExampleSet`), or None."""
         return self.source.reference
 
-    def _order_for(self, epoch: int) -> np.ndarray:
-        if self._order_epoch != epoch:
-            n = len(self.pairs)
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._order_epoch = epoch
-        return self._order
-
-    def __iter__(self):
-        return self
-
     def __next__(self) -> dict[str, np.ndarray]:
-        n = len(self.pairs)
-        end = None if self.epochs is None else self.epochs * n
-        if end is not None and self.position >= end:
-            raise StopIteration
+        indices = self.next_indices()
         sides = {s: empty_rows(self.batch_size, self.seq_len, self.pad_id) for s in SIDES}
         pair_mask = np.zeros((self.batch_size,), np.float32)
         reference = self.reference
         ref = np.zeros((self.batch_size, 2), np.float32)
-        for row in range(self.batch_size):
-            if end is not None and self.position >= end:
-                break
-            epoch, offset = divmod(self.position, n)
-            index = int(self._order_for(epoch)[offset])
-            pair = self.pairs[index]
+        for row, index in enumerate(indices):
+            pair = self.examples[index]
             if reference is not None:
                 ref[row] = reference[index]
             for side, completion in zip(SIDES, (pair.chosen, pair.rejected)):
@@ -193,18 +171,8 @@ class PairStream:
                 trained = np.arange(len(tokens)) >= len(pair.prompt)
                 write_piece(sides[side], row, 0, tokens, 1, trained)
             pair_mask[row] = 1.0
-            self.position += 1
         batch = {f"{side}_{k}": v for side in SIDES for k, v in sides[side].items()}
         batch["pair_mask"] = pair_mask
         if reference is not None:
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
         return batch
-
-    def get_state(self) -> dict:
-        return {"kind": "pairs", "name": self.name, "position": self.position, "seed": self.seed, "pairs": len(self.pairs)}
-
-    def set_state(self, state: dict) -> None:
-        if state.get("kind") != "pairs" or state.get("seed") != self.seed or state.get("pairs") != len(self.pairs):
-            raise ValueError(f"data state {state} does not match this stream ({self.name}: {len(self.pairs)} pairs, "
-                             f"seed {self.seed})")
-        self.position = int(state["position"])

@@ -226,3 +226,55 @@ class ExampleStream:
             raise ValueError(f"data state {state} does not match this stream ({self.name}: {len(self.examples)} "
                              f"examples, seed {self.seed}); the data or its filtering changed since the checkpoint")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+class OnePerRowStream:
+    """Base of streams that put one example per row (classification, preference pairs): a seeded
+    order per epoch, position = examples consumed, ``epochs=None`` forever, a finite pass ends
+    with empty rows filling its last batch. Subclasses set ``state_kind`` and build a batch from
+    the example indices `next_indices` hands out."""
+
+    process_local = False
+    state_kind = "rows"
+
+    def __init__(self, examples: ExampleSet, batch_size: int, seq_len: int, *, seed: int = 0, shuffle: bool = True,
+                 epochs: Optional[int] = None, pad_id: int = 0, name: str = "records"):
+        self.source, self.examples, self.counts = examples, examples.examples, examples.counts
+        self.batch_size, self.seq_len, self.seed, self.shuffle = batch_size, seq_len, seed, shuffle
+        self.epochs, self.pad_id, self.name = epochs, pad_id, name
+        self.position = 0
+        self._order_epoch, self._order = None, None
+
+    def _order_for(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            n = len(self.examples)
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_indices(self) -> list[int]:
+        """Indices of the next batch's examples (fewer than batch_size at the end of a finite pass)."""
+        n = len(self.examples)
+        end = None if self.epochs is None else self.epochs * n
+        if end is not None and self.position >= end:
+            raise StopIteration
+        out = []
+        while len(out) < self.batch_size and (end is None or self.position < end):
+            epoch, offset = divmod(self.position, n)
+            out.append(int(self._order_for(epoch)[offset]))
+            self.position += 1
+        return out
+
+    def __iter__(self):
+        return self
+
+    def get_state(self) -> dict:
+        return {"kind": self.state_kind, "name": self.name, "position": self.position, "seed": self.seed,
+                "examples": len(self.examples)}
+
+    def set_state(self, state: dict) -> None:
+        if (state.get("kind") != self.state_kind or state.get("seed") != self.seed
+                or state.get("examples") != len(self.examples)):
+            raise ValueError(f"data state {state} does not match this stream ({self.name}: {len(self.examples)} "
+                             f"examples, seed {self.seed})")
+        self.position = int(state["position"])
