@@ -71,3 +71,19 @@ def arithmetic_style(tmp_path_factory):
         return str(path)
 
     return {"kind": "text", "path": write(directory / "train.txt", 3000, 0), "eval_path": write(directory / "eval.txt", 300, 1)}
+
+
+@pytest.fixture(scope="session")
+def shout_reward_model(tmp_path_factory):
+    """A Bradley-Terry reward model (tiny Llama from random weights, 20 steps) on the shout pairs,
+    byte tokenizer. -> its run directory."""
+    from jaxtune.config import TrainJobConfig, from_dict
+    from jaxtune.train.runner import run_training
+
+    run = tmp_path_factory.mktemp("shout_reward_model")
+    run_training(from_dict(TrainJobConfig, {**FINE_TUNE_COMMON, "model": {"preset": "tiny-llama"},
+                 "data": {"kind": "preference", "sources": [{"path": "builtin:shout_train.jsonl"}],
+                          "eval_sources": [{"path": "builtin:shout_eval.jsonl"}]},
+                 "objective": {"kind": "reward"}, "checkpoint": {"directory": str(run)},
+                 "train": {"steps": 20, "batch_size": 8, "seq_len": 32, "eval_batches": 0}}))
+    return run

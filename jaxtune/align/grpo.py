@@ -14,7 +14,8 @@ reference is the adapter-disabled policy for PEFT policies, otherwise the starti
 by the stream (log-probs computed at rollout). Length normalisation (``length_norm``):
 ``sequence`` (GRPO: each completion's mean, then the mean over completions), ``token`` (DAPO:
 the mean over all completion tokens of the micro-batch) or ``constant`` (Dr. GRPO: sums divided
-by ``max_new_tokens``). Metrics are per-completion means: reward, kl, clip_fraction, length.
+by ``max_new_tokens``). Metrics are per-completion means: reward, kl, clip_fraction, entropy (per
+token of the policy's next-token distribution), completion_length.
 """
 
 from __future__ import annotations
@@ -54,12 +55,16 @@ class GRPOConfig:
             raise ValueError("objective.grpo: iterations, max_new_tokens >= 1, clip_eps > 0, kl_coef >= 0")
 
 
-def token_logps(model, params, rows: dict, rng=None) -> jax.Array:
-    """``log p(target)`` per position [B, S] (0 where loss_mask is 0)."""
+def token_logps(model, params, rows: dict, rng=None, *, with_entropy: bool = False):
+    """``log p(target)`` per position [B, S] (0 where loss_mask is 0); ``with_entropy``: also the
+    entropy of each position's next-token distribution [B, S]."""
     hidden, _ = model.hidden(params, rows["tokens"], positions=rows.get("positions"), segment_ids=rows["segment_ids"],
                              rng=rng)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(model.logits(params, hidden), -1), rows["targets"][..., None], -1)[..., 0]
-    return jnp.where(rows["loss_mask"] > 0, logp, 0.0)
+    logsm = jax.nn.log_softmax(model.logits(params, hidden), -1)
+    logp = jnp.where(rows["loss_mask"] > 0, jnp.take_along_axis(logsm, rows["targets"][..., None], -1)[..., 0], 0.0)
+    if not with_entropy:
+        return logp
+    return logp, -jnp.sum(jnp.exp(logsm) * logsm, -1), hidden
 
 
 _token_logps = jax.jit(token_logps, static_argnums=0)
@@ -78,7 +83,7 @@ def grpo_loss(model, cfg: GRPOConfig, *, reference: str):
     high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
 
     def loss_fn(params, batch, rng):
-        logp = token_logps(model, params, batch, rng)
+        logp, entropy, _ = token_logps(model, params, batch, rng, with_entropy=True)
         mask = batch["loss_mask"].astype(jnp.float32)
         ratio = jnp.exp(logp - batch["old_logps"])
         adv = batch["advantages"][:, None]
@@ -103,7 +108,7 @@ def grpo_loss(model, cfg: GRPOConfig, *, reference: str):
         per_seq = lambda x: jnp.sum(jax.lax.stop_gradient(x) * mask, -1) / jnp.maximum(lengths, 1.0)  # noqa: E731
         clipped = ((ratio < 1.0 - cfg.clip_eps) | (ratio > 1.0 + high)).astype(jnp.float32)
         metrics = {"reward": jnp.sum(batch["rewards"]), "kl": jnp.sum(per_seq(kl)), "clip_fraction": jnp.sum(per_seq(clipped)),
-                   "completion_length": jnp.sum(lengths)}
+                   "entropy": jnp.sum(per_seq(entropy)), "completion_length": jnp.sum(lengths)}
         return total, n, metrics
 
     return loss_fn

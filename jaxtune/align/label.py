@@ -97,6 +97,15 @@ def reward_judge(model, params, tokenizer, batch_size: int):
     return score
 
 
+def load_reward_judge(directory: str, tokenizer, batch_size: int):
+    """`reward_judge` of the reward-model run at ``directory`` (it must share the policy's tokenizer)."""
+    from jaxtune.interop.sources import load_model
+    from jaxtune.models import Model
+
+    params, cfg, _ = load_model(ModelSource(checkpoint=directory))
+    return reward_judge(Model(cfg), params, tokenizer, batch_size)
+
+
 def llm_preference(model, params, tokenizer, template: str, batch_size: int):
     """-> ``prefer(prompt, a, b) -> float``: log p("A") - log p("B") after the judge prompt, averaged
     over both orders (positive: a is better)."""

@@ -4,8 +4,11 @@ Rollout (`PPORolloutStream`): ``batch_size x minibatches`` prompts sampled once 
 current policy; the completion is scored by a reward model (a run with ``objective.kind=reward``)
 or a Python reward function, ``missing_eos_penalty`` is subtracted from completions that did not
 stop; the per-token reward is ``-β · KL_t`` (k1 ``log π_old - log π_ref``, or k3) with the score
-added at the last token; values come from the value head (``params["value_head"]``, a shared
-trunk) at sampling time; advantages and returns by GAE (γ, λ), advantages whitened over the
+added at the last token; values come at sampling time from the value head on the policy's trunk
+(``params["value_head"]``) or, with ``value_model`` (a run directory: TRL's choice is the reward
+model), from a separate value network ``params["value_model"]`` (that run's weights, adapters
+merged, without an LM head; its one-output score head, if it has one, starts the value head),
+trained fully alongside the policy; advantages and returns by GAE (γ, λ), advantages whitened over the
 rollout. The rollout is then cut into ``minibatches`` and visited ``epochs`` times in a seeded
 order, one optimizer step per minibatch. β is fixed or adapted toward ``kl_target`` (the
 proportional controller of Ziegler et al.) after each rollout.
@@ -18,18 +21,20 @@ tokens. Logged per rollout row: score, kl, entropy, clip_fraction, value_loss, e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.align.grpo import _token_logps, empty_rollout_rows, sample_completions, write_completion
+from jaxtune.align.grpo import _token_logps, empty_rollout_rows, sample_completions, token_logps, write_completion
 from jaxtune.align.rewards import reward_function
 from jaxtune.models.heads import scalar_head
 from jaxtune.peft.core import base_model
 
 VALUE_HEAD = "value_head"
+VALUE_MODEL = "value_model"
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class PPOConfig:
     epochs: int = 4
     minibatches: int = 1  # the rollout holds train.batch_size x minibatches completions
     whiten_advantages: bool = True
+    value_model: Optional[str] = None  # a run / params checkpoint directory: a separate value network (None: shared trunk)
 
     def __post_init__(self):
         if self.reward is not None and self.reward_model is not None:
@@ -83,22 +89,63 @@ def add_value_head(params: Any, cfg, rng: jax.Array) -> Any:
     return {**params, VALUE_HEAD: init_scalar_head(rng, cfg)}
 
 
-def _forward(model, params, rows, rng=None):
-    hidden, _ = model.hidden(params, rows["tokens"], positions=rows.get("positions"), segment_ids=rows["segment_ids"],
-                             rng=rng)
-    logits = model.logits(params, hidden)
-    logsm = jax.nn.log_softmax(logits, -1)
-    logp = jnp.take_along_axis(logsm, rows["targets"][..., None], -1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logsm) * logsm, -1)
-    return logp, entropy, scalar_head(params[VALUE_HEAD], hidden)
+def value_network(params: Any, cfg, rng: jax.Array, where: str = "objective.ppo.value_model") -> Any:
+    """A separate value network from a model's params: adapters merged, quantized kernels
+    dequantized, the LM head and other heads dropped; its one-output ``score`` head (a reward
+    model's) becomes the value head, else a fresh one."""
+    from jaxtune.models.decoder import HEAD_KEYS
+    from jaxtune.peft.core import ADDED_KEYS, merge_adapters
+    from jaxtune.quant.weight import dequantize
+
+    added = [k for k in ADDED_KEYS if k in params]
+    if added:
+        raise ValueError(f"{where}: a value network cannot carry prompt-side PEFT subtrees ({', '.join(added)})")
+    score = params.get("score")
+    tree = dequantize(merge_adapters({k: v for k, v in params.items() if k != "lm_head" and k not in HEAD_KEYS}))
+    head = score if score is not None and score["kernel"].shape[-1] == 1 else None
+    if head is None:
+        from jaxtune.models.heads import init_scalar_head
+
+        head = init_scalar_head(rng, cfg)
+    return {**tree, VALUE_HEAD: head}
 
 
-_values = jax.jit(lambda model, params, rows: _forward(model, params, rows)[2], static_argnums=0)
+def add_value_model(params: Any, directory: str, rng: jax.Array) -> tuple[Any, Any]:
+    """``params["value_model"]`` = `value_network` of the model at ``directory`` -> (params, its cfg)."""
+    from jaxtune.config.schema import ModelSource
+    from jaxtune.interop.sources import load_model
+
+    loaded, cfg, _ = load_model(ModelSource(checkpoint=directory))
+    return {**params, VALUE_MODEL: value_network(loaded, cfg, rng)}, cfg
 
 
-def ppo_loss(model, cfg: PPOConfig):
+def state_values(params, hidden, rows, value_model=None, rng=None) -> jax.Array:
+    """V per position [B, S]: the value head on the policy's ``hidden``, or the separate value network."""
+    if value_model is None:
+        return scalar_head(params[VALUE_HEAD], hidden)
+    own, _ = value_model.hidden(params[VALUE_MODEL], rows["tokens"], positions=rows.get("positions"),
+                                segment_ids=rows["segment_ids"], rng=rng)
+    return scalar_head(params[VALUE_MODEL][VALUE_HEAD], own)
+
+
+def _forward(model, params, rows, rng=None, value_model=None):
+    logp, entropy, hidden = token_logps(model, params, rows, rng, with_entropy=True)
+    return logp, entropy, state_values(params, hidden, rows, value_model, rng)
+
+
+@partial(jax.jit, static_argnums=(0, 3))
+def _values(model, params, rows, value_model=None):
+    if value_model is None:
+        hidden, _ = model.hidden(params, rows["tokens"], positions=rows.get("positions"), segment_ids=rows["segment_ids"])
+        return state_values(params, hidden, rows)
+    return state_values(params, None, rows, value_model)
+
+
+def ppo_loss(model, cfg: PPOConfig, value_model=None):
+    """The PPO loss (module docstring); ``value_model``: the separate value network's `Model`, or None."""
+
     def loss_fn(params, batch, rng):
-        logp, entropy, values = _forward(model, params, batch, rng)
+        logp, entropy, values = _forward(model, params, batch, rng, value_model)
         mask = batch["loss_mask"].astype(jnp.float32)
         tokens = jnp.maximum(jnp.sum(mask), 1.0)
         adv = batch["advantages"]
@@ -127,7 +174,7 @@ class PPORolloutStream:
     process_local = False
 
     def __init__(self, records, cfg: PPOConfig, model, tokenizer, sft, *, batch_size: int, seq_len: int, seed: int = 0,
-                 add_bos: bool = False, reference_params: Any = None, scorer=None):
+                 add_bos: bool = False, reference_params: Any = None, scorer=None, value_model=None):
         from jaxtune.align.grpo import prompt_items
 
         if (cfg.reward is None) == (scorer is None):
@@ -137,7 +184,7 @@ class PPORolloutStream:
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.batch_size, self.seq_len, self.seed, self.reference_params = batch_size, seq_len, seed, reference_params
         self.reward_fn = reward_function(cfg.reward) if cfg.reward is not None else None
-        self.scorer = scorer
+        self.scorer, self.value_model = scorer, value_model
         self.kl_coef = cfg.kl_coef
         self.rollouts, self.visit, self.policy, self._rollout = 0, 0, None, None
 
@@ -202,7 +249,7 @@ class PPORolloutStream:
         d = ref - old
         kl_tok = (old - ref) if cfg.kl_estimator == "k1" else (np.exp(d) - d - 1.0)
         kl_tok = kl_tok * m
-        values = np.asarray(_values(self.model, self.policy, rows)) * m
+        values = np.asarray(_values(self.model, self.policy, rows, self.value_model)) * m
         rewards = -self.kl_coef * kl_tok
         rewards[np.arange(n), last] += scores
         adv, returns = gae(rewards, values, m, cfg.gamma, cfg.lam)

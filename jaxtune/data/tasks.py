@@ -57,3 +57,13 @@ def shout_preferences(n: int, seed: int) -> list[dict]:
         word = "".join(rng.choice(letters, int(rng.integers(3, 7))))
         rows.append({"prompt": f"Say {word}:", "chosen": f" {word.upper()}!", "rejected": f" {word}."})
     return rows
+
+
+def shout_demonstrations(n: int, seed: int, shout_rate: float = 0.25) -> list[dict]:
+    """Demonstrations for an SFT policy that sometimes shouts: the prompts of
+    ``shout_preferences(n, seed)``, answered with the chosen (shouted) completion with probability
+    ``shout_rate``, else the rejected one (``{"prompt", "completion"}``). The policy RL starts
+    from: its mean reward is about ``shout_rate``, with room to rise."""
+    pick = np.random.default_rng([seed, 1]).random(n) < shout_rate
+    return [{"prompt": r["prompt"], "completion": r["chosen"] if s else r["rejected"]}
+            for r, s in zip(shout_preferences(n, seed), pick)]

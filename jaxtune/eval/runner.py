@@ -18,6 +18,7 @@ from jaxtune.config.schema import TrainJobConfig
 from jaxtune.data.sft import read_records
 from jaxtune.data.sources import build_source
 from jaxtune.eval.config import EvalTaskConfig
+from jaxtune.eval.policy import policy_reward
 from jaxtune.eval.tasks import exact_match, multiple_choice
 from jaxtune.interop.sources import load_model
 from jaxtune.models import Model
@@ -167,8 +168,11 @@ def run_eval_job(job: TrainJobConfig) -> dict:
             counts: Counter = Counter()
             records, pool = task_records(job, task, counts)
             sft = task.sft or job.data.sft
-            fn = exact_match if task.kind == "generate" else multiple_choice
-            metrics = fn(task, model, params, tokenizer, records, pool, sft, add_bos=job.data.add_bos)
+            if task.kind == "reward":
+                metrics = policy_reward(task, model, params, tokenizer, records, sft, add_bos=job.data.add_bos)
+            else:
+                fn = exact_match if task.kind == "generate" else multiple_choice
+                metrics = fn(task, model, params, tokenizer, records, pool, sft, add_bos=job.data.add_bos)
             if counts:
                 metrics["skipped_rows"] = dict(counts)
         metrics["seconds"] = time.perf_counter() - start

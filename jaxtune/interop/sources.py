@@ -100,11 +100,19 @@ def _head(meta: dict):
         return None
     from jaxtune.train.classify import HEAD
 
+    key = spec.get("key", HEAD)
+    if key == "value_model":  # PPO's separate value network: its own architecture, from the meta
+        from jaxtune.align.ppo import value_network
+
+        vcfg = from_dict(ModelConfig, spec["model_config"], prefix=f"{TRAIN_META_FILE}: head.model_config")
+        shape = jax.eval_shape(lambda: value_network(Model(vcfg).init(jax.random.key(0)), vcfg, jax.random.key(0)))
+        return lambda p: {**p, key: jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype), shape)}
+
     def add(p):
         dtype = p["embed"]["embedding"].dtype
         hidden = p["embed"]["embedding"].shape[-1]
         n = int(spec["num_labels"])
-        return {**p, spec.get("key", HEAD): {"kernel": jax.numpy.zeros((hidden, n), dtype), "bias": jax.numpy.zeros((n,), dtype)}}
+        return {**p, key: {"kernel": jax.numpy.zeros((hidden, n), dtype), "bias": jax.numpy.zeros((n,), dtype)}}
 
     return add
 

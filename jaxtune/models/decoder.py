@@ -132,7 +132,7 @@ def _check_cache_room(cache: KVCache, new_tokens: int) -> None:
 
 
 PREFIX_KEYS = ("prompt", "prefix")  # top-level subtrees the model reads besides its own weights
-HEAD_KEYS = ("score", "value_head")  # top-level heads over the hidden states (jaxtune.models.heads); the trunk ignores them
+HEAD_KEYS = ("score", "value_head", "value_model")  # heads over the hidden states (jaxtune.models.heads) and PPO's separate value network; the trunk ignores them
 
 
 def prompt_embeddings(prompt: Any) -> jax.Array:

@@ -216,13 +216,16 @@ def objective_loss(
     tokenizer_mask_id: Optional[int] = None,
     special_ids: Sequence[int] = (),
     reference: str = "precomputed",
+    value_model: Optional[Model] = None,
 ) -> LossFn:
-    """The loss for ``objective``: `causal_lm_loss` or `masked_lm_loss`. The mask token is
-    ``objective.mask_token_id``, else ``tokenizer_mask_id`` (the tokenizer's mask token)."""
+    """The loss for ``objective``: `causal_lm_loss` or `masked_lm_loss` (the mask token is
+    ``objective.mask_token_id``, else ``tokenizer_mask_id``, the tokenizer's mask token), or the
+    classification / alignment objectives' losses (PPO: ``value_model``, the separate value
+    network's `Model`, when it has one)."""
     if objective.kind == "ppo":
         from jaxtune.align.ppo import ppo_loss
 
-        return ppo_loss(model, objective.ppo)
+        return ppo_loss(model, objective.ppo, value_model=value_model)
     if objective.kind == "grpo":
         from jaxtune.align.grpo import grpo_loss
 

@@ -223,7 +223,7 @@ def _tokenizer(job: TrainJobConfig, model_dir: Optional[Path]):
     return load_tokenizer(directory, job.tokenizer.kind)
 
 
-def job_loss(job: TrainJobConfig, cfg: ModelConfig, tokenizer=None) -> LossFn:
+def job_loss(job: TrainJobConfig, cfg: ModelConfig, tokenizer=None, value_cfg: Optional[ModelConfig] = None) -> LossFn:
     """The job's objective as a loss function: causal LM, or masked LM (the tokenizer's mask token
     unless ``objective.mask_token_id`` is set; its BOS/EOS/pad tokens are never masked)."""
     specials = tuple(sorted({int(i) for i in (getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad"))
@@ -233,7 +233,17 @@ def job_loss(job: TrainJobConfig, cfg: ModelConfig, tokenizer=None) -> LossFn:
         reference = "adapter" if job.peft.active else ("batch" if job.objective.grpo.kl_coef else "none")
     return objective_loss(Model(cfg), job.objective, z_loss=job.train.z_loss, chunk_tokens=job.train.loss_chunk_tokens,
                           tokenizer_mask_id=getattr(tokenizer, "mask_token_id", None), special_ids=specials,
-                          reference=reference)
+                          reference=reference, value_model=None if value_cfg is None else Model(value_cfg))
+
+
+def value_model(job: TrainJobConfig) -> Optional[tuple[Any, ModelConfig]]:
+    """PPO with ``objective.ppo.value_model``: (the separate value network's params, its cfg)."""
+    if job.objective.kind != "ppo" or job.objective.ppo.value_model is None:
+        return None
+    from jaxtune.align.ppo import add_value_model
+
+    params, cfg = add_value_model({}, job.objective.ppo.value_model, jax.random.key(job.model.init_seed + 1))
+    return params["value_model"], cfg.replace(remat=job.train.remat)
 
 
 def with_peft(job: TrainJobConfig, params: Any, cfg: ModelConfig, tokenizer, optimizer):
@@ -255,7 +265,7 @@ def with_peft(job: TrainJobConfig, params: Any, cfg: ModelConfig, tokenizer, opt
     return params, mask, peft_optimizer(optimizer, job.peft, job.train.steps)
 
 
-def rollout_stream(job: TrainJobConfig, params: Any, cfg: ModelConfig, tokenizer):
+def rollout_stream(job: TrainJobConfig, params: Any, cfg: ModelConfig, tokenizer, value_cfg: Optional[ModelConfig] = None):
     """GRPO / PPO: the rollout stream over the prompts of the job's records (data.kind=sft); a fully
     fine-tuned policy with a KL penalty keeps its starting weights as the reference."""
     from jaxtune.align.grpo import GroupRolloutStream
@@ -282,11 +292,15 @@ def rollout_stream(job: TrainJobConfig, params: Any, cfg: ModelConfig, tokenizer
         return GroupRolloutStream(records, job.objective.grpo, model, tokenizer, job.data.sft, **common)
     scorer = None
     if job.objective.ppo.reward_model is not None:
-        from jaxtune.align.label import reward_judge
+        from jaxtune.align.label import load_reward_judge
 
-        judge_params, judge_cfg, _ = load_model(ModelSource(checkpoint=job.objective.ppo.reward_model))
-        scorer = reward_judge(Model(judge_cfg), judge_params, tokenizer, job.train.batch_size)
-    return PPORolloutStream(records, job.objective.ppo, model, tokenizer, job.data.sft, scorer=scorer, **common)
+        scorer = load_reward_judge(job.objective.ppo.reward_model, tokenizer, job.train.batch_size)
+    if value_cfg is not None and value_cfg.vocab_size != cfg.vocab_size:
+        raise ValueError(f"objective.ppo.value_model {job.objective.ppo.value_model} has vocab_size {value_cfg.vocab_size}, "
+                         f"the policy {cfg.vocab_size}: a value network reads the policy's tokens, so it needs its tokenizer")
+    values = None if value_cfg is None else Model(value_cfg.replace(remat="none"))
+    return PPORolloutStream(records, job.objective.ppo, model, tokenizer, job.data.sft, scorer=scorer,
+                            value_model=values, **common)
 
 
 def reference_pass(job: TrainJobConfig, params: Any, cfg: ModelConfig) -> Optional[Callable[[Any], None]]:
@@ -306,20 +320,30 @@ def reference_pass(job: TrainJobConfig, params: Any, cfg: ModelConfig) -> Option
     return prepare
 
 
-def with_head(job: TrainJobConfig, params: Any, cfg: ModelConfig, mask: Any) -> tuple[Any, Any]:
-    """Classification / regression jobs: the score head added after PEFT (so adapter patterns never
-    reach it) and always trainable, next to whatever else trains."""
-    labels = job.objective.head_labels
-    if not labels and job.objective.kind != "ppo":
+def head_key(job: TrainJobConfig) -> Optional[str]:
+    """The top-level key of the job's head: score (classification, regression, reward), value_head
+    or value_model (PPO), None."""
+    if job.objective.kind == "ppo":
+        return "value_head" if job.objective.ppo.value_model is None else "value_model"
+    return "score" if job.objective.head_labels else None
+
+
+def with_head(job: TrainJobConfig, params: Any, cfg: ModelConfig, mask: Any, value: Any = None) -> tuple[Any, Any]:
+    """Classification / regression / reward jobs: the score head; PPO: the value head, or ``value``
+    (the separate value network). Added after PEFT (so adapter patterns never reach it) and always
+    trainable, next to whatever else trains."""
+    name = head_key(job)
+    if name is None:
         return params, mask
     from jaxtune.align.ppo import VALUE_HEAD, add_value_head
-    from jaxtune.train.classify import HEAD, add_score_head
+    from jaxtune.train.classify import add_score_head
 
     key = jax.random.key(job.model.init_seed + 1)
-    name = VALUE_HEAD if job.objective.kind == "ppo" else HEAD
 
     def add(p):
-        return add_value_head(p, cfg, key) if name == VALUE_HEAD else add_score_head(p, cfg, labels, key)
+        if name == "value_model":
+            return {**p, name: value}
+        return add_value_head(p, cfg, key) if name == VALUE_HEAD else add_score_head(p, cfg, job.objective.head_labels, key)
 
     if callable(params):
         init = params
@@ -340,30 +364,32 @@ def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict
     if job.objective.kind == "masked":
         cfg = cfg.replace(causal=False)  # masked LM attends both ways
     tokenizer = _tokenizer(job, model_dir)
+    value = value_model(job)
+    value_cfg = None if value is None else value[1]
     if job.objective.kind in ("grpo", "ppo"):
-        stream, eval_streams = rollout_stream(job, params, cfg, tokenizer), None
+        stream, eval_streams = rollout_stream(job, params, cfg, tokenizer, value_cfg), None
     elif job.data.kind in RECORD_KINDS:
         stream, eval_streams = record_streams(job, cfg, tokenizer, prepare=reference_pass(job, params, cfg))
     else:
         stream, eval_streams = build_streams(job, cfg, tokenizer)
     optimizer, schedule = build_optimizer(job.optim, job.train.steps)
     params, trainable_mask, optimizer = with_peft(job, params, cfg, tokenizer, optimizer)
-    params, trainable_mask = with_head(job, params, cfg, trainable_mask)
+    params, trainable_mask = with_head(job, params, cfg, trainable_mask, None if value is None else value[0])
     mesh = make_mesh(job.mesh)
     own_checkpointer = checkpointer is None
     if own_checkpointer:
         meta = {"job": to_dict(job), "base": to_dict(job.model),
                 "trainable": None if job.train.trainable is None else list(job.train.trainable),
                 "peft": to_dict(job.peft) if job.peft.active else None,
-                "head": {"kind": job.objective.kind, "num_labels": job.objective.head_labels or 1,
-                         "pooling": job.objective.pooling, "key": "value_head" if job.objective.kind == "ppo" else "score"}
-                if job.objective.head_labels or job.objective.kind == "ppo" else None}
+                "head": None if head_key(job) is None else {
+                    "kind": job.objective.kind, "num_labels": job.objective.head_labels or 1, "pooling": job.objective.pooling,
+                    "key": head_key(job), **({} if value_cfg is None else {"model_config": to_dict(value_cfg)})}}
         checkpointer = TrainCheckpointer(job.checkpoint, cfg, extra_meta=meta)
     if tokenizer is not None and job.checkpoint.directory and jax.process_index() == 0:
         tokenizer.save(job.checkpoint.directory)  # so generate / eval on the checkpoint need no tokenizer flags
     try:
         return train(
-            loss_fn=job_loss(job, cfg, tokenizer), params=params, model_cfg=cfg, optimizer=optimizer, schedule=schedule, cfg=job.train,
+            loss_fn=job_loss(job, cfg, tokenizer, value_cfg), params=params, model_cfg=cfg, optimizer=optimizer, schedule=schedule, cfg=job.train,
             batches=stream, mesh=mesh, eval_batches=eval_streams, checkpointer=checkpointer, trainable_mask=trainable_mask,
             logging=job.logging, log_dir=job.logging.directory or job.checkpoint.directory, callbacks=callbacks,
         )

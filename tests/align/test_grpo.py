@@ -47,7 +47,9 @@ def test_clipped_objective_and_k3_kl_equal_closed_forms():
     import jaxtune.align.grpo as grpo
 
     original = grpo.token_logps
-    grpo.token_logps = lambda model, params, rows, rng=None: jnp.where(rows["loss_mask"] > 0, params, 0.0)
+    entropy = jnp.array([[1.0, 2.0, 7.0], [0.5, 0.5, 2.0]])
+    grpo.token_logps = lambda model, params, rows, rng=None, with_entropy=False: (
+        jnp.where(rows["loss_mask"] > 0, params, 0.0), entropy, None)
     try:
         cfg = GRPOConfig(clip_eps=0.2, kl_coef=0.1, length_norm="sequence")
         total, n, metrics = grpo_loss(Fixed(), cfg, reference="batch")(logp, batch, None)
@@ -63,6 +65,7 @@ def test_clipped_objective_and_k3_kl_equal_closed_forms():
     assert float(n) == 2 and float(total) == pytest.approx(expected, rel=1e-5)
     clipped = ((ratio < 0.8) | (ratio > 1.2)) * m
     assert float(metrics["clip_fraction"]) == pytest.approx(sum(clipped[i].sum() / m[i].sum() for i in range(2)), rel=1e-6)
+    assert float(metrics["entropy"]) == pytest.approx(1.5 + 1.0, rel=1e-6)  # per-completion means over the mask, summed
 
 
 def _grpo_args(base, run, steps):

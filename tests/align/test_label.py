@@ -17,7 +17,7 @@ def _prompts(tmp_path, n=6):
     return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in shout_preferences(n, 5)])
 
 
-def test_reward_judged_labels_are_a_valid_preference_file_dpo_trains_on(tmp_path, shakespeare_base):
+def test_reward_judged_labels_are_a_valid_preference_file_dpo_trains_on(tmp_path, shakespeare_base, shout_reward_model):
     from jaxtune.align.label import LabelJobConfig, label, reward_judge
     from jaxtune.data.tokenizer import ByteTokenizer
     from jaxtune.interop.sources import load_model
@@ -25,21 +25,16 @@ def test_reward_judged_labels_are_a_valid_preference_file_dpo_trains_on(tmp_path
     from jaxtune.config import ModelSource
     from jaxtune.train.runner import run_training
 
-    data = {"kind": "preference", "sources": [{"path": str(write_jsonl(tmp_path / "t.jsonl", shout_preferences(200, 0)))}],
-            "eval_sources": [{"path": str(write_jsonl(tmp_path / "e.jsonl", shout_preferences(16, 1)))}]}
-    run_training(from_dict(TrainJobConfig, {**FINE_TUNE_COMMON, "model": {"preset": "tiny-llama"}, "data": data,
-                                            "objective": {"kind": "reward"}, "checkpoint": {"directory": str(tmp_path / "rm")},
-                                            "train": {"steps": 20, "batch_size": 8, "seq_len": 32, "eval_batches": 0}}))
     out = tmp_path / "labels.jsonl"
     cfg = from_dict(LabelJobConfig, {"policy": {"checkpoint": str(shakespeare_base)}, "prompts": [{"path": str(_prompts(tmp_path))}],
                                      "samples": 3, "sampling": {"max_new_tokens": 8, "temperature": 1.0},
-                                     "judge": "reward", "judge_model": {"checkpoint": str(tmp_path / "rm")},
+                                     "judge": "reward", "judge_model": {"checkpoint": str(shout_reward_model)},
                                      "batch_size": 6, "output": str(out)})
     summary = label(cfg)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert summary["pairs"] == len(rows) > 0 and summary["prompts"] == 6
     assert summary["pairs"] + sum(summary["skipped"].values()) == 6
-    params, mcfg, _ = load_model(ModelSource(checkpoint=str(tmp_path / "rm")))
+    params, mcfg, _ = load_model(ModelSource(checkpoint=str(shout_reward_model)))
     score = reward_judge(Model(mcfg), params, ByteTokenizer(), 4)
     for row in rows:
         assert set(row) == {"prompt", "chosen", "rejected", "chosen_score", "rejected_score", "judge"}

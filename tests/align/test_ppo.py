@@ -42,7 +42,7 @@ def test_ppo_loss_at_the_rollout_point_is_minus_the_advantage_plus_the_value_err
              "old_values": values, "returns": jnp.array([[1.1, 0.3, 4.0]]), "scores": jnp.array([2.0]),
              "kl": jnp.array([0.3]), "explained_variance": jnp.array([0.1])}
     original = ppo._forward
-    ppo._forward = lambda model, params, rows, rng=None: (logp, jnp.zeros_like(logp), values)
+    ppo._forward = lambda model, params, rows, rng=None, value_model=None: (logp, jnp.zeros_like(logp), values)
     try:
         total, n, metrics = ppo.ppo_loss(None, cfg)(None, batch, None)
     finally:
@@ -73,3 +73,49 @@ def test_ppo_job_raises_the_score_and_reports_kl(tmp_path, shakespeare_base):
 
     params, _, _ = load_model(ModelSource(checkpoint=str(run)))  # the policy restores with its value head
     assert params["value_head"]["kernel"].shape == (128, 1)
+
+
+def test_separate_value_model_starts_as_the_reward_model_and_trains_with_the_policy(tmp_path, shakespeare_base,
+                                                                                     shout_reward_model):
+    import jax
+
+    from jaxtune.align.label import load_reward_judge
+    from jaxtune.align.ppo import _values, value_network
+    from jaxtune.cli.main import main
+    from jaxtune.config import ModelSource
+    from jaxtune.data.tokenizer import ByteTokenizer
+    from jaxtune.interop.sources import load_model
+    from jaxtune.models import Model
+    from jaxtune.parallel.mesh import make_mesh
+    from jaxtune.parallel.rules import param_specs
+
+    rm, rm_cfg, _ = load_model(ModelSource(checkpoint=str(shout_reward_model)))
+    net = value_network(rm, rm_cfg, jax.random.key(0))
+    assert "lm_head" not in net and "score" not in net and net["value_head"] is rm["score"]
+    # V at a completion's last token is the reward model's score of that text (TRL's value-model start)
+    tok = ByteTokenizer()
+    prompt, completion = "Say abc:", " ABC!"
+    ids = list(tok.encode(prompt + completion))
+    rows = {"tokens": np.asarray([ids[:-1] + [0] * 4], np.int32), "segment_ids": np.asarray([[1] * (len(ids) - 1) + [0] * 4], np.int32)}
+    rows["positions"] = np.arange(rows["tokens"].shape[1], dtype=np.int32)[None]
+    values = np.asarray(_values(None, {"value_model": net}, rows, Model(rm_cfg)))
+    score = load_reward_judge(str(shout_reward_model), tok, 1)([prompt[:-1]], [prompt[-1] + completion[:-1]])
+    assert values[0, len(ids) - 2] == pytest.approx(float(score[0]), rel=1e-4, abs=1e-4)
+    specs = param_specs({"value_model": net, **net}, make_mesh(), warn=False)
+    assert {k: specs["value_model"][k] for k in net} == {k: specs[k] for k in net}  # nested: sharded by the same rules
+    assert specs["embed"]["embedding"] != jax.sharding.PartitionSpec()
+
+    run = tmp_path / "ppo_vm"
+    args = ["configs/ppo_shout.yaml", f"model.checkpoint={shakespeare_base}", f"checkpoint.directory={run}",
+            "objective.ppo.reward_model=null", "objective.ppo.reward=uppercase", f"objective.ppo.value_model={shout_reward_model}",
+            "train.steps=4", "train.log_every=1", "train.batch_size=8", "logging.progress=false", "logging.tensorboard=false"]
+    assert main(["train", *args]) == 0
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "train/value_loss" in line]
+    assert len(history) == 4 and all(np.isfinite(h["train/value_loss"]) for h in history)
+    meta = json.loads((run / "train_meta.json").read_text())
+    assert meta["head"]["key"] == "value_model" and meta["head"]["model_config"]["vocab_size"] == rm_cfg.vocab_size
+    params, _, _ = load_model(ModelSource(checkpoint=str(run)))  # restores LoRA policy + the whole value network
+    trained = params["value_model"]
+    assert jax.tree.structure(trained) == jax.tree.structure(net) and "value_head" not in params
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(net))]
+    assert min(moved) > 0  # every value-network leaf trained (trunk and head)

@@ -3,7 +3,7 @@
 import json
 
 from jaxtune.data.sources import resolve_path
-from jaxtune.data.tasks import addition, colour_sentences, shout_preferences
+from jaxtune.data.tasks import addition, colour_sentences, shout_demonstrations, shout_preferences
 
 
 def _read(name):
@@ -17,6 +17,14 @@ def test_builtin_task_files_equal_their_generator():
     assert _read("colours_eval.jsonl") == colour_sentences(120, 1)
     assert _read("shout_train.jsonl") == shout_preferences(400, 0)
     assert _read("shout_eval.jsonl") == shout_preferences(64, 1)
+    assert _read("shout_sft.jsonl") == shout_demonstrations(400, 0)
+
+
+def test_shout_demonstrations_answer_with_one_side_of_each_pair():
+    pairs, demos = shout_preferences(200, 4), shout_demonstrations(200, 4, shout_rate=0.3)
+    shouted = [d["completion"] == p["chosen"] for p, d in zip(pairs, demos)]
+    assert all(d["prompt"] == p["prompt"] and d["completion"] in (p["chosen"], p["rejected"]) for p, d in zip(pairs, demos))
+    assert 0.2 < sum(shouted) / len(shouted) < 0.4
 
 
 def test_addition_answers_are_the_sums():
