@@ -7,12 +7,19 @@ Face dataset with ``streaming: true``) read forward from an index. Every documen
 carries its location (``file:line``, ``file row N``, ``dataset[split] row N``) so a
 malformed row, a missing field or an empty document is reported where it is, as a
 `BadRow`; the pipeline raises it or, when configured, skips and counts it.
+
+Text, JSON and JSONL files may be compressed (``.gz``, ``.bz2``, ``.xz``; the format comes from
+the suffix before it, e.g. ``pairs.jsonl.gz``): they are decompressed into memory once, when
+opened (uncompressed files are read in place).
 """
 
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
 import json
+import lzma
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +31,25 @@ BUILTIN_PREFIX = "builtin:"  # data shipped inside the package: builtin:tinyshak
 FORMATS = ("text", "json", "jsonl", "parquet")
 _SUFFIX_FORMAT = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "jsonl",
                   ".ndjson": "jsonl", ".parquet": "parquet"}
+COMPRESSIONS = {".gz": gzip, ".bz2": bz2, ".xz": lzma}
+
+
+def compression(path: Path):
+    """The stdlib module that opens ``path``'s compression, or None for an uncompressed file."""
+    return COMPRESSIONS.get(path.suffix.lower())
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when its suffix names a compression (a corrupt file is an
+    error naming it)."""
+    module = compression(path)
+    if module is None:
+        return path.read_bytes()
+    try:
+        with module.open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError, lzma.LZMAError) as err:
+        raise ValueError(f"{path}: cannot decompress ({type(err).__name__}: {err})") from None
 
 
 @dataclass(frozen=True)
@@ -152,12 +178,13 @@ def expand_files(path: str) -> list[Path]:
 
 
 def file_format(path: Path, configured: str) -> str:
-    if configured != "auto":
-        return configured
-    fmt = _SUFFIX_FORMAT.get(path.suffix.lower())
+    inner = Path(path.stem) if compression(path) is not None else path  # pairs.jsonl.gz -> pairs.jsonl
+    fmt = configured if configured != "auto" else _SUFFIX_FORMAT.get(inner.suffix.lower())
     if fmt is None:
-        raise ValueError(f"data source {path}: cannot tell the format from the suffix {path.suffix!r}; "
+        raise ValueError(f"data source {path}: cannot tell the format from the suffix {inner.suffix!r}; "
                          f"set format to one of {', '.join(FORMATS)}")
+    if fmt == "parquet" and inner is not path:
+        raise ValueError(f"data source {path}: Parquet compresses its own columns; give the .parquet file itself")
     return fmt
 
 
@@ -168,7 +195,7 @@ class TextFileSource(DocumentSource):
     def __init__(self, path: Path, text_split: str = "document"):
         self.path, self.name = path, str(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = read_bytes(path).decode("utf-8")
         except UnicodeDecodeError as err:
             raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
         if text_split == "document":
@@ -203,14 +230,17 @@ class TextFileSource(DocumentSource):
 
 
 class JsonlSource(DocumentSource):
-    """One JSON object per line. Only line offsets are held in memory; each row is parsed when
-    read, so an invalid line is reported as ``file:line`` when it is reached. Blank lines are
-    not rows."""
+    """One JSON object per line. Only line offsets are held in memory (a compressed file: its
+    decompressed bytes too); each row is parsed when read, so an invalid line is reported as
+    ``file:line`` when it is reached. Blank lines are not rows."""
 
     def __init__(self, path: Path, field: str = "text"):
+        import io
+
         self.path, self.field, self.name = path, field, str(path)
+        self._data = read_bytes(path) if compression(path) is not None else None
         offsets, numbers, lengths = [], [], []
-        with open(path, "rb") as f:
+        with (open(path, "rb") if self._data is None else io.BytesIO(self._data)) as f:
             offset = 0
             for number, line in enumerate(f, start=1):
                 if line.strip():
@@ -221,7 +251,7 @@ class JsonlSource(DocumentSource):
         self.offsets = np.asarray(offsets, np.int64)
         self.lengths = np.asarray(lengths, np.int64)
         self.numbers = np.asarray(numbers, np.int64)
-        self._fd = os.open(path, os.O_RDONLY)
+        self._fd = os.open(path, os.O_RDONLY) if self._data is None else None
 
     def __len__(self) -> int:
         return len(self.numbers)
@@ -232,7 +262,11 @@ class JsonlSource(DocumentSource):
 
     def _parsed(self, index: int) -> tuple[Any, str]:
         where = f"{self.path}:{int(self.numbers[index])}"
-        raw = os.pread(self._fd, int(self.lengths[index]), int(self.offsets[index]))  # pread: safe from several threads
+        start, length = int(self.offsets[index]), int(self.lengths[index])
+        if self._data is not None:
+            raw = self._data[start: start + length]
+        else:
+            raw = os.pread(self._fd, length, start)  # pread: safe from several threads
         try:
             return json.loads(raw), where
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -252,7 +286,7 @@ class JsonSource(DocumentSource):
     def __init__(self, path: Path, field: str = "text"):
         self.path, self.field, self.name = path, field, str(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_bytes(path).decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path}: invalid JSON ({err})") from None
         if isinstance(data, dict):

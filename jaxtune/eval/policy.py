@@ -61,8 +61,8 @@ def policy_reward(task: EvalTaskConfig, model, params: Any, tokenizer, records, 
               "completions": len(jobs), "stopped": float(np.mean(stopped)), "mean_new_tokens": float(np.mean(lengths))}
     if reference is not None:
         result["kl"] = float(np.mean(kls))
-    result["samples"] = [{"where": items[i][3], "completion": text, "reward": float(r)}
-                         for text, i, r in list(zip(texts, jobs, scores))[: task.samples]]
+    result["samples"] = [{"where": items[i][3], "completion": text, "stopped": stop, "reward": float(r)}
+                         for text, i, stop, r in list(zip(texts, jobs, stopped, scores))[: task.samples]]
     return result
 
 

@@ -105,3 +105,29 @@ def test_rl_step_runs_sharded_on_eight_devices(tmp_path, shakespeare_base, metho
     key = "train/reward" if method == "grpo" else "train/score"
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if key in line]
     assert len(history) == 1 and np.isfinite(history[0]["train/loss"])
+
+
+@pytest.mark.parametrize("policy", ["full", "qlora"])  # LoRA policies: every other test here
+def test_rl_and_dpo_start_at_their_reference_for_full_and_qlora_policies(tmp_path, shakespeare_base, policy):
+    """Full fine-tuning keeps a frozen copy of the starting weights (GRPO / PPO) or precomputed
+    log-probs (DPO); a QLoRA policy's reference is its quantized base with the adapter disabled.
+    Either way the first step sees the policy equal to its reference: KL 0, DPO loss log 2."""
+    from jaxtune.cli.main import main
+
+    kind = ["peft.lora=null"] if policy == "full" else ["model.quant.kind=nf4", "model.quant.blocksize=32"]
+    small = [f"model.checkpoint={shakespeare_base}", "train.steps=1", "train.batch_size=4", "train.log_every=1",
+             "logging.progress=false", "logging.tensorboard=false", *kind]
+    jobs = {"grpo": ["configs/grpo_shout.yaml", "objective.grpo.max_new_tokens=4"],
+            "ppo": ["configs/ppo_shout.yaml", "objective.ppo.reward_model=null", "objective.ppo.reward=uppercase",
+                    "objective.ppo.epochs=1", "objective.ppo.minibatches=1", "objective.ppo.max_new_tokens=4"],
+            "dpo": ["configs/dpo_shout.yaml", "train.eval_batches=0", "objective.preference.sft_weight=0"]}
+    # full: the frozen copy (GRPO's ref_logps, PPO's rollout KL); QLoRA: the disabled adapter over the
+    # 4-bit base (PPO's rollout KL, DPO's loss); full-FT DPO's log 2 is checked in test_preference.py
+    for name in ("grpo", "ppo") if policy == "full" else ("ppo", "dpo"):
+        args, run = jobs[name], tmp_path / name
+        assert main(["train", *args, *small, f"checkpoint.directory={run}"]) == 0
+        first = json.loads([line for line in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in line][0])
+        if name == "dpo":
+            assert first["train/loss"] == pytest.approx(np.log(2), rel=1e-5)
+        else:
+            assert first["train/kl"] == pytest.approx(0.0, abs=1e-5) and np.isfinite(first["train/loss"])

@@ -135,3 +135,20 @@ def test_dpo_raises_held_out_preference_accuracy(tmp_path, shakespeare_base):
     print(f"DPO (LoRA, 30 steps) held-out: reward accuracy {held_out['reward_accuracy']:.3f}, "
           f"margin {held_out['reward_margin']:.3f}, loss {held_out['loss']:.3f}")
     assert held_out["reward_accuracy"] >= 0.9 and held_out["reward_margin"] > 0.5 and held_out["loss"] < 0.5
+
+
+def test_the_hh_dpo_recipe_trains_and_evaluates_shrunk_to_a_cpu(tmp_path, capsys, shakespeare_base):
+    """configs/dpo_hh_llama_small.yaml on the HH fixture (real dialogues), the session base, 2 steps."""
+    from jaxtune.cli.main import main
+
+    run = tmp_path / "dpo_hh"
+    cpu = [f"model.checkpoint={shakespeare_base}", "model.dtype=float32", "model.attention_impl=dpa", "tokenizer.kind=byte",
+           "tokenizer.path=null", f"data.sources=[{{path: '{HH}'}}]", "data.eval_fraction=0.25", "train.seq_len=256",
+           "train.batch_size=2", "train.eval_batches=2", "logging.progress=false", "logging.tensorboard=false",
+           "train.log_every=1", f"checkpoint.directory={run}"]
+    assert main(["train", "configs/dpo_hh_llama_small.yaml", "train.steps=2", "optim.warmup_steps=1", "optim.lr=1e-3", *cpu]) == 0
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
+    assert history[0]["step"] == 1 and history[0]["train/loss"] == pytest.approx(np.log(2), rel=1e-5)  # LoRA starts as its reference
+    assert main(["eval", "--json", "configs/dpo_hh_llama_small.yaml", *cpu, f"model.checkpoint={run}"]) == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert np.isfinite(results["loss"]["loss"]) and 0.0 <= results["loss"]["reward_accuracy"] <= 1.0
