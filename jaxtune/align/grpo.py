@@ -21,7 +21,7 @@ token of the policy's next-token distribution), completion_length.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -114,9 +114,21 @@ def grpo_loss(model, cfg: GRPOConfig, *, reference: str):
     return loss_fn
 
 
-def prompt_items(records, sft, tokenizer, *, add_bos: bool, max_new_tokens: int, seq_len: int) -> list[tuple]:
-    """(prompt ids, reference answer, record) of each record, rendered as generation prompts; a prompt
-    that leaves no room for ``max_new_tokens`` in a row is an error naming the record."""
+class Prompt(NamedTuple):
+    """A rollout prompt: its ids, the reference answer rewards check, the record, the rendered text
+    (what a reward model reads) and where the record came from."""
+
+    ids: list
+    reference: str
+    record: dict
+    text: str
+    where: str
+
+
+def prompt_items(records, sft, tokenizer, *, add_bos: bool, max_new_tokens: int,
+                 seq_len: Optional[int] = None) -> list[Prompt]:
+    """Each record rendered as a generation prompt; with ``seq_len``, a prompt that leaves no room
+    for ``max_new_tokens`` in a row is an error naming the record."""
     from jaxtune.data.instruct import generation_prompt
     from jaxtune.eval.tasks import encode_prompt
 
@@ -124,10 +136,10 @@ def prompt_items(records, sft, tokenizer, *, add_bos: bool, max_new_tokens: int,
     for record, where in records:
         prompt, reference = generation_prompt(record, where, sft, tokenizer)
         ids = encode_prompt(tokenizer, prompt, add_bos)
-        if len(ids) + max_new_tokens > seq_len + 1:
+        if seq_len is not None and len(ids) + max_new_tokens > seq_len + 1:
             raise ValueError(f"{where}: prompt of {len(ids)} tokens + max_new_tokens {max_new_tokens} exceed "
                              f"train.seq_len + 1 = {seq_len + 1}")
-        items.append((ids, reference, record))
+        items.append(Prompt(ids, reference, record, prompt, where))
     if not items:
         raise ValueError("RL fine-tuning: no prompts")
     return items
@@ -215,15 +227,15 @@ class GroupRolloutStream:
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                   stop_tokens=stops, pad_token_id=pad)
         key = jax.random.fold_in(jax.random.key(self.seed), index)
-        out = sample_completions(self.model, self.policy, [self.items[i][0] for i in chosen], key, sampling)
+        out = sample_completions(self.model, self.policy, [self.items[i].ids for i in chosen], key, sampling)
         rows = empty_rollout_rows(self.batch_size, self.seq_len)
         rewards = np.zeros(self.batch_size, np.float32)
         for row, i in enumerate(chosen):
             completion = [int(t) for t in out.tokens[row, : out.lengths[row]]]
-            ids, reference, record = self.items[i]
+            item = self.items[i]
             rewards[row] = float(self.reward_fn(self.tokenizer.decode([t for t in completion if t not in stops]),
-                                                reference, record))
-            write_completion(rows, row, ids, completion)
+                                                item.reference, item.record))
+            write_completion(rows, row, item.ids, completion)
         batch = {**rows, "rewards": rewards, "advantages": group_advantages(rewards, g, cfg.scale_rewards)}
         batch["old_logps"] = np.asarray(_token_logps(self.model, self.policy, rows))
         if self.reference_params is not None and cfg.kl_coef:

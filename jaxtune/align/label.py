@@ -97,12 +97,13 @@ def reward_judge(model, params, tokenizer, batch_size: int):
     return score
 
 
-def load_reward_judge(directory: str, tokenizer, batch_size: int):
-    """`reward_judge` of the reward-model run at ``directory`` (it must share the policy's tokenizer)."""
+def load_reward_judge(directory: str, tokenizer, batch_size: int, **numerics):
+    """`reward_judge` of the reward-model run at ``directory`` (it must share the policy's tokenizer);
+    ``numerics``: param_dtype / dtype / attention_impl to restore it with (default float32)."""
     from jaxtune.interop.sources import load_model
     from jaxtune.models import Model
 
-    params, cfg, _ = load_model(ModelSource(checkpoint=directory))
+    params, cfg, _ = load_model(ModelSource(checkpoint=directory, **numerics))
     return reward_judge(Model(cfg), params, tokenizer, batch_size)
 
 

@@ -110,12 +110,13 @@ def value_network(params: Any, cfg, rng: jax.Array, where: str = "objective.ppo.
     return {**tree, VALUE_HEAD: head}
 
 
-def add_value_model(params: Any, directory: str, rng: jax.Array) -> tuple[Any, Any]:
-    """``params["value_model"]`` = `value_network` of the model at ``directory`` -> (params, its cfg)."""
+def add_value_model(params: Any, directory: str, rng: jax.Array, **numerics) -> tuple[Any, Any]:
+    """``params["value_model"]`` = `value_network` of the model at ``directory`` -> (params, its cfg).
+    ``numerics``: param_dtype / dtype / attention_impl (the policy's, so both train alike)."""
     from jaxtune.config.schema import ModelSource
     from jaxtune.interop.sources import load_model
 
-    loaded, cfg, _ = load_model(ModelSource(checkpoint=directory))
+    loaded, cfg, _ = load_model(ModelSource(checkpoint=directory, **numerics))
     return {**params, VALUE_MODEL: value_network(loaded, cfg, rng)}, cfg
 
 
@@ -224,20 +225,20 @@ class PPORolloutStream:
         stops = stop_tokens_of(self.tokenizer, self.model.cfg)
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_tokens=stops,
                                   pad_token_id=pad)
-        out = sample_completions(self.model, self.policy, [items[i][0] for i in chosen],
+        out = sample_completions(self.model, self.policy, [items[i].ids for i in chosen],
                                  jax.random.fold_in(jax.random.key(self.seed), index), sampling)
         rows = empty_rollout_rows(n, self.seq_len)
         texts, prompt_texts, last = [], [], np.zeros(n, np.int64)
         scores = np.zeros(n, np.float32)
         for row, i in enumerate(chosen):
             completion = [int(t) for t in out.tokens[row, : out.lengths[row]]]
-            ids, reference, record = items[i]
+            item = items[i]
             text = self.tokenizer.decode([t for t in completion if t not in stops])
             texts.append(text)
-            prompt_texts.append(self.tokenizer.decode(ids))
+            prompt_texts.append(item.text)  # the rendered prompt (decoding ids would drop special tokens)
             if self.reward_fn is not None:
-                scores[row] = float(self.reward_fn(text, reference, record))
-            last[row] = write_completion(rows, row, ids, completion)
+                scores[row] = float(self.reward_fn(text, item.reference, item.record))
+            last[row] = write_completion(rows, row, item.ids, completion)
         if self.scorer is not None:
             scores = np.asarray(self.scorer(prompt_texts, texts), np.float32)
         if cfg.missing_eos_penalty is not None:

@@ -39,6 +39,12 @@ class ModelSource:
     adapter: Optional[str] = None  # a PEFT-format adapter directory put onto these weights (LoRA, DoRA, IA3, prompt, prefix)
     quant: Optional[QuantConfig] = None  # hold the kernels quantized (nf4 / fp4 / int8 / int4): QLoRA's frozen base
 
+    @property
+    def numerics(self) -> dict:
+        """param_dtype / dtype / attention_impl: how the model runs (the other models a job loads, a
+        value network or a reward model, run alike)."""
+        return dict(param_dtype=self.param_dtype, dtype=self.dtype, attention_impl=self.attention_impl)
+
     def __post_init__(self):
         given = [k for k in ("hf_dir", "checkpoint", "preset", "config") if getattr(self, k) is not None]
         if len(given) != 1:

@@ -39,6 +39,12 @@ def compression(path: Path):
     return COMPRESSIONS.get(path.suffix.lower())
 
 
+def read_text(path: Path) -> str:
+    """A UTF-8 text file (compressed or not) as ``Path.read_text`` gives it: newlines (``\\r\\n``,
+    ``\\r``) read as ``\\n``. Raises UnicodeDecodeError for text that is not UTF-8."""
+    return read_bytes(path).decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+
+
 def read_bytes(path: Path) -> bytes:
     """The file's bytes, decompressed when its suffix names a compression (a corrupt file is an
     error naming it)."""
@@ -195,7 +201,7 @@ class TextFileSource(DocumentSource):
     def __init__(self, path: Path, text_split: str = "document"):
         self.path, self.name = path, str(path)
         try:
-            text = read_bytes(path).decode("utf-8")
+            text = read_text(path)
         except UnicodeDecodeError as err:
             raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
         if text_split == "document":

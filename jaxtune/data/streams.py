@@ -22,7 +22,7 @@ import numpy as np
 from jaxtune.data.classify import ClassifyDataConfig
 from jaxtune.data.instruct import InstructConfig
 from jaxtune.data.preference import PreferenceConfig
-from jaxtune.data.sources import SourceConfig, resolve_path
+from jaxtune.data.sources import SourceConfig, read_text, resolve_path
 
 
 class BatchStream(Protocol):
@@ -200,7 +200,10 @@ def text_tokens(path: str | Path, tokenizer) -> np.ndarray:
     path = resolve_path(path)
     if not path.exists():
         raise FileNotFoundError(f"data.path: {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = read_text(path)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"data.path: {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
     if not text.strip():
         raise ValueError(f"data.path: {path} is empty")
     return np.asarray(tokenizer.encode(text), dtype=np.int32)

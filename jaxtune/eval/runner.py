@@ -169,7 +169,8 @@ def run_eval_job(job: TrainJobConfig) -> dict:
             records, pool = task_records(job, task, counts)
             sft = task.sft or job.data.sft
             if task.kind == "reward":
-                metrics = policy_reward(task, model, params, tokenizer, records, sft, add_bos=job.data.add_bos)
+                metrics = policy_reward(task, model, params, tokenizer, records, sft, add_bos=job.data.add_bos,
+                                        numerics=job.model.numerics)
             else:
                 fn = exact_match if task.kind == "generate" else multiple_choice
                 metrics = fn(task, model, params, tokenizer, records, pool, sft, add_bos=job.data.add_bos)

@@ -50,7 +50,7 @@ def _run_quantized(source: ModelSource, params: Any) -> bool:
 
 
 def _load_weights(source: ModelSource) -> tuple[Any, ModelConfig, Optional[Path]]:
-    numerics = dict(param_dtype=source.param_dtype, dtype=source.dtype, attention_impl=source.attention_impl)
+    numerics = source.numerics
     if source.hf_dir is not None:
         params, cfg = load_hf(source.hf_dir, **numerics)
         return params, cfg, Path(source.hf_dir)
@@ -63,7 +63,7 @@ def _load_weights(source: ModelSource) -> tuple[Any, ModelConfig, Optional[Path]
             meta = _train_meta(Path(source.checkpoint))
             peft = _peft_config(meta, Path(source.checkpoint))
             quant = _base_quant(meta, Path(source.checkpoint))
-            head = _head(meta)
+            head = _head(meta, numerics)
             transform = None
             if peft is not None or quant is not None or head is not None:
                 def transform(p, c):  # the tree the run trained: quantized base, then PEFT, then a score head
@@ -92,7 +92,7 @@ def _peft_config(meta: dict, directory: Path) -> Optional[PeftConfig]:
     return for_restore(from_dict(PeftConfig, meta["peft"], prefix=f"{directory / TRAIN_META_FILE}: peft"))
 
 
-def _head(meta: dict):
+def _head(meta: dict, numerics: Optional[dict] = None):
     """``params -> params`` adding the run's classification / reward head (None without one); its
     values come from the checkpoint, so zeros here only give the structure."""
     spec = meta.get("head")
@@ -105,6 +105,7 @@ def _head(meta: dict):
         from jaxtune.align.ppo import value_network
 
         vcfg = from_dict(ModelConfig, spec["model_config"], prefix=f"{TRAIN_META_FILE}: head.model_config")
+        vcfg = vcfg.replace(**(numerics or {}))  # restored with the policy's numerics (a changed param_dtype casts)
         shape = jax.eval_shape(lambda: value_network(Model(vcfg).init(jax.random.key(0)), vcfg, jax.random.key(0)))
         return lambda p: {**p, key: jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype), shape)}
 
@@ -130,7 +131,6 @@ def _frozen_base(directory: Path, source: ModelSource, meta: dict, peft: Optiona
     if (meta.get("trainable") is None and peft is None) or meta.get("base") is None:
         return None
     base_source = from_dict(ModelSource, meta["base"], prefix=f"{directory / TRAIN_META_FILE}: base")
-    base_source = dataclasses.replace(base_source, param_dtype=source.param_dtype, dtype=source.dtype,
-                                      attention_impl=source.attention_impl)
+    base_source = dataclasses.replace(base_source, **source.numerics)
     params, cfg, _ = load_model(base_source)
     return params if peft is None else apply_peft(params, peft, model_cfg=cfg)

@@ -89,7 +89,7 @@ def abstract_model(job: TrainJobConfig) -> tuple[Any, ModelConfig]:
     from jaxtune.quant.weight import QuantConfig, quantize
 
     source = job.model
-    numerics = dict(param_dtype=source.param_dtype, dtype=source.dtype, attention_impl=source.attention_impl)
+    numerics = source.numerics
     quant = source.quant
     if source.hf_dir is not None:
         hf = read_config(source.hf_dir)

@@ -18,7 +18,7 @@ from jaxtune.config.loader import to_dict
 from jaxtune.config.schema import ModelSource, TrainJobConfig
 from jaxtune.data.pipeline import DocumentOptions, DocumentStream
 from jaxtune.data.prefetch import Prefetch
-from jaxtune.data.sources import build_source, resolve_path
+from jaxtune.data.sources import build_source, read_text, resolve_path
 from jaxtune.data.streams import DataConfig, SyntheticStream, TokenRowStream, text_tokens
 from jaxtune.data.tokenizer import BYTE_TOKENIZER_FILE, CharTokenizer, load_tokenizer
 from jaxtune.interop.sources import load_model
@@ -45,7 +45,7 @@ def model_for_training(source: ModelSource) -> tuple[Any, ModelConfig, Optional[
     if source.adapter is not None:
         raise ValueError("model.adapter puts a fixed PEFT adapter on the weights (for generate / eval / convert); "
                          "to train from an imported adapter, set peft.adapter to its directory instead")
-    numerics = dict(param_dtype=source.param_dtype, dtype=source.dtype, attention_impl=source.attention_impl)
+    numerics = source.numerics
     if source.preset is not None or source.config is not None:
         cfg = (preset(source.preset) if source.preset is not None else source.config).replace(**numerics)
         if source.quant is None:
@@ -219,7 +219,7 @@ def _tokenizer(job: TrainJobConfig, model_dir: Optional[Path]):
                              "documents, save a character vocabulary first or use tokenizer.kind byte / hf")
         # nanoGPT's character-level setup: the vocabulary is every character of the whole file
         # (train and held-out alike); it is saved beside the checkpoints.
-        return CharTokenizer.from_text(resolve_path(job.data.path).read_text(encoding="utf-8"))
+        return CharTokenizer.from_text(read_text(resolve_path(job.data.path)))
     return load_tokenizer(directory, job.tokenizer.kind)
 
 
@@ -242,7 +242,8 @@ def value_model(job: TrainJobConfig) -> Optional[tuple[Any, ModelConfig]]:
         return None
     from jaxtune.align.ppo import add_value_model
 
-    params, cfg = add_value_model({}, job.objective.ppo.value_model, jax.random.key(job.model.init_seed + 1))
+    params, cfg = add_value_model({}, job.objective.ppo.value_model, jax.random.key(job.model.init_seed + 1),
+                                  **job.model.numerics)
     return params["value_model"], cfg.replace(remat=job.train.remat)
 
 
@@ -294,7 +295,7 @@ def rollout_stream(job: TrainJobConfig, params: Any, cfg: ModelConfig, tokenizer
     if job.objective.ppo.reward_model is not None:
         from jaxtune.align.label import load_reward_judge
 
-        scorer = load_reward_judge(job.objective.ppo.reward_model, tokenizer, job.train.batch_size)
+        scorer = load_reward_judge(job.objective.ppo.reward_model, tokenizer, job.train.batch_size, **job.model.numerics)
     if value_cfg is not None and value_cfg.vocab_size != cfg.vocab_size:
         raise ValueError(f"objective.ppo.value_model {job.objective.ppo.value_model} has vocab_size {value_cfg.vocab_size}, "
                          f"the policy {cfg.vocab_size}: a value network reads the policy's tokens, so it needs its tokenizer")

@@ -152,7 +152,7 @@ def make_train_step(
             )
             denom = jnp.maximum(weight, 1e-6)
             loss = total / denom
-            grads = jax.tree.map(lambda g: g / denom, grads)
+            grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)  # bf16 params keep bf16 grads
             grad_norm = optax.tree.norm(grads)
             updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
             # Finite gradients can still give a non-finite update (overflow in the optimizer).

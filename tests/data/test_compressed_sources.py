@@ -36,6 +36,22 @@ def test_compressed_jsonl_json_and_text_equal_the_plain_files(tmp_path, suffix, 
             assert where == [plain.record(i)[1] for i in range(len(plain))]  # same line numbers
 
 
+def test_text_newlines_read_as_in_universal_mode(tmp_path):
+    """CRLF / CR text reads as LF, compressed or not (as Path.read_text does)."""
+    from jaxtune.data.streams import text_tokens
+    from jaxtune.data.tokenizer import ByteTokenizer
+
+    raw = b"one\r\ntwo\r\n\r\nthree\rfour\n"
+    (tmp_path / "crlf.txt").write_bytes(raw)
+    (tmp_path / "crlf.txt.gz").write_bytes(gzip.compress(raw))
+    for name in ("crlf.txt", "crlf.txt.gz"):
+        lines = build_source(SourceConfig(path=str(tmp_path / name), text_split="line"))
+        assert [lines.read(i) for i in range(len(lines))] == ["one", "two", "three", "four"]
+        paragraphs = build_source(SourceConfig(path=str(tmp_path / name), text_split="paragraph"))
+        assert [paragraphs.read(i) for i in range(len(paragraphs))] == ["one\ntwo", "three\nfour"]
+        assert bytes(text_tokens(tmp_path / name, ByteTokenizer()).astype("uint8")) == b"one\ntwo\n\nthree\nfour\n"
+
+
 def test_corrupt_and_unsupported_compressed_files_are_named(tmp_path):
     bad = tmp_path / "bad.jsonl.gz"
     bad.write_bytes(gzip.compress(b'{"text": "a"}\n')[:-6])

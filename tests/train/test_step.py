@@ -162,6 +162,25 @@ def test_bf16_compute_keeps_fp32_master_weights():
     assert "bf16[8,16,64] = dot_general" in jaxpr.replace("\n", " ") or "bf16[8,16,64]" in jaxpr
 
 
+def test_bf16_params_train_in_bf16():
+    """param_dtype=bfloat16: grads, moments and updated weights stay bf16 (a float32 grad would give the
+    optimizer float32 moments, which the non-finite guard's two branches cannot both return)."""
+    cfg = CFG.replace(param_dtype="bfloat16", dtype="bfloat16")
+    model, params = _setup(cfg)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+    opt = optax.adamw(1e-2)
+    step = make_train_step(causal_lm_loss(model), opt)
+    state = TrainState.create(params, opt, jax.random.key(0))
+    for seed in range(2):
+        state, m = step(state, None, _batch(seed=seed))
+        assert bool(m["finite"])
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.params))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.opt_state) if jnp.issubdtype(x.dtype, jnp.floating))
+    moved = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params))]
+    assert max(moved) > 0
+
+
 def test_frozen_half_gets_no_gradient_and_no_optimizer_state():
     model, params = _setup()
     mask = mask_by_regex(params, [r"mlp/"])
