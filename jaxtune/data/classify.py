@@ -20,7 +20,7 @@ from typing import Literal, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from jaxtune.data.sft import ExampleSet, OnePerRowStream, fit_length, read_records, report_counts, skip_or_raise
+from jaxtune.data.sft import ExampleSet, OnePerRowStream, finish_loading, fit_length, read_records, skip_or_raise
 from jaxtune.data.sources import BadRow, DocumentSource, text_of
 
 
@@ -81,10 +81,7 @@ def load_labelled(sources: Sequence[DocumentSource], cfg: ClassifyDataConfig, to
         if fitted is None:
             continue
         result.examples.append(LabelledExample(fitted[0], label, where))
-    if not result.examples:
-        raise ValueError(f"{name}: no usable labelled examples in the {split} split ({dict(counts) or 'no rows'})")
-    report_counts(name, split, result)
-    return result
+    return finish_loading(result, name, split, "labelled examples")
 
 
 class LabelledStream(OnePerRowStream):

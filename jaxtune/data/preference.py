@@ -26,7 +26,7 @@ from typing import Literal, NamedTuple, Optional, Sequence
 import numpy as np
 
 from jaxtune.data.packing import empty_rows, write_piece
-from jaxtune.data.sft import ExampleSet, OnePerRowStream, read_records, report_counts, skip_or_raise
+from jaxtune.data.sft import ExampleSet, OnePerRowStream, finish_loading, read_records, skip_or_raise
 from jaxtune.data.sources import BadRow, DocumentSource, checked_text
 
 SIDES = ("chosen", "rejected")
@@ -137,10 +137,7 @@ def load_pairs(sources: Sequence[DocumentSource], cfg: PreferenceConfig, tokeniz
             counts["truncated"] += 1
             sides = [s[:room] for s in sides]
         result.examples.append(TokenPair(prompt, sides[0], sides[1], where))
-    if not result.examples:
-        raise ValueError(f"{name}: no usable preference pairs in the {split} split ({dict(counts) or 'no rows'})")
-    report_counts(name, split, result)
-    return result
+    return finish_loading(result, name, split, "preference pairs")
 
 
 class PairStream(OnePerRowStream):

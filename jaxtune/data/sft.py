@@ -155,8 +155,13 @@ def load_examples(sources: Sequence[DocumentSource], cfg: InstructConfig, tokeni
                 result.counts["no_target"] += 1
                 continue
             result.examples.append(Example(tokens, trained, where))
+    return finish_loading(result, name, split)
+
+
+def finish_loading(result: ExampleSet, name: str, split: str, what: str = "examples") -> ExampleSet:
+    """A loader's last step: no usable ``what`` is an error with the counts; else warn the counts."""
     if not result.examples:
-        raise ValueError(f"{name}: no usable examples in the {split} split ({dict(result.counts) or 'no rows'})")
+        raise ValueError(f"{name}: no usable {what} in the {split} split ({dict(result.counts) or 'no rows'})")
     report_counts(name, split, result)
     return result
 
