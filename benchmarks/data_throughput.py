@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from jaxtune.cli.tokenizer import train_tokenizer
-from jaxtune.config import TrainJobConfig, load_config
+from jaxtune.config import load_config
+from jaxtune.job import TrainJobConfig
 from jaxtune.data.pipeline import DocumentOptions, DocumentStream
 from jaxtune.data.sources import SourceConfig, build_source
 from jaxtune.data.tokenizer import ByteTokenizer, load_tokenizer
-from jaxtune.train.runner import run_training
+from jaxtune.job import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 

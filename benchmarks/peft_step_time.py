@@ -28,7 +28,7 @@ from jaxtune.peft.config import PeftConfig, apply_peft, peft_mask
 from jaxtune.peft.lora import LoraConfig
 from jaxtune.quant import QuantConfig, quantize
 from jaxtune.train.losses import causal_lm_loss
-from jaxtune.train.partition import count, split
+from jaxtune.utils.partition import count, split
 from jaxtune.train.step import TrainState, make_train_step
 
 METHODS = {

@@ -113,7 +113,7 @@ def autotune(args):
     device = jax.devices()[0]
     table = json.loads(tile_table.TABLE.read_text()) if tile_table.TABLE.exists() else {}
     from jaxtune.kernels.quant_matmul import forward
-    from jaxtune.quant.matmul import _scales
+    from jaxtune.quant.matmul import code_table, kernel_scales
 
     for k, n in KN:
         for m in tuple(DECODE) + tuple(TRAIN):
@@ -127,7 +127,8 @@ def autotune(args):
             best = None
             for t in candidates:
                 try:
-                    fn = jax.jit(lambda x, t=t: forward(x, q.codes, _scales(q), kind=q.kind, blocksize=q.blocksize,
+                    fn = jax.jit(lambda x, t=t: forward(x, q.codes, kernel_scales(q), kind=q.kind,
+                                                        table=code_table(q.kind), blocksize=q.blocksize,
                                                         n=n, tiles=t))
                     s = median_seconds(lambda: fn(x), args.repeats)
                 except Exception as err:  # a candidate the hardware cannot hold (shared memory, registers)

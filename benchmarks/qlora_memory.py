@@ -3,7 +3,7 @@
     python benchmarks/qlora_memory.py [--preset bench-llama-31m] [--batch 8] [--seq 128] [--dtype float32]
                                       [--recipes]   # also the 8B / 7B QLoRA recipes (estimate only; abstract)
 
-For each method the job's train step is planned abstractly (`jaxtune.train.memory.plan_step`), the
+For each method the job's train step is planned abstractly (`jaxtune.job.plan_step`), the
 estimate printed next to XLA's `memory_analysis()` of the same step compiled with abstract inputs
 (nothing allocated), per device. Also the storage of the quantized kernels (bits per parameter).
 """
@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from jaxtune.config import TrainJobConfig, from_dict, load_config
-from jaxtune.train.memory import compiled, estimate, plan_step
-from jaxtune.train.partition import count
+from jaxtune.config import from_dict, load_config
+
+from jaxtune.job import TrainJobConfig
+from jaxtune.job import plan_step
+from jaxtune.train.memory import compiled, estimate
+from jaxtune.utils.partition import count
 
 LORA = {"lora": {"rank": 16, "alpha": 32, "targets": ["all-linear"]}}
 METHODS = {

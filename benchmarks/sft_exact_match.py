@@ -22,9 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxtune.config import TrainJobConfig, load_config  # noqa: E402
-from jaxtune.eval.runner import run_eval_job  # noqa: E402
-from jaxtune.train.runner import run_training  # noqa: E402
+from jaxtune.config import load_config
+
+from jaxtune.job import TrainJobConfig  # noqa: E402
+from jaxtune.job import run_eval_job  # noqa: E402
+from jaxtune.job import run_training  # noqa: E402
 
 QUIET = ["logging.progress=false", "logging.tensorboard=false"]
 LORA = ["peft.lora.rank=16", "peft.lora.alpha=32", "peft.lora.targets=[all-linear]"]

@@ -46,8 +46,9 @@ FINE_TUNE_COMMON = {"tokenizer": {"kind": "byte"},
 def shakespeare_base(tmp_path_factory):
     """A tiny Llama pretrained for 60 steps on tiny Shakespeare (byte tokenizer): the base that
     fine-tuning tests adapt to a style it never saw. -> its run directory."""
-    from jaxtune.config import TrainJobConfig, from_dict
-    from jaxtune.train.runner import run_training
+    from jaxtune.config import from_dict
+    from jaxtune.job import TrainJobConfig
+    from jaxtune.job import run_training
 
     pre = tmp_path_factory.mktemp("shakespeare_base")
     run_training(from_dict(TrainJobConfig, {**FINE_TUNE_COMMON, "model": {"preset": "tiny-llama"},
@@ -77,8 +78,9 @@ def arithmetic_style(tmp_path_factory):
 def shout_reward_model(tmp_path_factory):
     """A Bradley-Terry reward model (tiny Llama from random weights, 20 steps) on the shout pairs,
     byte tokenizer. -> its run directory."""
-    from jaxtune.config import TrainJobConfig, from_dict
-    from jaxtune.train.runner import run_training
+    from jaxtune.config import from_dict
+    from jaxtune.job import TrainJobConfig
+    from jaxtune.job import run_training
 
     run = tmp_path_factory.mktemp("shout_reward_model")
     run_training(from_dict(TrainJobConfig, {**FINE_TUNE_COMMON, "model": {"preset": "tiny-llama"},

@@ -21,13 +21,24 @@ token of the policy's next-token distribution), completion_length.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxtune.align.rewards import reward_function
+from jaxtune.align.rollout import (
+    PolicyStream,
+    empty_rollout_rows,
+    prompt_items,
+    prompt_order,
+    sample_completions,
+    write_completion,
+)
+from jaxtune.generate.sampling import SamplingConfig
+from jaxtune.generate.text import stop_tokens_of
+from jaxtune.models.scoring import jitted_token_logps, token_logps
 from jaxtune.peft.core import base_model
 
 
@@ -53,21 +64,6 @@ class GRPOConfig:
             raise ValueError(f"objective.grpo.group_size must be >= 2 (advantages compare a group), got {self.group_size}")
         if self.iterations < 1 or self.max_new_tokens < 1 or self.clip_eps <= 0 or self.kl_coef < 0:
             raise ValueError("objective.grpo: iterations, max_new_tokens >= 1, clip_eps > 0, kl_coef >= 0")
-
-
-def token_logps(model, params, rows: dict, rng=None, *, with_entropy: bool = False):
-    """``log p(target)`` per position [B, S] (0 where loss_mask is 0); ``with_entropy``: also the
-    entropy of each position's next-token distribution [B, S]."""
-    hidden, _ = model.hidden(params, rows["tokens"], positions=rows.get("positions"), segment_ids=rows["segment_ids"],
-                             rng=rng)
-    logsm = jax.nn.log_softmax(model.logits(params, hidden), -1)
-    logp = jnp.where(rows["loss_mask"] > 0, jnp.take_along_axis(logsm, rows["targets"][..., None], -1)[..., 0], 0.0)
-    if not with_entropy:
-        return logp
-    return logp, -jnp.sum(jnp.exp(logsm) * logsm, -1), hidden
-
-
-_token_logps = jax.jit(token_logps, static_argnums=0)
 
 
 def group_advantages(rewards: np.ndarray, group_size: int, scale: str = "group") -> np.ndarray:
@@ -114,68 +110,9 @@ def grpo_loss(model, cfg: GRPOConfig, *, reference: str):
     return loss_fn
 
 
-class Prompt(NamedTuple):
-    """A rollout prompt: its ids, the reference answer rewards check, the record, the rendered text
-    (what a reward model reads) and where the record came from."""
-
-    ids: list
-    reference: str
-    record: dict
-    text: str
-    where: str
-
-
-def prompt_items(records, sft, tokenizer, *, add_bos: bool, max_new_tokens: int,
-                 seq_len: Optional[int] = None) -> list[Prompt]:
-    """Each record rendered as a generation prompt; with ``seq_len``, a prompt that leaves no room
-    for ``max_new_tokens`` in a row is an error naming the record."""
-    from jaxtune.data.instruct import generation_prompt
-    from jaxtune.eval.tasks import encode_prompt
-
-    items = []
-    for record, where in records:
-        prompt, reference = generation_prompt(record, where, sft, tokenizer)
-        ids = encode_prompt(tokenizer, prompt, add_bos)
-        if seq_len is not None and len(ids) + max_new_tokens > seq_len + 1:
-            raise ValueError(f"{where}: prompt of {len(ids)} tokens + max_new_tokens {max_new_tokens} exceed "
-                             f"train.seq_len + 1 = {seq_len + 1}")
-        items.append(Prompt(ids, reference, record, prompt, where))
-    if not items:
-        raise ValueError("RL fine-tuning: no prompts")
-    return items
-
-
-def empty_rollout_rows(n: int, seq_len: int) -> dict:
-    rows = {k: np.zeros((n, seq_len), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
-    rows["loss_mask"] = np.zeros((n, seq_len), np.float32)
-    return rows
-
-
-def write_completion(rows: dict, row: int, prompt: list[int], completion: list[int]) -> int:
-    """Prompt + sampled completion into an LM row, loss on the completion's tokens; -> index of the
-    last target position."""
-    seq = list(prompt) + list(completion)
-    n = len(seq) - 1
-    rows["tokens"][row, :n], rows["targets"][row, :n] = seq[:-1], seq[1:]
-    rows["segment_ids"][row, :n] = 1
-    rows["positions"][row, :n] = np.arange(n)
-    rows["loss_mask"][row, len(prompt) - 1: n] = 1.0
-    return n - 1
-
-
-def sample_completions(model, policy, prompts: list[list[int]], key, sampling):
-    """Left-padded prompts (length rounded up to 16) through the jitted sampler -> host `Generation`."""
-    from jaxtune.generate import generate, left_pad
-
-    tokens, mask = left_pad(prompts, sampling.pad_token_id, length=-(-max(len(p) for p in prompts) // 16) * 16)
-    return jax.device_get(generate(model, policy, tokens, mask, key, sampling))
-
-
-class GroupRolloutStream:
+class GroupRolloutStream(PolicyStream):
     """Rollout batches for GRPO (module docstring). ``records``: (record, where) with prompts;
     ``reference_params``: the starting weights, kept for the KL of a fully fine-tuned policy."""
-
-    process_local = False
 
     def __init__(self, records, cfg: GRPOConfig, model, tokenizer, sft, *, batch_size: int, seq_len: int, seed: int = 0,
                  add_bos: bool = False, reference_params: Any = None):
@@ -186,40 +123,23 @@ class GroupRolloutStream:
         self.batch_size, self.seq_len, self.seed, self.reference_params = batch_size, seq_len, seed, reference_params
         self.items = prompt_items(records, sft, tokenizer, add_bos=add_bos, max_new_tokens=cfg.max_new_tokens,
                                   seq_len=seq_len)
-        self.rollouts, self.iteration, self.policy, self._batch = 0, 0, None, None
-
-    def set_policy(self, trainable: Any, frozen: Any) -> None:
-        from jaxtune.train.partition import join
-
-        self.policy = join(trainable, frozen)
-
-    def __iter__(self):
-        return self
+        self.rollouts, self.iteration, self._batch = 0, 0, None
 
     def _prompts(self, rollout: int) -> list[int]:
         per = self.batch_size // self.cfg.group_size
-        n = len(self.items)
-        out = []
-        for k in range(rollout * per, (rollout + 1) * per):
-            epoch, offset = divmod(k, n)
-            out.append(int(np.random.default_rng([self.seed, epoch]).permutation(n)[offset]))
-        return out
+        return prompt_order(self.seed, len(self.items), rollout * per, per)
 
     def __next__(self) -> dict:
         if self._batch is not None and self.iteration < self.cfg.iterations:
             self.iteration += 1
             return self._batch
-        if self.policy is None:
-            raise RuntimeError("GroupRolloutStream: the loop must hand it the policy (set_policy) before a rollout")
+        self.require_policy()
         self._batch = self.rollout(self.rollouts)
         self.rollouts += 1
         self.iteration = 1
         return self._batch
 
     def rollout(self, index: int) -> dict:
-        from jaxtune.eval.tasks import stop_tokens_of
-        from jaxtune.generate.sampling import SamplingConfig
-
         cfg, g = self.cfg, self.cfg.group_size
         chosen = [i for i in self._prompts(index) for _ in range(g)]
         pad = int(self.model.cfg.pad_token_id or 0)
@@ -237,9 +157,9 @@ class GroupRolloutStream:
                                                 item.reference, item.record))
             write_completion(rows, row, item.ids, completion)
         batch = {**rows, "rewards": rewards, "advantages": group_advantages(rewards, g, cfg.scale_rewards)}
-        batch["old_logps"] = np.asarray(_token_logps(self.model, self.policy, rows))
+        batch["old_logps"] = np.asarray(jitted_token_logps(self.model, self.policy, rows))
         if self.reference_params is not None and cfg.kl_coef:
-            batch["ref_logps"] = np.asarray(_token_logps(self.model, self.reference_params, rows))
+            batch["ref_logps"] = np.asarray(jitted_token_logps(self.model, self.reference_params, rows))
         return batch
 
     def get_state(self) -> dict:

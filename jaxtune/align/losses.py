@@ -1,8 +1,9 @@
 """Preference losses over sequence log-probabilities and reward scores, as pure functions.
 
 Sequence log-prob of a completion: the sum of ``log p(target)`` over its masked (completion)
-positions of a row in the LM layout (`completion_logps`). With ``Δ = (log π(y_c) - log π_ref(y_c))
-- (log π(y_r) - log π_ref(y_r))`` per pair (chosen c, rejected r), `preference_losses` gives:
+positions of a row in the LM layout (`jaxtune.models.scoring.completion_logps`). With
+``Δ = (log π(y_c) - log π_ref(y_c)) - (log π(y_r) - log π_ref(y_r))`` per pair (chosen c, rejected r),
+`preference_losses` gives:
 
 - ``sigmoid`` (DPO, Rafailov et al. 2023): ``-log σ(βΔ)``;
 - ``conservative`` (cDPO, label smoothing ε): ``-(1-ε) log σ(βΔ) - ε log σ(-βΔ)``;
@@ -27,16 +28,6 @@ import jax.numpy as jnp
 
 LossKind = Literal["sigmoid", "conservative", "robust", "hinge", "ipo", "orpo"]
 LOSSES = ("sigmoid", "conservative", "robust", "hinge", "ipo", "orpo")
-
-
-def completion_logps(model, params, rows: dict, rng=None) -> tuple[jax.Array, jax.Array]:
-    """-> (summed log-probs of the masked targets [N], their count [N]) for LM-layout ``rows``."""
-    hidden, _ = model.hidden(params, rows["tokens"], positions=rows.get("positions"),
-                             segment_ids=rows["segment_ids"], rng=rng)
-    logits = model.logits(params, hidden)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), rows["targets"][..., None], -1)[..., 0]
-    mask = rows["loss_mask"].astype(jnp.float32)
-    return jnp.sum(logp * mask, -1), jnp.sum(mask, -1)
 
 
 def preference_losses(kind: str, chosen: jax.Array, rejected: jax.Array, ref_chosen: Optional[jax.Array] = None,

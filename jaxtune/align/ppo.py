@@ -28,13 +28,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.align.grpo import _token_logps, empty_rollout_rows, sample_completions, token_logps, write_completion
 from jaxtune.align.rewards import reward_function
-from jaxtune.models.heads import scalar_head
-from jaxtune.peft.core import base_model
-
-VALUE_HEAD = "value_head"
-VALUE_MODEL = "value_model"
+from jaxtune.align.rollout import (
+    PolicyStream,
+    empty_rollout_rows,
+    prompt_items,
+    prompt_order,
+    sample_completions,
+    write_completion,
+)
+from jaxtune.generate.sampling import SamplingConfig
+from jaxtune.generate.text import stop_tokens_of
+from jaxtune.models.decoder import is_trunk_key
+from jaxtune.models.heads import SCORE, VALUE_HEAD, VALUE_MODEL, init_scalar_head, scalar_head
+from jaxtune.models.scoring import jitted_token_logps, token_logps
+from jaxtune.peft.core import ADDED_KEYS, base_model, merge_adapters
+from jaxtune.quant.weight import dequantize
 
 
 @dataclass(frozen=True)
@@ -83,41 +92,17 @@ def gae(rewards: np.ndarray, values: np.ndarray, mask: np.ndarray, gamma: float,
     return adv.astype(np.float32), ((adv + values) * mask).astype(np.float32)
 
 
-def add_value_head(params: Any, cfg, rng: jax.Array) -> Any:
-    from jaxtune.models.heads import init_scalar_head
-
-    return {**params, VALUE_HEAD: init_scalar_head(rng, cfg)}
-
-
 def value_network(params: Any, cfg, rng: jax.Array, where: str = "objective.ppo.value_model") -> Any:
     """A separate value network from a model's params: adapters merged, quantized kernels
-    dequantized, the LM head and other heads dropped; its one-output ``score`` head (a reward
+    dequantized, the LM head and other heads dropped; its one-output `SCORE` head (a reward
     model's) becomes the value head, else a fresh one."""
-    from jaxtune.models.decoder import HEAD_KEYS
-    from jaxtune.peft.core import ADDED_KEYS, merge_adapters
-    from jaxtune.quant.weight import dequantize
-
     added = [k for k in ADDED_KEYS if k in params]
     if added:
         raise ValueError(f"{where}: a value network cannot carry prompt-side PEFT subtrees ({', '.join(added)})")
-    score = params.get("score")
-    tree = dequantize(merge_adapters({k: v for k, v in params.items() if k != "lm_head" and k not in HEAD_KEYS}))
-    head = score if score is not None and score["kernel"].shape[-1] == 1 else None
-    if head is None:
-        from jaxtune.models.heads import init_scalar_head
-
-        head = init_scalar_head(rng, cfg)
+    score = params.get(SCORE)
+    tree = dequantize(merge_adapters({k: v for k, v in params.items() if is_trunk_key(k)}))
+    head = score if score is not None and score["kernel"].shape[-1] == 1 else init_scalar_head(rng, cfg)
     return {**tree, VALUE_HEAD: head}
-
-
-def add_value_model(params: Any, directory: str, rng: jax.Array, **numerics) -> tuple[Any, Any]:
-    """``params["value_model"]`` = `value_network` of the model at ``directory`` -> (params, its cfg).
-    ``numerics``: param_dtype / dtype / attention_impl (the policy's, so both train alike)."""
-    from jaxtune.config.schema import ModelSource
-    from jaxtune.interop.sources import load_model
-
-    loaded, cfg, _ = load_model(ModelSource(checkpoint=directory, **numerics))
-    return {**params, VALUE_MODEL: value_network(loaded, cfg, rng)}, cfg
 
 
 def state_values(params, hidden, rows, value_model=None, rng=None) -> jax.Array:
@@ -168,16 +153,12 @@ def ppo_loss(model, cfg: PPOConfig, value_model=None):
     return loss_fn
 
 
-class PPORolloutStream:
+class PPORolloutStream(PolicyStream):
     """Rollouts and minibatches for PPO (module docstring). ``reference_params``: the starting weights
     of a fully fine-tuned policy (a PEFT policy's reference is its adapter-disabled self)."""
 
-    process_local = False
-
     def __init__(self, records, cfg: PPOConfig, model, tokenizer, sft, *, batch_size: int, seq_len: int, seed: int = 0,
                  add_bos: bool = False, reference_params: Any = None, scorer=None, value_model=None):
-        from jaxtune.align.grpo import prompt_items
-
         if (cfg.reward is None) == (scorer is None):
             raise ValueError("objective.ppo: set exactly one of reward (a function) and reward_model (a run directory)")
         self.items = prompt_items(records, sft, tokenizer, add_bos=add_bos, max_new_tokens=cfg.max_new_tokens,
@@ -187,21 +168,12 @@ class PPORolloutStream:
         self.reward_fn = reward_function(cfg.reward) if cfg.reward is not None else None
         self.scorer, self.value_model = scorer, value_model
         self.kl_coef = cfg.kl_coef
-        self.rollouts, self.visit, self.policy, self._rollout = 0, 0, None, None
-
-    def set_policy(self, trainable: Any, frozen: Any) -> None:
-        from jaxtune.train.partition import join
-
-        self.policy = join(trainable, frozen)
-
-    def __iter__(self):
-        return self
+        self.rollouts, self.visit, self._rollout = 0, 0, None
 
     def __next__(self) -> dict:
         per_rollout = self.cfg.epochs * self.cfg.minibatches
         if self._rollout is None or self.visit >= per_rollout:
-            if self.policy is None:
-                raise RuntimeError("PPORolloutStream: the loop must hand it the policy (set_policy) before a rollout")
+            self.require_policy()
             self._rollout = self.rollout(self.rollouts)
             self.rollouts += 1
             self.visit = 0
@@ -212,15 +184,9 @@ class PPORolloutStream:
         return {k: v[rows] for k, v in self._rollout.items()}
 
     def rollout(self, index: int) -> dict:
-        from jaxtune.eval.tasks import stop_tokens_of
-        from jaxtune.generate.sampling import SamplingConfig
-
         cfg, n = self.cfg, self.batch_size * self.cfg.minibatches
         items = self.items
-        chosen = []
-        for k in range(index * n, (index + 1) * n):  # prompts in a seeded order per pass over them
-            epoch, offset = divmod(k, len(items))
-            chosen.append(int(np.random.default_rng([self.seed, epoch]).permutation(len(items))[offset]))
+        chosen = prompt_order(self.seed, len(items), index * n, n)
         pad = int(self.model.cfg.pad_token_id or 0)
         stops = stop_tokens_of(self.tokenizer, self.model.cfg)
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_tokens=stops,
@@ -244,9 +210,9 @@ class PPORolloutStream:
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~np.asarray(out.stopped)).astype(np.float32)
         m = rows["loss_mask"]
-        old = np.asarray(_token_logps(self.model, self.policy, rows))
+        old = np.asarray(jitted_token_logps(self.model, self.policy, rows))
         reference = self.reference_params if self.reference_params is not None else base_model(self.policy)
-        ref = np.asarray(_token_logps(self.model, reference, rows))
+        ref = np.asarray(jitted_token_logps(self.model, reference, rows))
         d = ref - old
         kl_tok = (old - ref) if cfg.kl_estimator == "k1" else (np.exp(d) - d - 1.0)
         kl_tok = kl_tok * m

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from jaxtune.eval.tasks import extract_answer
+from jaxtune.generate.text import extract_answer
 
 RewardFn = Callable[[str, str, dict], float]
 NUMBER = r"(-?[\d,]*\.?\d+)"

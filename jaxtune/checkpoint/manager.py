@@ -2,8 +2,8 @@
 
 A training checkpoint directory::
 
-    model_config.json        the ModelConfig (same file as a params checkpoint), so the directory explains itself
-    train_meta.json          ``extra_meta`` given by the caller (e.g. the run config), if any
+    model_config.json        the run's metadata (`jaxtune.job.runmeta`: the ModelConfig and, in
+    train_meta.json          train_meta.json, the job, its base model, PEFT and heads); not this module's
     <step>/params/           Orbax PyTree checkpoint of the param tree
     <step>/state/            Orbax PyTree checkpoint of everything else that resumes training exactly:
                              optimizer state, step counter, RNG key data, counters
@@ -12,7 +12,7 @@ A training checkpoint directory::
 
 `TrainCheckpointer` is what the training loop holds: ``should_save`` / ``save`` / ``restore``
 / ``wait``. `restore_params` reads the params of one step alone, onto any mesh, for evaluation
-or serving.
+or serving. Both know only pytrees: the caller gives the abstract tree to restore into.
 
 What this module must not do: decide *when* to save (the loop asks ``should_save`` and forces
 the last and the preemption save), checkpoint a state holding NaN/inf (``save`` refuses it),
@@ -27,7 +27,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,12 +35,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
-from jaxtune.checkpoint.params import MODEL_CONFIG_FILE, load_model_config
-from jaxtune.config.loader import to_dict
-from jaxtune.models import Model, ModelConfig
 from jaxtune.utils.tree import keypath_str
 
-TRAIN_META_FILE = "train_meta.json"
 PARAMS_ITEM, STATE_ITEM, DATA_ITEM = "params", "state", "data"
 
 
@@ -78,24 +74,16 @@ class TrainCheckpointer:
     loop calls it unconditionally.
     """
 
-    def __init__(self, cfg: CheckpointConfig, model_cfg: ModelConfig, extra_meta: Optional[dict] = None):
+    def __init__(self, cfg: CheckpointConfig):
         self.cfg = cfg
-        self.model_cfg = model_cfg
         self._manager: Optional[ocp.CheckpointManager] = None
         self._closed = False
         self._invalid_steps: set[int] = set()  # steps restore() found broken; a new save may replace them
         self.directory: Optional[epath.Path] = None if cfg.directory is None else _absolute(cfg.directory)
         if self.directory is None:
             return
-        # Every process checks (so all fail alike); only process 0 writes.
-        has_steps = self.directory.exists() and any(p.name.isdigit() for p in self.directory.iterdir())
-        if has_steps:
-            _check_resumable(self.directory, model_cfg, extra_meta or {})
         if jax.process_index() == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
-            _write_model_config(self.directory, model_cfg)
-            if extra_meta is not None:
-                _replace_text(self.directory / TRAIN_META_FILE, json.dumps(extra_meta, indent=2) + "\n")
         policies: list = [checkpoint_managers.LatestN(n=cfg.keep_last)]
         best_fn = None
         if cfg.keep_best:
@@ -203,28 +191,21 @@ class TrainCheckpointer:
         self.close()
 
 
-def restore_params(directory: str | os.PathLike, *, step: Optional[int] = None, shardings: Any = None,
-                   base_params: Any = None, transform: Optional[Callable[[Any, ModelConfig], Any]] = None,
-                   **config_overrides) -> tuple[Any, ModelConfig, int]:
-    """-> (params, cfg, step) from a training checkpoint directory, onto any mesh or device count.
+def restore_params(directory: str | os.PathLike, abstract: Any, *, step: Optional[int] = None,
+                   base_params: Any = None) -> tuple[Any, int]:
+    """-> (params, step) from a training checkpoint directory, onto any mesh or device count.
 
-    ``transform(params, cfg) -> params``: the run trained a transformed tree (PEFT: LoRA leaves,
-    prompt subtrees); it gives the tree's structure, and ``base_params`` (already transformed)
-    the frozen leaves the checkpoint does not hold.
+    ``abstract``: the param tree the run trained, as `jax.ShapeDtypeStruct` leaves (a changed dtype
+    casts on restore); leaves with a ``.sharding`` are restored onto it, the others onto the first
+    local device. A run that froze part of its tree checkpointed only the trainable half:
+    ``base_params`` (the same tree structure) gives the frozen leaves.
 
     ``step=None`` takes the newest readable step (broken ones are warned about and skipped).
-    ``shardings`` is a pytree of `jax.sharding.Sharding` matching the param tree; default is
-    the first local device. ``config_overrides`` change numerics only (param_dtype, dtype,
-    attention_impl); a changed param_dtype casts on restore.
     """
     directory = _absolute(directory)
-    cfg = load_model_config(directory).replace(**config_overrides)
-    init = Model(cfg).init if transform is None else (lambda key: transform(Model(cfg).init(key), cfg))
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)
+                                                           or device), abstract)
     args = ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(abstract)})
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     with ocp.CheckpointManager(directory, options=options) as manager:
@@ -232,12 +213,12 @@ def restore_params(directory: str | os.PathLike, *, step: Optional[int] = None, 
             if step not in manager.all_steps():
                 steps = sorted(manager.all_steps())
                 raise FileNotFoundError(f"{directory}: no checkpoint step {step} (steps: {steps})")
-            return _fill_frozen(manager.restore(step, args=args)[PARAMS_ITEM], base_params, directory), cfg, step
+            return _fill_frozen(manager.restore(step, args=args)[PARAMS_ITEM], base_params, directory), step
         found = _restore_newest_readable(manager, directory, args, set())
     if found is None:
         raise FileNotFoundError(f"{directory}: no checkpoint steps")
     step, restored = found
-    return _fill_frozen(restored[PARAMS_ITEM], base_params, directory), cfg, step
+    return _fill_frozen(restored[PARAMS_ITEM], base_params, directory), step
 
 
 def _fill_frozen(params: Any, base_params: Any, directory) -> Any:
@@ -250,7 +231,7 @@ def _fill_frozen(params: Any, base_params: Any, directory) -> Any:
     if base_params is None:
         raise ValueError(f"{directory} holds only the trainable params of its run ({len(holes)} frozen leaves such as "
                          f"{holes[0]} are not in it); restore with base_params= the run's base model "
-                         f"(model.checkpoint does this from {TRAIN_META_FILE})")
+                         "(model.checkpoint does this from the run's train_meta.json)")
     base = jax.tree.leaves(base_params)
     if len(base) != len(leaves):
         raise ValueError(f"{directory}: base_params has {len(base)} leaves, the checkpoint's tree {len(leaves)}")
@@ -308,53 +289,6 @@ def _metric_score(name: str, mode: str):
         return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else worst
 
     return score
-
-
-NUMERICS = ("param_dtype", "dtype", "attention_impl", "remat")  # may change between runs of one model
-MATCH_ON_RESUME = ("trainable", "peft", "head")  # extra_meta keys a resumed run must keep
-
-
-def _check_resumable(directory: epath.Path, cfg: ModelConfig, extra_meta: dict) -> None:
-    """Refuse (before anything is written) to resume a run of another model or another
-    trainable/frozen split: its steps would fail to restore and its config would be lost."""
-    path = directory / MODEL_CONFIG_FILE
-    if path.exists():
-        old, new = json.loads(path.read_text()), to_dict(cfg)
-        changed = sorted(k for k in set(old) | set(new) if k not in NUMERICS and old.get(k) != new.get(k))
-        if changed:
-            detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
-            raise ValueError(f"checkpoint.directory {directory} holds a run of another model ({detail}); "
-                             "use a new directory or the same model")
-    meta_path = directory / TRAIN_META_FILE
-    if meta_path.exists():
-        old_meta = json.loads(meta_path.read_text())
-        for key in MATCH_ON_RESUME:
-            if key in old_meta and key in extra_meta and old_meta[key] != extra_meta[key]:
-                raise ValueError(f"checkpoint.directory {directory} was trained with {key}={old_meta[key]!r}; "
-                                 f"this run asks for {extra_meta[key]!r}. Resume with the same {key} or use a new directory")
-
-
-def _write_model_config(directory: epath.Path, cfg: ModelConfig) -> None:
-    path = directory / MODEL_CONFIG_FILE
-    new = to_dict(cfg)
-    if path.exists():
-        old = json.loads(path.read_text())
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if changed:
-            warnings.warn(f"{path}: the model being trained differs from the saved config in "
-                          f"{', '.join(changed)}; rewriting it", stacklevel=3)
-    _replace_text(path, json.dumps(new, indent=2) + "\n")
-
-
-def _replace_text(path: epath.Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader never sees a partial file: other processes of
-    a multi-host run read these files while process 0 (re)writes them on resume. An unchanged
-    file is left alone; a changed one is written beside it and renamed over it."""
-    if path.exists() and path.read_text() == text:
-        return
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _absolute(directory: str | os.PathLike) -> epath.Path:

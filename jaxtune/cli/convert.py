@@ -11,11 +11,15 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from jaxtune.config.schema import ModelSource
 from jaxtune.data.tokenizer import has_hf_tokenizer, load_tokenizer
 from jaxtune.interop import load_hf, save_hf
+from jaxtune.interop.adapters import save_adapter
+from jaxtune.interop.hf_weights import read_config
+from jaxtune.job import ModelSource, load_model
+from jaxtune.job.assemble import save_model
 from jaxtune.peft.core import ADDED_KEYS, adapter_leaves, merge_adapters
 from jaxtune.quant.weight import dequantize, quantized_paths
 
@@ -24,7 +28,7 @@ DIRECTIONS = ("hf-to-orbax", "orbax-to-hf", "orbax-to-peft", "peft-to-hf")
 
 def add_parser(sub) -> None:
     p = sub.add_parser("convert", help="convert checkpoints and adapters between Hugging Face, Orbax and PEFT",
-                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("direction", choices=DIRECTIONS)
     p.add_argument("src")
     p.add_argument("dst")
@@ -59,27 +63,20 @@ def _merged(params, merge: bool, src: str):
 
 
 def run(args) -> int:
-    from jaxtune.checkpoint import save_params
-    from jaxtune.interop.sources import load_model
-
     if args.direction != "peft-to-hf" and args.base is not None:
         raise ValueError("--base applies to peft-to-hf only")
     if args.direction != "orbax-to-hf" and args.merge_lora:
         raise ValueError("--merge-lora applies to orbax-to-hf only (peft-to-hf always merges)")
     tokenizer_src = args.src
     if args.direction == "hf-to-orbax":
-        from jaxtune.interop.hf_weights import read_config
-
         stored = read_config(args.src).get("torch_dtype") or read_config(args.src).get("dtype") or "float32"
         dtype = args.dtype or (stored if stored in ("float32", "bfloat16", "float16") else "float32")
         params, cfg = load_hf(args.src, param_dtype=dtype)
-        save_params(args.dst, params, cfg, overwrite=args.overwrite)
+        save_model(args.dst, params, cfg, overwrite=args.overwrite)
     elif args.direction == "orbax-to-hf":
         params, cfg, _ = load_model(ModelSource(checkpoint=args.src))
         save_hf(_merged(params, args.merge_lora, args.src), cfg, args.dst, dtype=args.dtype, overwrite=args.overwrite)
     elif args.direction == "orbax-to-peft":
-        from jaxtune.interop.adapters import save_adapter
-
         params, cfg, _ = load_model(ModelSource(checkpoint=args.src))
         if not adapter_leaves(params) and not any(k in params for k in ADDED_KEYS):
             raise ValueError(f"{args.src} carries no PEFT adapter (train with a peft: section)")

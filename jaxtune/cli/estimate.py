@@ -9,8 +9,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jaxtune.config import TrainJobConfig, load_config
-from jaxtune.train.partition import count
+from jaxtune.cli.args import split_config_args
+from jaxtune.config import load_config
+from jaxtune.job import TrainJobConfig, plan_step
+from jaxtune.train.memory import compiled, estimate
+from jaxtune.utils.partition import count
 
 
 def add_parser(sub) -> None:
@@ -29,9 +32,6 @@ def _gib(n: float) -> str:
 
 
 def run(args) -> int:
-    from jaxtune.cli.main import split_config_args
-    from jaxtune.train.memory import compiled, estimate, plan_step
-
     config_path, overrides = split_config_args(args.args)
     job = load_config(TrainJobConfig, config_path, overrides)
     plan = plan_step(job, devices=args.devices)

@@ -9,10 +9,11 @@ import time
 
 import jax
 
-from jaxtune.config import JobConfig, load_config
+from jaxtune.cli.args import split_config_args
+from jaxtune.config import load_config
 from jaxtune.data import load_tokenizer
 from jaxtune.generate import generate, left_pad
-from jaxtune.interop.sources import load_model
+from jaxtune.job import JobConfig, load_model
 from jaxtune.models import Model
 
 
@@ -24,8 +25,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from jaxtune.cli.main import split_config_args
-
     config_path, overrides = split_config_args(args.args)
     job = load_config(JobConfig, config_path, overrides)
     params, cfg, model_dir = load_model(job.model)

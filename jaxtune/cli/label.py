@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 
+from jaxtune.cli.args import split_config_args
+from jaxtune.config import load_config
+from jaxtune.job.label import LabelJobConfig, label
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("label", help="sample completions from a policy, rank them with a judge (reward model or LLM), "
@@ -13,10 +17,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from jaxtune.align.label import LabelJobConfig, label
-    from jaxtune.cli.main import split_config_args
-    from jaxtune.config import load_config
-
     config_path, overrides = split_config_args(args.args)
     print(json.dumps(label(load_config(LabelJobConfig, config_path, overrides))))
     return 0

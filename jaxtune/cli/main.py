@@ -5,26 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxtune.cli import convert, estimate, generate, label, tokenizer, train
+from jaxtune.cli.args import split_config_args
 from jaxtune.config import ConfigError
 
-
-def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """[CONFIG.yaml] key=value ... -> (config path or None, overrides)."""
-    config = None
-    overrides = []
-    for a in args:
-        if "=" in a:
-            overrides.append(a)
-        elif config is None:
-            config = a
-        else:
-            raise ConfigError(f"unexpected argument {a!r}: give one config file and key=value overrides")
-    return config, overrides
+__all__ = ["build_parser", "main", "split_config_args"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jaxtune.cli import convert, estimate, generate, label, tokenizer, train
-
     parser = argparse.ArgumentParser(prog="jaxtune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     generate.add_parser(sub)

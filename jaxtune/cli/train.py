@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import json
 
-from jaxtune.config import TrainJobConfig, load_config
+import jax
+
+from jaxtune.cli.args import split_config_args
+from jaxtune.config import load_config
+from jaxtune.eval.report import format_table
+from jaxtune.job import TrainJobConfig, run_eval_job, run_training
+from jaxtune.job.evaluate import write_results
+from jaxtune.parallel.distributed import maybe_initialize
+from jaxtune.train.loop import PREEMPTED_EXIT_CODE
 
 
 def add_parsers(sub) -> None:
@@ -21,9 +29,6 @@ MODEL_SOURCES = ("hf_dir", "checkpoint", "preset", "config")
 
 
 def _job(args) -> TrainJobConfig:
-    from jaxtune.cli.main import split_config_args
-    from jaxtune.parallel.distributed import maybe_initialize
-
     maybe_initialize()
     config_path, overrides = split_config_args(args.args)
     return load_config(TrainJobConfig, config_path, source_overrides(overrides))
@@ -39,9 +44,6 @@ def source_overrides(overrides: list[str]) -> list[str]:
 
 
 def run_train(args) -> int:
-    from jaxtune.train.loop import PREEMPTED_EXIT_CODE
-    from jaxtune.train.runner import run_training
-
     job = _job(args)
     result = run_training(job)
     done = result.history[-1] if result.history else {}
@@ -62,13 +64,9 @@ def run_train(args) -> int:
 
 
 def run_eval(args) -> int:
-    from jaxtune.eval.runner import format_table, run_eval_job, write_results
-
     job = _job(args)
     results = run_eval_job(job)
     path = None
-    import jax
-
     if jax.process_index() == 0:
         path = write_results(job, results)
     if args.json:

@@ -1,19 +1,12 @@
-"""Config as data: typed dataclass trees loaded from YAML with dotted overrides.
+"""Config as data: typed dataclass trees loaded from YAML with dotted overrides (`loader`).
 
-The job schemas (`JobConfig`, `TrainJobConfig`, ...) import the sections of every
-engine, and engines import the loader, so schema names load lazily here.
+The job schemas (`TrainJobConfig`, `JobConfig`, `ModelSource`, `TokenizerConfig`) are the job
+layer's: `jaxtune.job`.
 """
 
 from jaxtune.config.loader import ConfigError, apply_override, from_dict, load_config, to_dict
+from jaxtune.utils.moved import moved_names
 
-_SCHEMA = ("JobConfig", "ModelSource", "TokenizerConfig", "TrainJobConfig")
-
-__all__ = ["ConfigError", "apply_override", "from_dict", "load_config", "to_dict", *_SCHEMA]
-
-
-def __getattr__(name):
-    if name in _SCHEMA:
-        from jaxtune.config import schema
-
-        return getattr(schema, name)
-    raise AttributeError(f"module 'jaxtune.config' has no attribute {name!r}")
+__all__ = ["ConfigError", "apply_override", "from_dict", "load_config", "to_dict"]
+__getattr__ = moved_names(__name__, {name: f"jaxtune.job.{name}" for name in
+                                     ("JobConfig", "ModelSource", "TokenizerConfig", "TrainJobConfig")})

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from jaxtune.data.sources import BadRow, DocumentSource, SourceConfig, text_of
+from jaxtune.data.source_base import BadRow, DocumentSource, SourceConfig, text_of
 
 INSTALL_HINT = 'pip install "jaxtune[tfds]"'
 

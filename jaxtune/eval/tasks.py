@@ -9,8 +9,7 @@ index])``, never the example itself, so a run is reproducible and independent of
 
 from __future__ import annotations
 
-import re
-from typing import Any, Optional, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -18,10 +17,11 @@ import numpy as np
 from jaxtune.data.instruct import InstructConfig, generation_prompt
 from jaxtune.data.sources import BadRow
 from jaxtune.eval.config import EvalTaskConfig
-from jaxtune.eval.scoring import continuation_rows, sequence_logprobs
 from jaxtune.generate import generate, left_pad
 from jaxtune.generate.sampling import SamplingConfig
+from jaxtune.generate.text import cut_at_stops, encode_prompt, extract_answer, stop_tokens_of
 from jaxtune.models import Model
+from jaxtune.models.scoring import continuation_rows, sequence_logprobs
 
 Records = Sequence[tuple[dict, str]]
 LENGTH_BUCKET = 16  # prompt / row lengths are rounded up to a multiple of this (fewer compilations)
@@ -38,43 +38,8 @@ def draw_shots(pool: Records, k: int, seed: int, index: int, query_where: str) -
     return [pool[candidates[int(i)]] for i in picked]
 
 
-def extract_answer(text: str, pattern: Optional[str], numeric: bool) -> Optional[Any]:
-    """The answer in ``text``: ``pattern``'s first group (None if it does not match), else the stripped
-    text; as a float when ``numeric`` (commas and a leading $ removed; None if it is not a number)."""
-    if pattern is not None:
-        found = re.search(pattern, text)
-        if found is None:
-            return None
-        text = found.group(1)
-    text = text.strip()
-    if not numeric:
-        return text
-    try:
-        return float(text.replace(",", "").lstrip("$"))
-    except ValueError:
-        return None
-
-
-def cut_at_stops(text: str, stops: Sequence[str]) -> str:
-    ends = [text.find(s) for s in stops if s and text.find(s) >= 0]
-    return text[: min(ends)] if ends else text
-
-
 def _bucket(n: int) -> int:
     return -(-n // LENGTH_BUCKET) * LENGTH_BUCKET
-
-
-def stop_tokens_of(tokenizer, cfg) -> tuple[int, ...]:
-    eos = cfg.eos_token_id
-    stops = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        stops.add(int(tokenizer.eos_token_id))
-    return tuple(sorted(int(s) for s in stops))
-
-
-def encode_prompt(tokenizer, text: str, add_bos: bool) -> list[int]:
-    ids = list(tokenizer.encode(text))
-    return ([tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []) + ids
 
 
 def exact_match(task: EvalTaskConfig, model: Model, params, tokenizer, records: Records, pool: Records,
@@ -164,3 +129,25 @@ def multiple_choice(task: EvalTaskConfig, model: Model, params, tokenizer, recor
         offset += n
     return {"acc": acc / len(items), "acc_norm": acc_norm / len(items), "examples": len(items), "shots": task.shots}
 
+
+
+def response_scores(task: EvalTaskConfig, score, records: Records, preference) -> dict:
+    """Eval task ``score``: a reward model's scores (``score(prompts, responses) -> [n]``) of single
+    responses (``task.response_field``: mean, std), or of ``preference.chosen`` / ``rejected`` pairs
+    (pairwise accuracy, mean margin)."""
+    pc = preference
+    prompt_of = lambda r: pc.prompt_format.format(prompt=r.get(pc.prompt, ""))  # noqa: E731
+    if all(pc.chosen in r and pc.rejected in r for r, _ in records):
+        prompts = [prompt_of(r) for r, _ in records]
+        chosen = score(prompts, [r[pc.chosen] for r, _ in records])
+        rejected = score(prompts, [r[pc.rejected] for r, _ in records])
+        return {"pairs": len(records), "accuracy": float(np.mean(chosen > rejected)),
+                "margin": float(np.mean(chosen - rejected)), "chosen_mean": float(np.mean(chosen)),
+                "rejected_mean": float(np.mean(rejected))}
+    missing = [w for r, w in records if task.response_field not in r]
+    if missing:
+        raise ValueError(f"{missing[0]}: no field {task.response_field!r} (eval task score: responses, or "
+                         f"{pc.chosen!r} / {pc.rejected!r} pairs)")
+    scores = score([prompt_of(r) for r, _ in records], [r[task.response_field] for r, _ in records])
+    return {"responses": len(records), "mean": float(np.mean(scores)), "std": float(np.std(scores)),
+            "samples": [{"where": w, "score": float(s)} for (_, w), s in zip(records[: task.samples], scores)]}

@@ -24,13 +24,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune.quant import codes as C
-from jaxtune.quant.weight import QuantizedWeight
+from jaxtune.quant.weight import QuantConfig, QuantizedWeight
 
 QUANT_STATE = ".quant_state.bitsandbytes__"
 
 
 class QuantizedCheckpointError(ValueError):
     """A bitsandbytes-quantized tensor group is incomplete or not in a supported format."""
+
+
+def bnb_quant_config(hf_config: dict) -> Optional[QuantConfig]:
+    """The `QuantConfig` of a checkpoint transformers saved quantized by bitsandbytes (its
+    config.json ``quantization_config``), or None for a dense one."""
+    q = hf_config.get("quantization_config") or {}
+    if q.get("quant_method") != "bitsandbytes":
+        return None
+    if q.get("load_in_4bit"):
+        return QuantConfig(kind=q.get("bnb_4bit_quant_type", "nf4"), double_quant=bool(q.get("bnb_4bit_use_double_quant")))
+    if q.get("load_in_8bit"):
+        return QuantConfig(kind="int8", double_quant=False)
+    return None
 
 
 def companion_names(name: str, names: set[str]) -> list[str]:

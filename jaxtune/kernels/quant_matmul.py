@@ -21,7 +21,8 @@ tests them):
   odd halves of each dx tile are stored with stride 2.
 
 Inputs are padded by the wrappers to tile multiples, so no load or store is masked. This module
-knows nothing of param trees or models; `jaxtune.quant.weight` calls it from the one linear op.
+knows nothing of param trees, models or quantization formats: the 16 values of a 4-bit float code
+(nf4 / fp4) come in as ``table``; `jaxtune.quant.matmul` calls it from the one linear op.
 """
 
 from __future__ import annotations
@@ -32,12 +33,10 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
-from jaxtune.quant.codes import CODES_4BIT
-
 KINDS = ("nf4", "fp4", "int4", "int8")
+FLOAT_KINDS = ("nf4", "fp4")  # 4-bit codes that index a table of 16 floats
 
 
 @dataclass(frozen=True)
@@ -73,13 +72,12 @@ def _select_tree(c: jax.Array, values: tuple[float, ...]) -> jax.Array:
     return level[0]
 
 
-def _dequant_halves(packed: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:
+def _dequant_halves(packed: jax.Array, kind: str, table: tuple[float, ...]) -> tuple[jax.Array, jax.Array]:
     """uint8 ``[rows, cols]`` -> float32 values of the high and the low nibbles, ``[rows, cols]`` each."""
     p = packed.astype(jnp.int32)
     hi, lo = (p >> 4) & 0xF, p & 0xF
     if kind == "int4":
         return (hi - 8).astype(jnp.float32), (lo - 8).astype(jnp.float32)
-    table = tuple(float(v) for v in CODES_4BIT[kind])
     return _select_tree(hi, table), _select_tree(lo, table)
 
 
@@ -88,7 +86,7 @@ def _dot(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
     return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _forward_kernel(x_ref, codes_ref, scales_ref, *rest, kind, blocksize, bk, k_block, lora, scale):
+def _forward_kernel(x_ref, codes_ref, scales_ref, *rest, kind, table, blocksize, bk, k_block, lora, scale):
     """One ``[bm, bn]`` output tile over this program's ``k_block`` columns of K."""
     if lora:
         xa_ref, b_ref, o_ref = rest
@@ -103,7 +101,7 @@ def _forward_kernel(x_ref, codes_ref, scales_ref, *rest, kind, blocksize, bk, k_
         if kind == "int8":
             w = codes_ref[:, pl.ds(k0, bk)].astype(jnp.float32) * s
             return acc + _dot(x_ref[:, pl.ds(k0, bk)], w.astype(x_ref.dtype), 1)
-        hi, lo = _dequant_halves(codes_ref[:, pl.ds(k0 // 2, half)], kind)
+        hi, lo = _dequant_halves(codes_ref[:, pl.ds(k0 // 2, half)], kind, table)
         x_even = x_ref[:, pl.ds(k0, half, stride=2)]
         x_odd = x_ref[:, pl.ds(k0 + 1, half, stride=2)]
         acc = acc + _dot(x_even, (hi * s).astype(x_ref.dtype), 1)
@@ -115,7 +113,7 @@ def _forward_kernel(x_ref, codes_ref, scales_ref, *rest, kind, blocksize, bk, k_
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _transposed_kernel(dy_ref, codes_ref, scales_ref, o_ref, *, kind, blocksize, bn, n_total):
+def _transposed_kernel(dy_ref, codes_ref, scales_ref, o_ref, *, kind, table, blocksize, bn, n_total):
     """One ``[bm, bk]`` tile of ``dy @ W`` (``W = dequant(codes): [N, K]``), looping over N."""
     bm = dy_ref.shape[0]
     cols = o_ref.shape[1]  # bk
@@ -128,7 +126,7 @@ def _transposed_kernel(dy_ref, codes_ref, scales_ref, o_ref, *, kind, blocksize,
         if kind == "int8":
             w = codes_ref[pl.ds(n0, bn), :].astype(jnp.float32) * s
             return (accs[0] + _dot(dy, w.astype(dy.dtype), 0),)
-        hi, lo = _dequant_halves(codes_ref[pl.ds(n0, bn), :], kind)
+        hi, lo = _dequant_halves(codes_ref[pl.ds(n0, bn), :], kind, table)
         return (accs[0] + _dot(dy, (hi * s).astype(dy.dtype), 0), accs[1] + _dot(dy, (lo * s).astype(dy.dtype), 0))
 
     if kind == "int8":
@@ -150,9 +148,12 @@ def _pad_to(a: jax.Array, shape: tuple[int, ...], value=0) -> jax.Array:
     return a if all(p == (0, 0) for p in pads) else jnp.pad(a, pads, constant_values=value)
 
 
-def _check(kind: str, blocksize: int, codes: jax.Array, n: int, k: int, tiles: Tiles) -> None:
+def _check(kind: str, table: tuple[float, ...], blocksize: int, codes: jax.Array, n: int, k: int,
+           tiles: Tiles) -> None:
     if kind not in KINDS:
         raise ValueError(f"fused kernel: unsupported quantization {kind!r} ({', '.join(KINDS)})")
+    if kind in FLOAT_KINDS and len(table) != 16:
+        raise ValueError(f"fused kernel: {kind} needs its 16-value code table (table=...), got {len(table)} values")
     want = (n, k) if kind == "int8" else (n, k // 2)
     if codes.ndim != 2 or tuple(codes.shape) != want:
         raise ValueError(f"fused kernel: codes of shape {tuple(codes.shape)}, expected {want} (the 2-D layout: "
@@ -162,15 +163,17 @@ def _check(kind: str, blocksize: int, codes: jax.Array, n: int, k: int, tiles: T
 
 
 def forward(x: jax.Array, codes: jax.Array, scales: jax.Array, *, kind: str, blocksize: int, n: int,
-            xa: Optional[jax.Array] = None, b: Optional[jax.Array] = None, lora_scale: float = 1.0,
-            tiles: Tiles = Tiles(), out_dtype=None, interpret: bool = False, poison: bool = False) -> jax.Array:
+            table: tuple[float, ...] = (), xa: Optional[jax.Array] = None, b: Optional[jax.Array] = None,
+            lora_scale: float = 1.0,            tiles: Tiles = Tiles(), out_dtype=None, interpret: bool = False, poison: bool = False) -> jax.Array:
     """``x [M, K] @ dequant(codes)^T`` (+ ``lora_scale * xa [M, r] @ b [r, N]``) -> ``[M, N]``.
 
     ``scales``: float32 ``[N, K/blocksize]`` (nf4 / fp4 / int4) or ``[N]`` (int8, absmax / 127
-    already applied by the caller). ``poison``: start from a NaN-filled output buffer (tests: a
+    already applied by the caller); ``table``: the 16 code values of nf4 / fp4. ``poison``: start from
+    a NaN-filled output buffer (tests: a
     tile the kernel does not write stays NaN)."""
     m, k = x.shape
-    _check(kind, blocksize, codes, n, k, tiles)
+    table = tuple(float(v) for v in table)
+    _check(kind, table, blocksize, codes, n, k, tiles)
     out_dtype = out_dtype or x.dtype
     bm, bn, bk, splits = tiles.bm, tiles.bn, tiles.bk, tiles.splits
     # each split covers whole tiles and (4-bit) whole absmax blocks; bk divides the blocksize
@@ -186,7 +189,7 @@ def forward(x: jax.Array, codes: jax.Array, scales: jax.Array, *, kind: str, blo
     sp = _pad_to(scales.astype(jnp.float32), (np_, 1 if kind == "int8" else kp // blocksize))
     k_block = kp // splits
     lora = xa is not None and splits == 1
-    kernel = functools.partial(_forward_kernel, kind=kind, blocksize=group, bk=bk, k_block=k_block, lora=lora,
+    kernel = functools.partial(_forward_kernel, kind=kind, table=table, blocksize=group, bk=bk, k_block=k_block, lora=lora,
                                scale=float(lora_scale))
     in_specs = [
         pl.BlockSpec((bm, k_block), lambda i, j, s: (i, s)),
@@ -225,10 +228,12 @@ def forward(x: jax.Array, codes: jax.Array, scales: jax.Array, *, kind: str, blo
 
 
 def transposed(dy: jax.Array, codes: jax.Array, scales: jax.Array, *, kind: str, blocksize: int, k: int,
-               tiles: Tiles = Tiles(), out_dtype=None, interpret: bool = False, poison: bool = False) -> jax.Array:
+               table: tuple[float, ...] = (), tiles: Tiles = Tiles(), out_dtype=None, interpret: bool = False,
+               poison: bool = False) -> jax.Array:
     """``dy [M, N] @ dequant(codes) [N, K]`` -> ``[M, K]`` (the input gradient of `forward`)."""
     m, n = dy.shape
-    _check(kind, blocksize, codes, n, k, tiles)
+    table = tuple(float(v) for v in table)
+    _check(kind, table, blocksize, codes, n, k, tiles)
     out_dtype = out_dtype or dy.dtype
     bm, bn, bk = tiles.bm, tiles.bn, tiles.bk
     mp, np_, kp = _round_up(m, bm), _round_up(n, bn), _round_up(k, bk if kind == "int8" else blocksize)
@@ -244,7 +249,7 @@ def transposed(dy: jax.Array, codes: jax.Array, scales: jax.Array, *, kind: str,
         code_spec = pl.BlockSpec((np_, bk // 2), lambda i, j: (0, j))
         per_block = blocksize // bk  # tiles of K per absmax block
         scale_spec = pl.BlockSpec((np_, 1), lambda i, j: (0, j // per_block))
-    kernel = functools.partial(_transposed_kernel, kind=kind, blocksize=blocksize, bn=bn, n_total=np_)
+    kernel = functools.partial(_transposed_kernel, kind=kind, table=table, blocksize=blocksize, bn=bn, n_total=np_)
     args, in_specs, aliases = [dyp, cp, sp], [pl.BlockSpec((bm, np_), lambda i, j: (i, 0)), code_spec, scale_spec], {}
     out_shape = jax.ShapeDtypeStruct((mp, kp), out_dtype)
     if poison:

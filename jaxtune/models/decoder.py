@@ -132,7 +132,13 @@ def _check_cache_room(cache: KVCache, new_tokens: int) -> None:
 
 
 PREFIX_KEYS = ("prompt", "prefix")  # top-level subtrees the model reads besides its own weights
-HEAD_KEYS = ("score", "value_head", "value_model")  # heads over the hidden states (jaxtune.models.heads) and PPO's separate value network; the trunk ignores them
+TRUNK_KEYS = ("embed", "pos_embed", "final_norm")  # the blocks' own subtrees besides layers_<i>
+
+
+def is_trunk_key(key: str) -> bool:
+    """Whether a top-level params key belongs to the decoder's blocks (not the LM head, a prompt /
+    prefix subtree or a head over the hidden states, `jaxtune.models.heads`)."""
+    return key in TRUNK_KEYS or key.startswith("layers_")
 
 
 def prompt_embeddings(prompt: Any) -> jax.Array:
@@ -222,7 +228,7 @@ class Model:
 
     @staticmethod
     def _decoder_params(params: Params) -> Params:
-        return {k: v for k, v in params.items() if k != "lm_head" and k not in PREFIX_KEYS and k not in HEAD_KEYS}
+        return {k: v for k, v in params.items() if is_trunk_key(k)}
 
     def prefix_kv(self, params: Params, *, rng: Optional[jax.Array] = None) -> Optional[tuple[jax.Array, jax.Array]]:
         """The per-layer (keys, values) [layers, n, kv_heads, head_dim] every real token sees, from

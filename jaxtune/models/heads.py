@@ -1,20 +1,103 @@
-"""Heads over decoder hidden states, as pure functions over their own small param dicts.
+"""Heads over decoder hidden states: pure functions over their own small param dicts, and the
+named heads a job adds beside the trunk.
 
 - value / reward head: hidden [batch, seq, embed] -> [batch, seq] scalars
   (PPO values per token; a reward model reads the last real token).
 - sequence classification: pooled hidden -> [batch, num_labels] logits
   (pooling: the last non-padding token, as Hugging Face does, or the mean).
+
+Named heads live at a top-level key of the param tree, beside the trunk the model reads (so PEFT
+target patterns never reach them): `SCORE` (classification, regression, reward: the classifier
+head), `VALUE_HEAD` (PPO: the scalar head on the policy's own hidden states) and `VALUE_MODEL`
+(PPO: a separate value network, its own trunk with a `VALUE_HEAD`). A `HeadSpec` names one;
+`add_head` puts it on a tree and `head_template` gives its structure for a restore.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
 
 import jax
 import jax.numpy as jnp
 
 from jaxtune.models.config import ModelConfig
+from jaxtune.models.decoder import Model, is_trunk_key
 from jaxtune.ops import linear
+
+SCORE = "score"
+VALUE_HEAD = "value_head"
+VALUE_MODEL = "value_model"
+HEAD_KEYS = (SCORE, VALUE_HEAD, VALUE_MODEL)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A named head: ``key`` (one of `HEAD_KEYS`), its ``outputs`` (classes; 1 for a score or a
+    value), ``pooling`` (`SCORE`), ``model_config`` (`VALUE_MODEL`: the value network's architecture)."""
+
+    key: str
+    outputs: int = 1
+    pooling: Literal["last", "mean"] = "last"
+    model_config: Optional[ModelConfig] = None
+
+    def __post_init__(self):
+        if self.key not in HEAD_KEYS:
+            raise ValueError(f"head: unknown key {self.key!r} ({' | '.join(HEAD_KEYS)})")
+        if self.outputs < 1 or (self.key != SCORE and self.outputs != 1):
+            raise ValueError(f"head {self.key}: {self.outputs} outputs (a value head has 1, a score head >= 1)")
+        if (self.key == VALUE_MODEL) != (self.model_config is not None):
+            raise ValueError(f"head {self.key}: model_config is the architecture of a {VALUE_MODEL} (and only of it)")
+
+    @property
+    def pattern(self) -> str:
+        """The regex over param paths that selects the head (it is always trainable)."""
+        return f"^{self.key}/"
+
+
+def add_head(params: Any, spec: HeadSpec, cfg: ModelConfig, rng: jax.Array, network: Any = None) -> Any:
+    """``params -> params`` with the head at ``spec.key``: a fresh classifier (`SCORE`) or value
+    head (`VALUE_HEAD`), or ``network``, the value network's params (`VALUE_MODEL`)."""
+    if spec.key in params:
+        raise ValueError(f'params already hold a "{spec.key}" head')
+    if spec.key == VALUE_MODEL:
+        if network is None:
+            raise ValueError(f"head {VALUE_MODEL}: pass the value network's params (network=...)")
+        value = network
+    elif spec.key == VALUE_HEAD:
+        value = init_scalar_head(rng, cfg)
+    else:
+        value = init_classifier_head(rng, cfg, spec.outputs)
+    return {**params, spec.key: value}
+
+
+def value_network_template(vcfg: ModelConfig) -> Any:
+    """The structure of a `VALUE_MODEL` subtree for ``vcfg``: its trunk and a value head."""
+
+    def build():
+        trunk = {k: v for k, v in Model(vcfg).init(jax.random.key(0)).items() if is_trunk_key(k)}
+        return {**trunk, VALUE_HEAD: init_scalar_head(jax.random.key(0), vcfg)}
+
+    return jax.eval_shape(build)
+
+
+def head_template(spec: HeadSpec, cfg: ModelConfig) -> Any:
+    """Zeros in the head's structure (shapes and dtypes from ``cfg``, or ``spec.model_config``):
+    what a restore fills from a checkpoint."""
+    if spec.key == VALUE_MODEL:
+        shape = value_network_template(spec.model_config)
+    else:
+        n = spec.outputs
+        shape = {"kernel": jax.ShapeDtypeStruct((cfg.hidden_size, n), cfg.weight_dtype),
+                 "bias": jax.ShapeDtypeStruct((n,), cfg.weight_dtype)}
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shape)
+
+
+def classification_logits(model: Model, params: Any, batch: dict, *, pooling: str = "last", rng=None) -> jax.Array:
+    """The `SCORE` head over the pooled hidden states of each row -> [batch, outputs] float32."""
+    hidden, _ = model.hidden(params, batch["tokens"], positions=batch.get("positions"),
+                             segment_ids=batch["segment_ids"], rng=rng)
+    return classifier_head(params[SCORE], hidden, batch["segment_ids"], pooling)
 
 
 def init_scalar_head(rng: jax.Array, cfg: ModelConfig) -> dict:

@@ -32,7 +32,6 @@ it equals PEFT's float64 arithmetic exactly) and the threshold comes from a sort
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
@@ -45,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtune.ops.linear import dropout, linear, register_linear
 from jaxtune.parallel.rules import nested_specs, register_sharding
 from jaxtune.peft.core import is_weight_leaf, merge_type, register_adapter
-from jaxtune.peft.lora import TARGET_PRESETS
+from jaxtune.utils.targets import map_targets, target_patterns
 from jaxtune.utils.tree import keypath_str
 
 INIT_STD = 0.02  # PEFT: nn.init.normal_(lora_A / lora_B, mean=0.0, std=0.02); lora_E zeros
@@ -145,18 +144,7 @@ class AdaLoraConfig:
             raise ValueError(f"adalora.orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"adalora.dropout must be in [0, 1), got {self.dropout}")
-        for t in self.targets:
-            if t not in TARGET_PRESETS:
-                try:
-                    re.compile(t)
-                except re.error as err:
-                    raise ValueError(f"adalora.targets: bad regex {t!r}: {err}") from None
-
-    def patterns(self) -> list[re.Pattern]:
-        out = []
-        for t in self.targets:
-            out.extend(re.compile(p) for p in TARGET_PRESETS.get(t, (t,)))
-        return out
+        target_patterns(self.targets, "adalora.targets")
 
     @property
     def scale(self) -> float:
@@ -169,19 +157,13 @@ class AdaLoraConfig:
 def apply_adalora(params: Any, cfg: AdaLoraConfig, rng: jax.Array) -> Any:
     """A new tree with every targeted 2-D kernel replaced by an `AdaLoraWeight` (E = 0, P, Q ~
     N(0, 0.02^2) in the kernel's dtype). Raises if no path matches or a target is already adapted."""
-    patterns = cfg.patterns()
     keys = iter(jax.random.split(rng, max(1, len(jax.tree.leaves(params)))))
-    matched = []
 
-    def adapt(path, leaf):
-        where = keypath_str(path)
-        if not any(p.search(where) for p in patterns):
-            return leaf
+    def adapt(where, leaf):
         if _is_ada(leaf):
             raise ValueError(f"adalora: {where} already has an AdaLoRA adapter")
         if getattr(leaf, "ndim", None) != 2:
             raise ValueError(f"adalora: target {where} is not a 2-D kernel (shape {getattr(leaf, 'shape', None)})")
-        matched.append(where)
         fan_in, fan_out = leaf.shape
         kp, kq = jax.random.split(next(keys))
         r = cfg.init_r
@@ -192,11 +174,8 @@ def apply_adalora(params: Any, cfg: AdaLoraConfig, rng: jax.Array) -> Any:
         return AdaLoraWeight(base=leaf, p=p.astype(dt), e=e.astype(dt), q=q.astype(dt),
                              scale=cfg.scale, dropout=cfg.dropout)
 
-    out = jax.tree_util.tree_map_with_path(adapt, params, is_leaf=lambda x: _is_ada(x) or is_weight_leaf(x))
-    if not matched:
-        raise ValueError(f"adalora.targets {list(cfg.targets)} match no parameter path "
-                         f"(paths look like layers_0/attn/q_proj/kernel)")
-    return out
+    return map_targets(params, cfg.targets, adapt, key="adalora.targets",
+                       is_leaf=lambda x: _is_ada(x) or is_weight_leaf(x))
 
 
 def merge_adalora(params: Any) -> Any:

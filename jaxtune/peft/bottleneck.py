@@ -42,10 +42,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxtune.ops.linear import dropout, linear, register_linear
-from jaxtune.parallel.rules import register_sharding
-from jaxtune.peft.core import is_adapter, is_weight_leaf, register_adapter
-from jaxtune.parallel.rules import nested_specs
-from jaxtune.peft.selective import kernel_features, out_axis, target_patterns
+from jaxtune.parallel.rules import nested_specs, register_sharding
+from jaxtune.peft.core import is_weight_leaf, register_adapter
+from jaxtune.peft.selective import kernel_features, out_axis
+from jaxtune.utils.targets import map_targets, target_patterns
 from jaxtune.utils.tree import keypath_str
 
 PLACEMENTS = {
@@ -149,9 +149,11 @@ class BottleneckConfig:
             raise ValueError(f"bottleneck.dropout must be in [0, 1), got {self.dropout}")
         if self.init_std is not None and self.init_std <= 0:
             raise ValueError(f"bottleneck.init_std must be > 0, got {self.init_std}")
+        target_patterns(self.target_list, "bottleneck.targets")
 
-    def patterns(self):
-        return target_patterns(self.targets if self.targets is not None else PLACEMENTS[self.placement])
+    @property
+    def target_list(self) -> tuple[str, ...]:
+        return self.targets if self.targets is not None else PLACEMENTS[self.placement]
 
 
 def _prefix(path: str) -> str:
@@ -162,15 +164,11 @@ def apply_bottleneck(params: Any, cfg: BottleneckConfig, rng: jax.Array) -> Any:
     """A new tree with each targeted kernel replaced by a `BottleneckWeight` (identity at init).
     A layer bias next to a targeted kernel moves into its frozen base (see the module doc).
     Raises if nothing matches or a target already has a bottleneck adapter."""
-    patterns = cfg.patterns()
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight_leaf)[0]
     leaves = {keypath_str(p): x for p, x in flat}
     adapted: list[str] = []
 
-    def adapt(path, leaf):
-        where = keypath_str(path)
-        if not any(p.search(where) for p in patterns):
-            return leaf
+    def adapt(where, leaf):
         if isinstance(leaf, BottleneckWeight):
             raise ValueError(f"bottleneck: {where} already has a bottleneck adapter")
         if isinstance(leaf, jax.Array) and leaf.ndim != 2:
@@ -192,10 +190,7 @@ def apply_bottleneck(params: Any, cfg: BottleneckConfig, rng: jax.Array) -> Any:
             activation=cfg.activation, dropout=cfg.dropout, scale=cfg.scale,
         )
 
-    out = jax.tree_util.tree_map_with_path(adapt, params, is_leaf=is_weight_leaf)
-    if not adapted:
-        raise ValueError(f"bottleneck: targets {[p.pattern for p in patterns]} match no parameter "
-                         "(paths look like layers_0/attn/o_proj/kernel)")
+    out = map_targets(params, cfg.target_list, adapt, key="bottleneck.targets", is_leaf=is_weight_leaf)
     moved = {_prefix(w) + "/bias" for w in adapted}
     return jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.zeros_like(x) if keypath_str(p) in moved else x, out, is_leaf=is_weight_leaf)

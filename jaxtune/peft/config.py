@@ -6,9 +6,9 @@
 
 Every section left out (None / false) is off; with nothing on, the job trains every
 parameter (or ``train.trainable``) as before. Transforms run in this order, so they
-compose on one tree: adapter (a PEFT-format directory to start from) -> lora | dora |
-adalora -> ia3 -> bottleneck adapters -> added biases -> prompt tuning | p-tuning | prefix
-tuning. BitFit and LN-tuning are masks. `apply_peft` is the transform, `peft_mask` the
+compose on one tree: adapter (a PEFT-format directory to start from, read by the job layer
+with `jaxtune.interop.adapters.load_adapter` before `apply_peft`) -> lora | dora | adalora ->
+ia3 -> bottleneck adapters -> added biases -> prompt tuning | p-tuning | prefix tuning. BitFit and LN-tuning are masks. `apply_peft` is the transform, `peft_mask` the
 trainable mask, `peft_optimizer` wraps the optimizer for methods that own optimizer-side
 state (AdaLoRA's rank budget).
 """
@@ -25,6 +25,7 @@ import optax
 from jaxtune.peft.adalora import AdaLoraConfig, adalora_optimizer, apply_adalora
 from jaxtune.peft.bottleneck import BottleneckConfig, apply_bottleneck
 from jaxtune.peft.core import trainable_mask
+from jaxtune.peft.dora import apply_dora
 from jaxtune.peft.ia3 import IA3Config, apply_ia3
 from jaxtune.peft.lora import LoraConfig, apply_lora
 from jaxtune.peft.prompt import (
@@ -89,21 +90,20 @@ def for_restore(cfg: PeftConfig) -> PeftConfig:
 def apply_peft(params: Any, cfg: PeftConfig, *, model_cfg: Any = None, tokenizer: Any = None,
                rng: Optional[jax.Array] = None) -> Any:
     """``params -> params`` with every configured transform applied (see the module docstring).
-    ``model_cfg`` is needed by the prompt-side methods and ``peft.adapter``; ``tokenizer`` by
-    text-initialised prompts."""
+    ``model_cfg`` is needed by the prompt-side methods; ``tokenizer`` by text-initialised prompts.
+    ``cfg.adapter`` (a directory) is not read here: put it on with
+    `jaxtune.interop.adapters.load_adapter` first, as `jaxtune.job` does."""
+    if cfg.adapter is not None:
+        raise ValueError(f"apply_peft: peft.adapter ({cfg.adapter}) is a PEFT-format directory; load it with "
+                         "jaxtune.interop.adapters.load_adapter(params, model_cfg, directory), then call apply_peft "
+                         "with adapter=None (jaxtune.job.assemble does both)")
     rng = jax.random.key(cfg.seed) if rng is None else rng
     keys = iter(jax.random.split(rng, 8))
-    needs_cfg = cfg.adapter or cfg.prompt_tuning or cfg.p_tuning or cfg.prefix_tuning
+    needs_cfg = cfg.prompt_tuning or cfg.p_tuning or cfg.prefix_tuning
     if needs_cfg and model_cfg is None:
         raise ValueError("apply_peft: this peft config needs model_cfg (the model's ModelConfig)")
-    if cfg.adapter is not None:
-        from jaxtune.interop.adapters import load_adapter
-
-        params = load_adapter(params, model_cfg, cfg.adapter)
     if cfg.lora is not None:
         if cfg.lora.dora:
-            from jaxtune.peft.dora import apply_dora
-
             params = apply_dora(params, cfg.lora, next(keys))
         else:
             params = apply_lora(params, cfg.lora, next(keys))

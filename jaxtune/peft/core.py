@@ -11,7 +11,7 @@ A PEFT method changes the param tree in one of three ways (DESIGN contract 3):
 - **masks** over existing leaves (BitFit's biases, LN-tuning's norm scales): no change to
   the tree, only to which leaves `trainable_mask` marks.
 
-`trainable_mask` gives the per-array mask that `jaxtune.train.partition.split` takes;
+`trainable_mask` gives the per-array mask that `jaxtune.utils.partition.split` takes;
 `base_model` is the adapter-free view of a tree (the same arrays, no copy), which is what
 "disable adapters" means and what DPO/PPO use as their reference model.
 """
@@ -19,11 +19,15 @@ A PEFT method changes the param tree in one of three ways (DESIGN contract 3):
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Iterable
 
 import jax
+import jax.numpy as jnp
 
-from jaxtune.quant.weight import QuantizedWeight
+from jaxtune.ops.linear import is_typed_weight
+from jaxtune.quant.weight import is_quantized, quantize_kernel, quantized_paths
+from jaxtune.utils.partition import any_mask, param_count
 from jaxtune.utils.tree import keypath_str
 
 ADDED_KEYS = ("prompt", "prefix")
@@ -47,7 +51,7 @@ def is_adapter(x: Any) -> bool:
 def is_weight_leaf(x: Any) -> bool:
     """Where a walk over kernels stops: an adapter leaf or a quantized kernel (a QLoRA base is
     both: an adapter whose base is quantized). Plain arrays are leaves anyway."""
-    return is_adapter(x) or isinstance(x, QuantizedWeight)
+    return is_adapter(x) or is_quantized(x)
 
 
 def _mask_of_adapter(leaf: Any) -> Any:
@@ -65,12 +69,6 @@ def adapter_mask(params: Any) -> Any:
     return marked
 
 
-def any_mask(*masks: Any) -> Any:
-    """Element-wise OR of masks over the same tree."""
-    first, *rest = masks
-    return jax.tree.map(lambda *bits: any(bool(b) for b in bits), first, *rest)
-
-
 def trainable_mask(params: Any, *extra_masks: Any) -> Any:
     """The PEFT trainable mask: `adapter_mask` OR any extra masks (BitFit, LN-tuning, ...)."""
     mask = adapter_mask(params)
@@ -80,8 +78,6 @@ def trainable_mask(params: Any, *extra_masks: Any) -> Any:
 def count_trainable(params: Any, mask: Any) -> tuple[int, int]:
     """-> (trainable parameters, all parameters) of ``params`` under ``mask``; a quantized kernel
     counts as the parameters it stands for, not its packed bytes."""
-    from jaxtune.train.partition import param_count
-
     counted = lambda x: hasattr(x, "param_count")  # noqa: E731
     sizes = jax.tree.leaves(
         jax.tree.map(lambda x, m: (param_count(x), any(bool(b) for b in jax.tree.leaves(m))), params, mask,
@@ -140,3 +136,39 @@ def merge_adapters(params: Any) -> Any:
         return x.merged()
 
     return jax.tree_util.tree_map_with_path(fold, params, is_leaf=is_adapter)
+
+
+def merge_quantized(params: Any, *, requantize: bool = False) -> Any:
+    """Fold every adapter into its base for inference, quantized bases included.
+
+    A quantized base is dequantized and the adapter merged in the base's original dtype, giving
+    a dense kernel (``requantize=False``, lossless w.r.t. the adapted model), or that kernel
+    quantized again with the base's settings (``requantize=True``): the merged update is then
+    rounded to the 4-bit grid and the model moves away from the adapted one. Either way a
+    warning says what happened, and how far requantization moved the kernels."""
+    configs = quantized_paths(params)
+    merged = merge_adapters(params)
+    if not configs:
+        return merged
+    if not requantize:
+        warnings.warn(f"merge: {len(configs)} quantized bases were dequantized and merged into dense kernels "
+                      "(16/32-bit, as the base's original dtype); pass requantize=True to store them quantized",
+                      stacklevel=2)
+        return merged
+    worst = [0.0]
+
+    def again(path, leaf):
+        where = keypath_str(path)
+        if where not in configs or is_quantized(leaf):
+            return leaf
+        q = quantize_kernel(leaf, configs[where], where)
+        err = float(jnp.max(jnp.abs(q.dequantize(jnp.float32) - leaf.astype(jnp.float32))))
+        scale = float(jnp.max(jnp.abs(leaf.astype(jnp.float32)))) or 1.0
+        worst[0] = max(worst[0], err / scale)
+        return q
+
+    out = jax.tree_util.tree_map_with_path(again, merged, is_leaf=is_typed_weight)
+    warnings.warn(f"merge: {len(configs)} quantized bases were merged in 16/32-bit and quantized again "
+                  f"({next(iter(configs.values())).kind}); requantizing loses precision: the largest change is "
+                  f"{worst[0]:.2%} of a kernel's absmax", stacklevel=2)
+    return out

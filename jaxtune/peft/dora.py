@@ -41,6 +41,7 @@ from jaxtune.ops.linear import dropout, linear, register_linear
 from jaxtune.parallel.rules import nested_specs, register_sharding
 from jaxtune.peft.core import is_adapter, is_weight_leaf, merge_type, register_adapter
 from jaxtune.peft.lora import LoraConfig, LoraWeight, apply_lora
+from jaxtune.utils.targets import matches, target_patterns
 from jaxtune.utils.tree import keypath_str
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -131,10 +132,10 @@ def apply_dora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Any:
     config is not needed here); the magnitude starts at the column norms of the (for PiSSA /
     OLoRA residual-adjusted) ``base + s*A@B``, as PEFT, so the model is unchanged at step 0.
     Raises if no path matches or a target already carries an adapter."""
-    patterns = cfg.patterns()
+    patterns = target_patterns(cfg.targets, "lora.targets")
     for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight_leaf)[0]:
         where = keypath_str(path)
-        if is_adapter(leaf) and any(p.search(where) for p in patterns):
+        if is_adapter(leaf) and matches(where, patterns):
             raise ValueError(f"dora: {where} already has an adapter ({type(leaf).__name__})")
     before = {keypath_str(p) for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight_leaf)[0]
               if isinstance(x, LoraWeight)}

@@ -13,7 +13,7 @@ function is unchanged at init) at each targeted leaf of any pytree. `lora_wrap(f
 function that, inside the trace, replaces every `LoraWeight` in its params argument by the dense
 ``base + s * A @ B`` (DESIGN contract 3) and calls ``fn`` with plain arrays. The base goes
 through ``stop_gradient``, so gradients reach only A and B even when a caller differentiates the
-whole tree; with `jaxtune.peft.core.trainable_mask` + `jaxtune.train.partition.split` the base is
+whole tree; with `jaxtune.peft.core.trainable_mask` + `jaxtune.utils.partition.split` the base is
 not in the trainable half at all. `jaxtune.peft.lora.merge` gives the same plain tree outside.
 
 Kernels with more than two dimensions (a Flax ``Conv`` kernel ``[kh, kw, in, out]``, a
@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtune.ops.linear import register_linear
 from jaxtune.parallel.rules import nested_specs, register_sharding
 from jaxtune.peft.core import register_adapter
-from jaxtune.peft.lora import INITS, LoraWeight, _init_factors
+from jaxtune.peft.lora import INITS, LoraWeight, init_factors
 from jaxtune.utils.tree import keypath_str
 
 Predicate = Callable[[str, Any], bool]  # (path like "params/Dense_0/kernel", leaf) -> adapt?
@@ -132,7 +132,7 @@ def init_foreign_lora(
         key = jax.random.fold_in(rng, len(adapted))
         adapted.append(where)
         if len(shape) == 2:
-            base, a, b = _init_factors(init, jnp.asarray(leaf), rank, scale, key)
+            base, a, b = init_factors(init, jnp.asarray(leaf), rank, scale, key)
             return LoraWeight(base=base, a=a, b=b, scale=scale)
         k = in_dims(where, shape) if callable(in_dims) else in_dims
         if k is None:
@@ -143,7 +143,7 @@ def init_foreign_lora(
         if not 1 <= k < len(shape):
             raise ValueError(f"foreign lora: in_dims={k} does not split shape {shape} into inputs and outputs")
         matrix = jnp.reshape(leaf, (math.prod(shape[:k]), math.prod(shape[k:])))
-        base, a, b = _init_factors(init, matrix, rank, scale, key)
+        base, a, b = init_factors(init, matrix, rank, scale, key)
         return FoldedLoraWeight(base=base.reshape(shape), a=a, b=b, scale=scale, in_dims=k)
 
     out = jax.tree_util.tree_map_with_path(adapt, params, is_leaf=lambda x: isinstance(x, LoraWeight))

@@ -34,8 +34,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtune.ops.linear import linear, register_linear
 from jaxtune.parallel.rules import nested_specs, register_sharding
 from jaxtune.peft.core import is_adapter, is_weight_leaf, merge_type, register_adapter
-from jaxtune.peft.lora import TARGET_PRESETS
-from jaxtune.utils.tree import keypath_str
+from jaxtune.utils.targets import map_targets, target_patterns
 
 _KV_DOWN = (r"attn/(k|v)_proj/kernel$", r"mlp/down_proj/kernel$")
 _QV_DOWN = (r"attn/(q|v)_proj/kernel$", r"mlp/down_proj/kernel$")
@@ -102,11 +101,7 @@ class IA3Config:
             if isinstance(value, str):
                 raise TypeError(f"ia3.{name} must be a list of patterns, got the string {value!r}")
             object.__setattr__(self, name, tuple(value))
-            for pattern in value:
-                try:
-                    re.compile(pattern)
-                except re.error as e:
-                    raise ValueError(f"ia3.{name}: bad regex {pattern!r}: {e}") from None
+            target_patterns(value, f"ia3.{name}")
 
     @classmethod
     def peft_default(cls, family: str) -> "IA3Config":
@@ -116,14 +111,8 @@ class IA3Config:
         targets, feedforward = PEFT_DEFAULTS[family]
         return cls(targets=targets, feedforward=feedforward)
 
-    def _compile(self, patterns) -> list[re.Pattern]:
-        return [re.compile(p) for t in patterns for p in TARGET_PRESETS.get(t, (t,))]
-
-    def target_patterns(self) -> list[re.Pattern]:
-        return self._compile(self.targets)
-
     def feedforward_patterns(self) -> list[re.Pattern]:
-        return self._compile(_FEEDFORWARD if self.feedforward is None else self.feedforward)
+        return target_patterns(_FEEDFORWARD if self.feedforward is None else self.feedforward, "ia3.feedforward")
 
 
 def apply_ia3(params: Any, cfg: IA3Config = IA3Config(), rng: Optional[jax.Array] = None) -> Any:
@@ -132,14 +121,10 @@ def apply_ia3(params: Any, cfg: IA3Config = IA3Config(), rng: Optional[jax.Array
     Raises if no path matches, a target already carries an adapter, or a feed-forward pattern
     matches none of the targeted kernels."""
     del rng
-    targets, feedforward = cfg.target_patterns(), cfg.feedforward_patterns()
-    matched: list[str] = []
+    feedforward = cfg.feedforward_patterns()
     ff_used = [False] * len(feedforward)
 
-    def adapt(path, leaf):
-        where = keypath_str(path)
-        if not any(p.search(where) for p in targets):
-            return leaf
+    def adapt(where, leaf):
         if is_adapter(leaf):
             raise ValueError(f"ia3: {where} already has an adapter ({type(leaf).__name__})")
         if getattr(leaf, "ndim", None) != 2:
@@ -148,14 +133,10 @@ def apply_ia3(params: Any, cfg: IA3Config = IA3Config(), rng: Optional[jax.Array
         for i in hits:
             ff_used[i] = True
         on_input = bool(hits)
-        matched.append(where)
         size = leaf.shape[0] if on_input else leaf.shape[1]
         return IA3Weight(base=leaf, scale_vec=jnp.ones((size,), leaf.dtype), on_input=on_input)
 
-    out = jax.tree_util.tree_map_with_path(adapt, params, is_leaf=is_weight_leaf)
-    if not matched:
-        raise ValueError(f"ia3.targets {list(cfg.targets)} match no parameter path "
-                         f"(paths look like layers_0/attn/k_proj/kernel)")
+    out = map_targets(params, cfg.targets, adapt, key="ia3.targets", is_leaf=is_weight_leaf)
     unused = [p.pattern for p, used in zip(feedforward, ff_used) if not used] if cfg.feedforward is not None else []
     if unused:
         raise ValueError(f"ia3.feedforward patterns {unused} match none of the targeted kernels "

@@ -4,7 +4,7 @@
 with a `LoraWeight` (frozen base ``W: [in, out]``, trainable ``A: [in, r]`` and ``B: [r, out]``,
 scale ``s``). The one linear op computes it factored, ``x @ W + s * (x @ A) @ B``, so
 ``W + s * A @ B`` is never materialised inside a model step. ``lora_mask`` marks A and B
-trainable for `jaxtune.train.partition.split`; ``merge`` folds the adapters into plain
+trainable for `jaxtune.utils.partition.split`; ``merge`` folds the adapters into plain
 kernels for inference; ``split_lora`` / ``join_lora`` take a tree apart into (base,
 adapters) and put it back.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -31,14 +31,9 @@ from jaxtune.parallel.rules import nested_specs, register_sharding
 from jaxtune.peft.core import is_adapter, is_weight_leaf, merge_type, register_adapter
 from jaxtune.quant.matmul import lora_over_quantized
 from jaxtune.quant.weight import QuantizedWeight
+from jaxtune.utils.targets import map_targets, target_patterns
 from jaxtune.utils.tree import keypath_str
 
-TARGET_PRESETS = {
-    "attention": (r"attn/(q|k|v|o)_proj/kernel$",),
-    "attention-qv": (r"attn/(q|v)_proj/kernel$",),
-    "mlp": (r"mlp/(gate|up|down)_proj/kernel$",),
-    "all-linear": (r"attn/(q|k|v|o)_proj/kernel$", r"mlp/(gate|up|down)_proj/kernel$"),
-}
 INITS = ("default", "gaussian", "pissa", "olora")
 
 
@@ -107,17 +102,12 @@ class LoraConfig:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if self.init not in INITS:
             raise ValueError(f"lora.init: unknown init {self.init!r} ({' | '.join(INITS)})")
+        target_patterns(self.targets, "lora.targets")
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             for key, value in pattern.items():
                 re.compile(key)
                 if name == "rank_pattern" and (not isinstance(value, int) or value < 1):
                     raise ValueError(f"lora.rank_pattern[{key!r}] must be a positive integer, got {value!r}")
-
-    def patterns(self) -> list[re.Pattern]:
-        out = []
-        for t in self.targets:
-            out.extend(re.compile(p) for p in TARGET_PRESETS.get(t, (t,)))
-        return out
 
     def rank_and_scale(self, path: str) -> tuple[int, float]:
         rank = next((v for k, v in self.rank_pattern.items() if re.search(k, path)), self.rank)
@@ -125,7 +115,7 @@ class LoraConfig:
         return rank, alpha / (math.sqrt(rank) if self.rslora else rank)
 
 
-def _init_factors(kind: str, w: Any, rank: int, scale: float, key: jax.Array):
+def init_factors(kind: str, w: Any, rank: int, scale: float, key: jax.Array):
     """-> (base, a, b) for one kernel ``w: [in, out]`` (float32 maths, cast back to w's dtype).
     ``w`` may be quantized (QLoRA): default / gaussian keep it as it is; PiSSA / OLoRA work on its
     dequantized values and quantize the residual base again (exact at init up to that rounding)."""
@@ -166,14 +156,9 @@ def _init_factors(kind: str, w: Any, rank: int, scale: float, key: jax.Array):
 def apply_lora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Any:
     """A new tree with every targeted kernel replaced by a `LoraWeight` (others untouched).
     Raises if no path matches, or a target is already adapted."""
-    patterns = cfg.patterns()
     keys = iter(jax.random.split(rng, max(1, len(jax.tree.leaves(params)))))
-    matched = []
 
-    def adapt(path, leaf):
-        where = keypath_str(path)
-        if not any(p.search(where) for p in patterns):
-            return leaf
+    def adapt(where, leaf):
         if isinstance(leaf, LoraWeight):
             raise ValueError(f"lora: {where} already has a LoRA adapter")
         if is_adapter(leaf):
@@ -181,15 +166,10 @@ def apply_lora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Any:
         if getattr(leaf, "ndim", None) != 2:
             raise ValueError(f"lora: target {where} is not a 2-D kernel (shape {getattr(leaf, 'shape', None)})")
         rank, scale = cfg.rank_and_scale(where)
-        matched.append(where)
-        base, a, b = _init_factors(cfg.init, leaf, rank, scale, next(keys))
+        base, a, b = init_factors(cfg.init, leaf, rank, scale, next(keys))
         return LoraWeight(base=base, a=a, b=b, scale=scale, dropout=cfg.dropout)
 
-    out = jax.tree_util.tree_map_with_path(adapt, params, is_leaf=is_weight_leaf)
-    if not matched:
-        raise ValueError(f"lora.targets {list(cfg.targets)} match no parameter path "
-                         f"(paths look like layers_0/attn/q_proj/kernel)")
-    return out
+    return map_targets(params, cfg.targets, adapt, key="lora.targets", is_leaf=is_weight_leaf)
 
 
 def _is_lora(x) -> bool:

@@ -9,7 +9,7 @@
   in a foreign tree counts as well).
 
 Both are masks (DESIGN contract 3): the tree is not changed, only which arrays
-`jaxtune.peft.core.trainable_mask` (and so `jaxtune.train.partition.split`) marks. Pass them
+`jaxtune.peft.core.trainable_mask` (and so `jaxtune.utils.partition.split`) marks. Pass them
 as extra masks: ``trainable_mask(params, bitfit_mask(params))``. The ``base`` of an adapter
 leaf is frozen by definition, so arrays inside one are never marked.
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,16 +37,13 @@ from jax.sharding import PartitionSpec as P
 
 from jaxtune.ops.linear import linear, register_linear
 from jaxtune.parallel.rules import nested_specs, register_sharding
-from jaxtune.peft.core import is_adapter, is_weight_leaf, register_adapter
-from jaxtune.peft.lora import TARGET_PRESETS
+from jaxtune.peft.core import is_weight_leaf, register_adapter
+from jaxtune.utils.targets import Targets, map_targets
 from jaxtune.utils.tree import keypath_str
 
 BIAS_PATTERN = r"(^|/)bias$"
 NORM_BIAS_PATTERN = r"(?i)(^|/)[^/]*norm[^/]*/bias$"
 NORM_PATTERN = r"(?i)(^|/)[^/]*norm[^/]*/(scale|bias)$"
-
-Targets = Union[str, Sequence[str]]
-
 
 # --- masks -----------------------------------------------------------------------------------
 
@@ -130,12 +127,6 @@ def _biased_specs(w: BiasedWeight, spec: P) -> BiasedWeight:
     return BiasedWeight(base=nested_specs(w.base, spec), bias=P(out_axis(spec)))
 
 
-def target_patterns(targets: Targets) -> list[re.Pattern]:
-    """Preset names of `jaxtune.peft.lora.TARGET_PRESETS` or regexes over param paths."""
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    return [re.compile(p) for t in targets for p in TARGET_PRESETS.get(t, (t,))]
-
-
 def kernel_features(leaf: Any) -> tuple[int, Any]:
     """-> (output features, dtype) of a kernel leaf, plain ``[in, out]`` or typed (found on its
     ``shape``/``dtype`` or, for adapters, on their ``base``)."""
@@ -161,14 +152,10 @@ def add_biases(params: Any, targets: Targets = ("all-linear",)) -> Any:
     Kernels whose layer already has a ``bias`` leaf are left alone: `bitfit_mask` trains those
     biases directly. Raises if nothing was added.
     """
-    patterns = target_patterns(targets)
     paths = _paths(params)
     added, existing = [], []
 
-    def adapt(path, leaf):
-        where = keypath_str(path)
-        if not any(p.search(where) for p in patterns):
-            return leaf
+    def adapt(where, leaf):
         if isinstance(leaf, BiasedWeight):
             raise ValueError(f"add_biases: {where} already has an added bias")
         if isinstance(leaf, jax.Array) and leaf.ndim != 2:
@@ -180,13 +167,10 @@ def add_biases(params: Any, targets: Targets = ("all-linear",)) -> Any:
         added.append(where)
         return BiasedWeight(base=leaf, bias=jnp.zeros((features,), dtype))
 
-    out = jax.tree_util.tree_map_with_path(adapt, params, is_leaf=is_weight_leaf)
+    out = map_targets(params, targets, adapt, key="add_biases: targets", is_leaf=is_weight_leaf, what="kernel")
     if not added:
-        if existing:
-            raise ValueError(f"add_biases: every targeted kernel already has a bias ({len(existing)}, e.g. "
-                             f"{existing[0]}); train those with bitfit_mask(params)")
-        raise ValueError(f"add_biases: targets {list(targets) if not isinstance(targets, str) else [targets]} "
-                         "match no kernel (paths look like layers_0/attn/q_proj/kernel)")
+        raise ValueError(f"add_biases: every targeted kernel already has a bias ({len(existing)}, e.g. "
+                         f"{existing[0]}); train those with bitfit_mask(params)")
     return out
 
 

@@ -23,7 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.kernels.quant_matmul import Tiles, forward, transposed
+from jaxtune.kernels.tiles import choose, measured
 from jaxtune.ops.linear import register_linear
+from jaxtune.quant.codes import CODES_4BIT
 from jaxtune.quant.weight import QuantizedWeight
 
 
@@ -43,21 +46,22 @@ def path(w: QuantizedWeight, m: int) -> str:
         return choice
     if not fits or jax.default_backend() != "gpu":
         return "xla"
-    from jaxtune.kernels.tiles import measured
-
     n_in, n_out = w.shape
     entry = measured(m, n_out, n_in, w.kind, jax.devices()[0].device_kind)
     return "xla" if entry is None or entry == "xla" else "pallas"  # the kernel where this GPU measured it faster
 
 
 def _tiles(w: QuantizedWeight, m: int):
-    from jaxtune.kernels.tiles import choose
-
     n_in, n_out = w.shape
     return choose(m, n_out, n_in, w.kind, w.blocksize, jax.devices()[0].device_kind)
 
 
-def _scales(w: QuantizedWeight) -> jax.Array:
+def code_table(kind: str) -> tuple[float, ...]:
+    """The 16 values an nf4 / fp4 code stands for (the kernel maps codes through them); () otherwise."""
+    return tuple(float(v) for v in CODES_4BIT[kind]) if kind in CODES_4BIT else ()
+
+
+def kernel_scales(w: QuantizedWeight) -> jax.Array:
     """What the kernel multiplies codes by: absmax per block (nf4 / fp4), absmax / 7 per group
     (int4, as stored), absmax / 127 per row (int8)."""
     if w.kind == "int8":
@@ -66,24 +70,18 @@ def _scales(w: QuantizedWeight) -> jax.Array:
 
 
 def _kernel_forward(x2, w: QuantizedWeight, dtype, impl, xa=None, b=None, s=1.0):
-    from jaxtune.kernels.quant_matmul import forward
-
-    return forward(x2.astype(dtype), w.codes, _scales(w), kind=w.kind, blocksize=w.blocksize, n=w.shape[1],
-                   xa=xa, b=b, lora_scale=s, tiles=_tiles_or_default(w, x2.shape[0]), out_dtype=dtype,
-                   interpret=impl == "interpret")
+    return forward(x2.astype(dtype), w.codes, kernel_scales(w), kind=w.kind, blocksize=w.blocksize, n=w.shape[1],
+                   table=code_table(w.kind), xa=xa, b=b, lora_scale=s, tiles=_tiles_or_default(w, x2.shape[0]),
+                   out_dtype=dtype, interpret=impl == "interpret")
 
 
 def _kernel_transposed(dy2, w: QuantizedWeight, dtype, impl):
-    from jaxtune.kernels.quant_matmul import transposed
-
-    return transposed(dy2.astype(dtype), w.codes, _scales(w), kind=w.kind, blocksize=w.blocksize, k=w.shape[0],
-                      tiles=_tiles_or_default(w, dy2.shape[0], backward=True), out_dtype=dtype,
-                      interpret=impl == "interpret")
+    return transposed(dy2.astype(dtype), w.codes, kernel_scales(w), kind=w.kind, blocksize=w.blocksize, k=w.shape[0],
+                      table=code_table(w.kind), tiles=_tiles_or_default(w, dy2.shape[0], backward=True),
+                      out_dtype=dtype, interpret=impl == "interpret")
 
 
 def _tiles_or_default(w: QuantizedWeight, m: int, backward: bool = False):
-    from jaxtune.kernels.quant_matmul import Tiles
-
     tiles = _tiles(w, m) or Tiles()
     if backward or tiles.splits > 1 and m > 16:
         tiles = Tiles(bm=max(16, min(tiles.bm, 64)), bn=64, bk=min(64, w.blocksize) if w.kind != "int8" else 64)

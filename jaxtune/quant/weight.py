@@ -34,11 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-import warnings
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -48,17 +46,11 @@ from jax.sharding import PartitionSpec as P
 from jaxtune.ops.linear import is_typed_weight
 from jaxtune.parallel.rules import register_sharding
 from jaxtune.quant import codes as C
+from jaxtune.utils.targets import map_targets, target_patterns
 from jaxtune.utils.tree import keypath_str
 
 KINDS = ("nf4", "fp4", "int8", "int4")
 KERNELS = ("auto", "xla", "pallas", "interpret")
-TARGET_PRESETS = {
-    "attention": (r"attn/(q|k|v|o)_proj/kernel$",),
-    "mlp": (r"mlp/(gate|up|down)_proj/kernel$",),
-    "all-linear": (r"attn/(q|k|v|o)_proj/kernel$", r"mlp/(gate|up|down)_proj/kernel$"),
-}
-
-
 @dataclass(frozen=True)
 class QuantConfig:
     """The ``quant:`` section. ``blocksize``: the NF4/FP4 block (32..4096, default 64) or the
@@ -83,12 +75,7 @@ class QuantConfig:
             raise ValueError(f"quant.kernel: unknown kernel choice {self.kernel!r} ({' | '.join(KERNELS)})")
         if self.double_quant and self.kind in ("int8", "int4"):
             raise ValueError(f"quant.double_quant applies to nf4/fp4 absmax only; set it false for {self.kind}")
-        for t in self.targets:
-            for pattern in TARGET_PRESETS.get(t, (t,)):
-                re.compile(pattern)
-
-    def patterns(self) -> list[re.Pattern]:
-        return [re.compile(p) for t in self.targets for p in TARGET_PRESETS.get(t, (t,))]
+        target_patterns(self.targets, "quant.targets")
 
 
 @jax.tree_util.register_dataclass
@@ -96,6 +83,8 @@ class QuantConfig:
 class QuantizedWeight:
     """A kernel ``[in, out]`` held quantized (layout in the module docstring). Frozen: it has no
     float array to train; ``shape`` / ``orig_dtype`` are the kernel's."""
+
+    never_trainable = True  # `jaxtune.utils.partition`: frozen whatever a trainable mask says
 
     codes: Any
     scales: Any
@@ -250,29 +239,20 @@ def quantize(params: Any, cfg: QuantConfig) -> Any:
     adapter leaf at a matching path (e.g. LoRA applied first, PiSSA's residual base) gets its
     ``base`` quantized, adapters untouched. Raises if nothing matches, a target is not a
     ``.../kernel`` or is already quantized."""
-    patterns = cfg.patterns()
-    matched: list[str] = []
 
-    def visit(path, leaf):
-        where = keypath_str(path)
-        if not any(p.search(where) for p in patterns):
-            return leaf
+    def visit(where, leaf):
         if not where.endswith("kernel"):
             raise ValueError(f"quantize: {where} is not a kernel read by the linear op (only .../kernel paths "
                              "can be quantized; embeddings and norms stay as they are)")
         if is_quantized(leaf):
             raise ValueError(f"quantize: {where} is already quantized ({leaf.kind})")
-        matched.append(where)
         if is_typed_weight(leaf):
             if not hasattr(leaf, "base") or not isinstance(leaf.base, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
                 raise ValueError(f"quantize: {where} holds a {type(leaf).__name__} without a plain base kernel")
             return dataclasses.replace(leaf, base=quantize_kernel(leaf.base, cfg, where))
         return quantize_kernel(leaf, cfg, where)
 
-    out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_typed_weight)
-    if not matched:
-        raise ValueError(f"quant.targets {list(cfg.targets)} match no kernel (paths look like layers_0/attn/q_proj/kernel)")
-    return out
+    return map_targets(params, cfg.targets, visit, key="quant.targets", is_leaf=is_typed_weight, what="kernel")
 
 
 def dequantize(params: Any, dtype: Any = None) -> Any:
@@ -296,44 +276,6 @@ def quantized_paths(params: Any) -> dict[str, QuantConfig]:
     return found
 
 
-def merge_quantized(params: Any, *, requantize: bool = False) -> Any:
-    """Fold every adapter into its base for inference, quantized bases included.
-
-    A quantized base is dequantized and the adapter merged in the base's original dtype, giving
-    a dense kernel (``requantize=False``, lossless w.r.t. the adapted model), or that kernel
-    quantized again with the base's settings (``requantize=True``): the merged update is then
-    rounded to the 4-bit grid and the model moves away from the adapted one. Either way a
-    warning says what happened, and how far requantization moved the kernels."""
-    from jaxtune.peft.core import merge_adapters
-
-    configs = quantized_paths(params)
-    merged = merge_adapters(params)
-    if not configs:
-        return merged
-    if not requantize:
-        warnings.warn(f"merge: {len(configs)} quantized bases were dequantized and merged into dense kernels "
-                      "(16/32-bit, as the base's original dtype); pass requantize=True to store them quantized",
-                      stacklevel=2)
-        return merged
-    worst = [0.0]
-
-    def again(path, leaf):
-        where = keypath_str(path)
-        if where not in configs or is_quantized(leaf):
-            return leaf
-        q = quantize_kernel(leaf, configs[where], where)
-        err = float(jnp.max(jnp.abs(q.dequantize(jnp.float32) - leaf.astype(jnp.float32))))
-        scale = float(jnp.max(jnp.abs(leaf.astype(jnp.float32)))) or 1.0
-        worst[0] = max(worst[0], err / scale)
-        return q
-
-    out = jax.tree_util.tree_map_with_path(again, merged, is_leaf=is_typed_weight)
-    warnings.warn(f"merge: {len(configs)} quantized bases were merged in 16/32-bit and quantized again "
-                  f"({next(iter(configs.values())).kind}); requantizing loses precision: the largest change is "
-                  f"{worst[0]:.2%} of a kernel's absmax", stacklevel=2)
-    return out
-
-
 def bits_per_parameter(params: Any) -> float:
     """Storage bits per parameter of the quantized kernels in ``params`` (NF4 + double quant: ~4.127)."""
     leaves = [x for x in jax.tree.leaves(params, is_leaf=is_quantized) if is_quantized(x)]
@@ -354,5 +296,3 @@ def quantized_bytes(cfg: QuantConfig, n_in: int, n_out: int) -> int:
         return math.ceil(n / 2) + 4 * blocks
     return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / C.NESTED_BLOCKSIZE) + 4
 
-
-from jaxtune.quant import matmul as _matmul  # noqa: E402,F401  (registers QuantizedWeight's linear rule)

@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from jaxtune.checkpoint.manager import CheckpointConfig, TrainCheckpointer
 from jaxtune.models import ModelConfig
@@ -36,7 +35,7 @@ from jaxtune.parallel.rules import Rule, param_specs
 from jaxtune.train.config import LoggingConfig, TrainConfig
 from jaxtune.train.losses import LossFn
 from jaxtune.train.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
-from jaxtune.train.partition import count, join, mask_by_regex, split
+from jaxtune.utils.partition import count, join, mask_by_regex, split
 from jaxtune.train.step import TrainState, abstract_layout, make_eval_step, make_train_step, named
 
 STEP_KEYS = frozenset({"loss", "grad_norm", "tokens", "finite", "skipped", "streak", "lr"})  # set by the step itself
@@ -180,6 +179,194 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Me
     return result
 
 
+def check_batch_layout(cfg: TrainConfig, mesh: Mesh) -> None:
+    """Every micro-batch is split over the data-parallel devices: the batch must divide."""
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % (cfg.grad_accum * batch_devices):
+        raise ValueError(
+            f"train.batch_size ({cfg.batch_size}) must divide by train.grad_accum ({cfg.grad_accum}) x "
+            f"mesh.data ({mesh.shape['data']}) x mesh.fsdp ({mesh.shape['fsdp']}): every micro-batch is split "
+            "over the data-parallel devices"
+        )
+
+
+@dataclass
+class _Setup:
+    """The device side of a run, ready to step: state and frozen half on the mesh (fresh or
+    restored), the jitted train and eval steps, and what the logs report about them."""
+
+    state: TrainState
+    frozen: Any
+    step_fn: Callable
+    eval_step: Optional[Callable]
+    resumed_from: Optional[int]
+    trainable_params: int
+    total_params: int
+
+
+def _set_up(loss_fn: LossFn, params: Any, optimizer: optax.GradientTransformation, schedule, cfg: TrainConfig,
+            batches: Any, mesh: Mesh, eval_batches, checkpointer: TrainCheckpointer, trainable_mask: Any,
+            rules: Sequence[Rule]) -> _Setup:
+    """Split the params by the trainable mask, declare every sharding, restore the newest readable
+    checkpoint (and the stream's position) or build a fresh state on the mesh, and jit the steps."""
+    init_rng, state_rng = jax.random.split(jax.random.key(cfg.seed))
+    abstract_params = jax.eval_shape(params, init_rng) if callable(params) else params
+    if trainable_mask is None:
+        trainable_mask = mask_by_regex(abstract_params, cfg.trainable)
+    abs_trainable, _, abstract_state, state_spec, frozen_spec = abstract_layout(
+        abstract_params, trainable_mask, optimizer, mesh, rules, state_rng)
+    n_trainable, n_total = count(abs_trainable), count(abstract_params)
+    if jax.process_index() == 0:
+        print(f"trainable params: {n_trainable:,} of {n_total:,} ({100.0 * n_trainable / max(n_total, 1):.4f}%)",
+              file=sys.stderr, flush=True)
+
+    frozen_sh, state_sh = named(frozen_spec, mesh), named(state_spec, mesh)
+    opt_device_sh = None
+    if cfg.offload_optimizer:
+        opt_device_sh = state_sh.opt_state
+        state_sh = state_sh.replace(opt_state=host_shardings(opt_device_sh, mesh))
+
+    def materialise(p):
+        return p(init_rng) if callable(p) else p
+
+    def fresh_state(p):
+        trainable, frozen = split(materialise(p), trainable_mask)
+        return TrainState.create(trainable, optimizer, state_rng), frozen
+
+    def frozen_only(p):
+        return split(materialise(p), trainable_mask)[1]
+
+    restored = checkpointer.restore(
+        _with_shardings(abstract_state.params, state_sh.params),
+        _with_shardings(_state_extras(abstract_state), _state_extras(state_sh)),
+    )
+    params_sh = named(param_specs(abstract_params, mesh, rules, warn=False), mesh)
+    if not callable(params):  # loaded weights (one device, or the host) go onto the mesh before they are split
+        params = jax.device_put(params, params_sh)
+    static = (0,) if callable(params) else ()
+    resumed_from = None
+    if restored is None:
+        state, frozen = jax.jit(fresh_state, static_argnums=static, out_shardings=(state_sh, frozen_sh))(params)
+    else:
+        # Only the frozen half is built (no second copy of the trainable params and optimizer state).
+        frozen = jax.jit(frozen_only, static_argnums=static, out_shardings=frozen_sh)(params)
+        resumed_from, r_params, r_extras, saved_position = restored
+        state = TrainState(params=r_params, **r_extras)
+        if saved_position and hasattr(batches, "set_state"):
+            batches.set_state(saved_position)
+
+    data_sh = batch_sharding(mesh)
+    step_fn = make_train_step(loss_fn, optimizer, schedule, grad_accum=cfg.grad_accum, mesh=mesh,
+                              state_shardings=state_sh, frozen_shardings=frozen_sh, batch_shardings=data_sh,
+                              opt_device_shardings=opt_device_sh)
+    eval_step = None
+    if eval_batches is not None and cfg.eval_batches:
+        eval_step = make_eval_step(loss_fn, mesh=mesh, params_shardings=params_sh, batch_shardings=data_sh)
+    return _Setup(state, frozen, step_fn, eval_step, resumed_from, n_trainable, n_total)
+
+
+class _Bookkeeper:
+    """The host side of a run: each step's metrics once they reach the host (history, the logging
+    window, throughput and MFU, callbacks, the non-finite policy), evaluations and saves."""
+
+    def __init__(self, result: TrainResult, cfg: TrainConfig, model_cfg: Optional[ModelConfig], mesh: Mesh,
+                 logger: MetricsLogger, checkpointer: TrainCheckpointer, batches: Any, eval_batches, eval_step,
+                 callbacks: Sequence[Callable[[int, dict], None]], peak_flops: Optional[float], start: int):
+        self.result, self.cfg, self.mesh, self.logger = result, cfg, mesh, logger
+        self.checkpointer, self.batches, self.eval_batches, self.eval_step = checkpointer, batches, eval_batches, eval_step
+        self.callbacks, self.start = callbacks, start
+        # MFU needs the architecture; a loss over a foreign (non-jaxtune) model trains without it.
+        self.flops_per_token = model_flops_per_token(model_cfg, cfg.seq_len) if model_cfg is not None else None
+        self.peak = (device_peak_flops(jax.devices()[0].device_kind, model_cfg.dtype, peak_flops)
+                     if model_cfg is not None else None)
+        self.last_eval: dict = {}
+        self.last_eval_step = -1
+        self.preempting = False
+        self._reset_window(compiling=False)
+
+    def _reset_window(self, compiling: bool) -> None:
+        self.window = {"t": time.perf_counter(), "tokens": 0.0, "steps": 0, "loss": 0.0, "finite": 0,
+                       "compiling": compiling, "extra": {}}
+
+    def finish_step(self, step: int, metrics: dict) -> None:
+        """Host side of a step whose metrics arrived: history, logging, callbacks, NaN policy."""
+        cfg, window = self.cfg, self.window
+        metrics = {k: float(v) for k, v in metrics.items()}
+        self.result.history.append({"step": step, **metrics})
+        if step == self.start + 1:
+            # The first step includes compilation: report that once, and keep the window it falls in
+            # out of the throughput figures.
+            self.result.first_step_s = time.perf_counter() - window["t"]
+            self.logger.log(step, {"first_step_s": self.result.first_step_s}, prefix="compile")
+            window["compiling"] = True
+        window["tokens"] += metrics["tokens"]
+        window["steps"] += 1
+        if metrics["finite"]:
+            window["loss"] += metrics["loss"]
+            window["finite"] += 1
+            for k in metrics.keys() - STEP_KEYS:  # the loss function's own metrics, e.g. nll, z_loss
+                window["extra"][k] = window["extra"].get(k, 0.0) + metrics[k]
+        if step % cfg.log_every == 0 or step == cfg.steps or self.preempting:
+            self.logger.log(step, self._window_metrics(metrics))
+            self._reset_window(compiling=False)
+        for callback in self.callbacks:
+            callback(step, metrics)
+        if metrics["streak"] >= cfg.max_nonfinite_in_row:
+            raise NonFiniteLossError(
+                f"step {step}: loss or gradients were NaN/inf for {int(metrics['streak'])} steps in a row "
+                f"(train.max_nonfinite_in_row={cfg.max_nonfinite_in_row}); those updates were skipped and the "
+                f"last checkpoint holds the last finite state. Lower optim.lr, raise warmup or check the data."
+            )
+
+    def _window_metrics(self, metrics: dict) -> dict:
+        """The logged means of the window that ends at this step (loss over its finite steps)."""
+        window, cfg = self.window, self.cfg
+        elapsed = time.perf_counter() - window["t"]
+        finite = max(window["finite"], 1)
+        logged = {"loss": window["loss"] / finite if window["finite"] else float("nan"),
+                  "grad_norm": metrics["grad_norm"], "skipped": metrics["skipped"]}
+        if not window["compiling"]:
+            logged.update(tokens_per_s=window["tokens"] / max(elapsed, 1e-9),
+                          step_time_s=elapsed / max(window["steps"], 1))
+        if "lr" in metrics:
+            logged["lr"] = metrics["lr"]
+        logged.update({k: v / finite for k, v in window["extra"].items()})
+        if self.peak and not window["compiling"]:
+            # tokens counts real (loss) tokens; MFU counts every position the model processed.
+            positions_per_s = window["steps"] * cfg.batch_size * cfg.seq_len / max(elapsed, 1e-9)
+            logged["mfu"] = mfu(positions_per_s / self.mesh.devices.size, self.flops_per_token, self.peak)
+        return logged
+
+    def evaluate(self, step: int, state: TrainState, frozen: Any) -> None:
+        if self.eval_step is None:
+            return
+        self.last_eval = evaluate(self.eval_step, join(state.params, frozen), self.eval_batches(), self.mesh,
+                                  self.cfg.eval_batches)
+        self.last_eval_step = step
+        if self.last_eval:
+            self.result.evals.append({"step": step, **self.last_eval})
+            self.logger.log(step, self.last_eval, prefix="eval")
+
+    def save(self, step: int, state: TrainState, force: bool = False) -> None:
+        position = data_state(self.batches)
+        # keep-best ranks a step only by an evaluation of that very step
+        metrics = ({f"eval/{k}": v for k, v in self.last_eval.items()}
+                   if self.last_eval and self.last_eval_step == step else None)
+        self.checkpointer.save(step, params=state.params, state=_state_extras(state), data_state=position,
+                               metrics=metrics, force=force)
+
+    def evaluate_then_save(self, step: int, state: TrainState, frozen: Any, do_eval: bool, force: bool = False):
+        """Evaluate (for keep-best) then save; if the evaluation fails, the state is saved first."""
+        try:
+            if do_eval:
+                self.evaluate(step, state, frozen)
+        except BaseException:
+            self.save(step, state, force=True)
+            self.checkpointer.wait()
+            raise
+        self.save(step, state, force=force)
+
+
 def train(
     *,
     loss_fn: LossFn,
@@ -206,166 +393,24 @@ def train(
     ``trainable_mask``: bools per array leaf (default: `cfg.trainable` regexes, or everything).
     ``callbacks``: ``fn(step, metrics)`` after each step's metrics reach the host.
     """
-    rules = tuple(rules)
-    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.batch_size % (cfg.grad_accum * batch_devices):
-        raise ValueError(
-            f"train.batch_size ({cfg.batch_size}) must divide by train.grad_accum ({cfg.grad_accum}) x "
-            f"mesh.data ({mesh.shape['data']}) x mesh.fsdp ({mesh.shape['fsdp']}): every micro-batch is split "
-            "over the data-parallel devices"
-        )
-    init_rng, state_rng = jax.random.split(jax.random.key(cfg.seed))
-    abstract_params = jax.eval_shape(params, init_rng) if callable(params) else params
-    if trainable_mask is None:
-        trainable_mask = mask_by_regex(abstract_params, cfg.trainable)
-    abs_trainable, abs_frozen, abstract_state, state_spec, frozen_spec = abstract_layout(
-        abstract_params, trainable_mask, optimizer, mesh, rules, state_rng)
-    n_trainable, n_total = count(abs_trainable), count(abstract_params)
-    if jax.process_index() == 0:
-        print(f"trainable params: {n_trainable:,} of {n_total:,} ({100.0 * n_trainable / max(n_total, 1):.4f}%)",
-              file=sys.stderr, flush=True)
-
-    frozen_sh = named(frozen_spec, mesh)
-    state_sh = named(state_spec, mesh)
-    opt_device_sh = None
-    if cfg.offload_optimizer:
-        opt_device_sh = state_sh.opt_state
-        state_sh = state_sh.replace(opt_state=host_shardings(opt_device_sh, mesh))
-    data_sh = batch_sharding(mesh)
-
-    def materialise(p):
-        return p(init_rng) if callable(p) else p
-
-    def fresh_state(p):
-        trainable, frozen = split(materialise(p), trainable_mask)
-        return TrainState.create(trainable, optimizer, state_rng), frozen
-
-    def frozen_only(p):
-        return split(materialise(p), trainable_mask)[1]
-
-    checkpointer = checkpointer or TrainCheckpointer(CheckpointConfig(), model_cfg)  # directory None: no-op
-    restored = checkpointer.restore(
-        _with_shardings(abstract_state.params, state_sh.params),
-        _with_shardings(_state_extras(abstract_state), _state_extras(state_sh)),
-    )
-    if not callable(params):  # loaded weights (one device, or the host) go onto the mesh before they are split
-        params = jax.device_put(params, named(param_specs(abstract_params, mesh, rules, warn=False), mesh))
-    static = (0,) if callable(params) else ()
-    resumed_from = None
-    if restored is None:
-        state, frozen = jax.jit(fresh_state, static_argnums=static, out_shardings=(state_sh, frozen_sh))(params)
-    else:
-        # Only the frozen half is built (no second copy of the trainable params and optimizer state).
-        frozen = jax.jit(frozen_only, static_argnums=static, out_shardings=frozen_sh)(params)
-        resumed_from, r_params, r_extras, saved_position = restored
-        state = TrainState(params=r_params, **r_extras)
-        if saved_position and hasattr(batches, "set_state"):
-            batches.set_state(saved_position)
-
-    step_fn = make_train_step(
-        loss_fn, optimizer, schedule, grad_accum=cfg.grad_accum, mesh=mesh,
-        state_shardings=state_sh, frozen_shardings=frozen_sh, batch_shardings=data_sh,
-        opt_device_shardings=opt_device_sh,
-    )
-    eval_step = None
-    if eval_batches is not None and cfg.eval_batches:
-        params_sh = named(param_specs(abstract_params, mesh, rules, warn=False), mesh)
-        eval_step = make_eval_step(loss_fn, mesh=mesh, params_shardings=params_sh, batch_shardings=data_sh)
-
-    devices = mesh.devices.size
-    # MFU needs the architecture; a loss over a foreign (non-jaxtune) model trains without it.
-    flops_per_token = model_flops_per_token(model_cfg, cfg.seq_len) if model_cfg is not None else None
-    peak = device_peak_flops(jax.devices()[0].device_kind, model_cfg.dtype, logging.peak_flops) if model_cfg is not None else None
+    check_batch_layout(cfg, mesh)
+    checkpointer = checkpointer or TrainCheckpointer(CheckpointConfig())  # directory None: no-op
+    setup = _set_up(loss_fn, params, optimizer, schedule, cfg, batches, mesh, eval_batches, checkpointer,
+                    trainable_mask, tuple(rules))
+    state, frozen = setup.state, setup.frozen
     start = int(jax.device_get(state.step))
-    result = TrainResult(state=state, frozen=frozen, resumed_from=resumed_from,
-                         trainable_params=n_trainable, total_params=n_total)
-    last_eval: dict = {}
-    last_eval_step = -1
+    result = TrainResult(state=state, frozen=frozen, resumed_from=setup.resumed_from,
+                         trainable_params=setup.trainable_params, total_params=setup.total_params)
     logger = MetricsLogger(
         log_dir if (logging.jsonl or logging.tensorboard) else None, total_steps=cfg.steps,
         tensorboard=logging.tensorboard, jsonl=logging.jsonl, progress=logging.progress, start_step=start,
     )
-    logger.log(start, {"trainable": n_trainable, "total": n_total}, prefix="params")
-
-    def run_eval(step: int):
-        nonlocal last_eval, last_eval_step
-        if eval_step is None:
-            return
-        last_eval = evaluate(eval_step, join(state.params, frozen), eval_batches(), mesh, cfg.eval_batches)
-        last_eval_step = step
-        if last_eval:
-            result.evals.append({"step": step, **last_eval})
-            logger.log(step, last_eval, prefix="eval")
-
-    def save(step: int, force: bool = False):
-        position = data_state(batches)
-        # keep-best ranks a step only by an evaluation of that very step
-        metrics = {f"eval/{k}": v for k, v in last_eval.items()} if last_eval and last_eval_step == step else None
-        checkpointer.save(step, params=state.params, state=_state_extras(state), data_state=position,
-                          metrics=metrics, force=force)
-
-    window = {"t": time.perf_counter(), "tokens": 0.0, "steps": 0, "loss": 0.0, "finite": 0, "compiling": False, "extra": {}}
-
-    preempting = False
-
-    def finish_step(step: int, metrics: dict):
-        """Host side of a step whose metrics arrived: NaN policy, history, logging, callbacks."""
-        metrics = {k: float(v) for k, v in metrics.items()}
-        result.history.append({"step": step, **metrics})
-        if step == start + 1:
-            # The first step includes compilation: report that once, and keep the window it falls in
-            # out of the throughput figures.
-            result.first_step_s = time.perf_counter() - window["t"]
-            logger.log(step, {"first_step_s": result.first_step_s}, prefix="compile")
-            window["compiling"] = True
-        window["tokens"] += metrics["tokens"]
-        window["steps"] += 1
-        if metrics["finite"]:
-            window["loss"] += metrics["loss"]
-            window["finite"] += 1
-            for k in metrics.keys() - STEP_KEYS:  # the loss function's own metrics, e.g. nll, z_loss
-                window["extra"][k] = window["extra"].get(k, 0.0) + metrics[k]
-        if step % cfg.log_every == 0 or step == cfg.steps or preempting:
-            elapsed = time.perf_counter() - window["t"]
-            tokens_per_s = window["tokens"] / max(elapsed, 1e-9)
-            logged = {
-                "loss": window["loss"] / max(window["finite"], 1) if window["finite"] else float("nan"),
-                "grad_norm": metrics["grad_norm"], "skipped": metrics["skipped"],
-            }
-            if not window["compiling"]:
-                logged.update(tokens_per_s=tokens_per_s, step_time_s=elapsed / max(window["steps"], 1))
-            if "lr" in metrics:
-                logged["lr"] = metrics["lr"]
-            logged.update({k: v / max(window["finite"], 1) for k, v in window["extra"].items()})
-            if peak and not window["compiling"]:
-                # tokens counts real (loss) tokens; MFU counts every position the model processed.
-                positions_per_s = window["steps"] * cfg.batch_size * cfg.seq_len / max(elapsed, 1e-9)
-                logged["mfu"] = mfu(positions_per_s / devices, flops_per_token, peak)
-            logger.log(step, logged)
-            window.update(t=time.perf_counter(), tokens=0.0, steps=0, loss=0.0, finite=0, compiling=False, extra={})
-        for callback in callbacks:
-            callback(step, metrics)
-        if metrics["streak"] >= cfg.max_nonfinite_in_row:
-            raise NonFiniteLossError(
-                f"step {step}: loss or gradients were NaN/inf for {int(metrics['streak'])} steps in a row "
-                f"(train.max_nonfinite_in_row={cfg.max_nonfinite_in_row}); those updates were skipped and the "
-                f"last checkpoint holds the last finite state. Lower optim.lr, raise warmup or check the data."
-            )
-
-    def _eval_then_save(step: int, do_eval: bool, force: bool = False):
-        """Evaluate (for keep-best) then save; if the evaluation fails, the state is saved first."""
-        try:
-            if do_eval:
-                run_eval(step)
-        except BaseException:
-            save(step, force=True)
-            checkpointer.wait()
-            raise
-        save(step, force=force)
-
+    logger.log(start, {"trainable": setup.trainable_params, "total": setup.total_params}, prefix="params")
+    books = _Bookkeeper(result, cfg, model_cfg, mesh, logger, checkpointer, batches, eval_batches, setup.eval_step,
+                        callbacks, logging.peak_flops, start)
     local_batches = is_process_local(batches)
     status = "completed"
-    pending: Optional[tuple[int, dict]] = None
+    pending: Optional[tuple[int, dict]] = None  # the last step's metrics, fetched after the next step is queued
     try:
         with _Preemption() as preemption:
             step = start
@@ -373,25 +418,26 @@ def train(
                 if hasattr(batches, "set_policy"):  # a rollout stream (GRPO / PPO) samples from the current policy
                     batches.set_policy(state.params, frozen)
                 batch = place_batch(next(batches), mesh, local_batches)
-                state, metrics = step_fn(state, frozen, batch)
+                state, metrics = setup.step_fn(state, frozen, batch)
                 step += 1
                 if pending is not None:
-                    finish_step(*jax.device_get(pending))
+                    books.finish_step(*jax.device_get(pending))
                 pending = (step, metrics)
                 if checkpointer.should_save(step):
-                    finish_step(*jax.device_get(pending))  # never save past an unchecked step
+                    books.finish_step(*jax.device_get(pending))  # never save past an unchecked step
                     pending = None
-                    _eval_then_save(step, cfg.eval_every and step % cfg.eval_every == 0)
+                    books.evaluate_then_save(step, state, frozen, cfg.eval_every and step % cfg.eval_every == 0)
                 elif cfg.eval_every and step % cfg.eval_every == 0:
-                    run_eval(step)
+                    books.evaluate(step, state, frozen)
                 if preemption.reached(step):
-                    status, preempting = "preempted", True  # the last step's window is logged too
+                    status, books.preempting = "preempted", True  # the last step's window is logged too
                     break
             if pending is not None:
-                finish_step(*jax.device_get(pending))
+                books.finish_step(*jax.device_get(pending))
                 pending = None
             if step > start or status == "preempted":
-                _eval_then_save(step, status == "completed" and last_eval_step != step, force=True)
+                books.evaluate_then_save(step, state, frozen, status == "completed" and books.last_eval_step != step,
+                                         force=True)
             checkpointer.wait()
     finally:
         logger.close()

@@ -26,16 +26,11 @@ and per micro-batch.
 
 from __future__ import annotations
 
-import numbers
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from jaxtune.align.grpo import GRPOConfig
-from jaxtune.align.objectives import PreferenceObjectiveConfig
-from jaxtune.align.ppo import PPOConfig
 from jaxtune.data.masking import check_mask_token_id, check_masking_rates, mask_tokens
 from jaxtune.models import Model
 from jaxtune.models.decoder import lm_head
@@ -92,6 +87,11 @@ def token_cross_entropy(
 
 def causal_lm_loss(model: Model, *, z_loss: float = 0.0, chunk_tokens: int = 0) -> LossFn:
     """Next-token cross-entropy (+ ``z_loss * logsumexp^2``, PaLM's z-loss) over masked targets."""
+    if not model.cfg.causal:
+        raise ValueError(
+            "objective 'causal' needs a causal model, but ModelConfig.causal is False: with bidirectional "
+            "attention every position sees the token it is asked to predict"
+        )
 
     def loss_fn(params, batch, rng):
         hidden, _ = model.hidden(params, batch["tokens"], positions=batch.get("positions"),
@@ -106,55 +106,6 @@ def causal_lm_loss(model: Model, *, z_loss: float = 0.0, chunk_tokens: int = 0) 
         return total, weight, metrics
 
     return loss_fn
-
-
-OBJECTIVES = ("causal", "masked", "classification", "regression", "dpo", "reward", "grpo", "ppo")
-
-
-@dataclass(frozen=True)
-class ObjectiveConfig:
-    """Training objective. causal: next-token prediction. masked: BERT-style masked-LM
-    (needs a bidirectional model, ``ModelConfig(causal=False)``): each real token is selected
-    with probability ``mask_rate``; of those, ``random_rate`` become a uniformly random token,
-    ``keep_rate`` stay as they are and the rest become ``mask_token_id`` (default: the
-    tokenizer's mask token). classification / regression: a score head over the pooled hidden
-    states (``pooling``: the last real token or the mean), cross-entropy over ``num_labels``
-    classes or squared error (`jaxtune.train.classify`; data.kind=classification). dpo: a DPO-family
-    loss on preference pairs; reward: a Bradley-Terry reward model (a one-output score head at the
-    last token); both read ``preference`` and data.kind=preference (`jaxtune.align.objectives`).
-    grpo: group-sampled RL with verifiable rewards on the prompts of data.kind=sft records
-    (`jaxtune.align.grpo`). ppo: RLHF with a value head, GAE and a KL-shaped reward (`jaxtune.align.ppo`)."""
-
-    kind: Literal["causal", "masked", "classification", "regression", "dpo", "reward", "grpo", "ppo"] = "causal"
-    mask_rate: float = 0.15
-    random_rate: float = 0.1
-    keep_rate: float = 0.1
-    mask_token_id: Optional[int] = None
-    num_labels: int = 2  # classification: number of classes (regression uses 1)
-    pooling: Literal["last", "mean"] = "last"
-    preference: PreferenceObjectiveConfig = field(default_factory=PreferenceObjectiveConfig)  # dpo / reward
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # grpo: sampling, reward, clipping, KL, normalisation
-    ppo: PPOConfig = field(default_factory=PPOConfig)  # ppo: reward (function or model), KL, GAE, clipping, epochs
-
-    @property
-    def head_labels(self) -> int:
-        """Outputs of the score head (0: no head)."""
-        return {"classification": self.num_labels, "regression": 1, "reward": 1}.get(self.kind, 0)
-
-    def __post_init__(self):
-        if self.kind not in OBJECTIVES:
-            raise ValueError(f"ObjectiveConfig.kind: unknown objective {self.kind!r} ({' | '.join(OBJECTIVES)})")
-        check_masking_rates(
-            self.mask_rate, self.random_rate, self.keep_rate,
-            names=("ObjectiveConfig.mask_rate", "ObjectiveConfig.random_rate", "ObjectiveConfig.keep_rate"),
-        )
-        if self.kind == "classification" and self.num_labels < 2:
-            raise ValueError(f"ObjectiveConfig.num_labels must be >= 2 for classification, got {self.num_labels}")
-        if self.mask_token_id is not None and (
-            isinstance(self.mask_token_id, bool) or not isinstance(self.mask_token_id, numbers.Integral)
-            or self.mask_token_id < 0
-        ):
-            raise ValueError(f"ObjectiveConfig.mask_token_id must be a non-negative integer, got {self.mask_token_id!r}")
 
 
 def masked_lm_loss(
@@ -205,57 +156,3 @@ def masked_lm_loss(
         return total, jnp.sum(selected), metrics
 
     return loss_fn
-
-
-def objective_loss(
-    model: Model,
-    objective: ObjectiveConfig,
-    *,
-    z_loss: float = 0.0,
-    chunk_tokens: int = 0,
-    tokenizer_mask_id: Optional[int] = None,
-    special_ids: Sequence[int] = (),
-    reference: str = "precomputed",
-    value_model: Optional[Model] = None,
-) -> LossFn:
-    """The loss for ``objective``: `causal_lm_loss` or `masked_lm_loss` (the mask token is
-    ``objective.mask_token_id``, else ``tokenizer_mask_id``, the tokenizer's mask token), or the
-    classification / alignment objectives' losses (PPO: ``value_model``, the separate value
-    network's `Model`, when it has one)."""
-    if objective.kind == "ppo":
-        from jaxtune.align.ppo import ppo_loss
-
-        return ppo_loss(model, objective.ppo, value_model=value_model)
-    if objective.kind == "grpo":
-        from jaxtune.align.grpo import grpo_loss
-
-        return grpo_loss(model, objective.grpo, reference=reference)
-    if objective.kind in ("dpo", "reward"):
-        from jaxtune.align.objectives import dpo_loss, reward_loss
-
-        if objective.kind == "reward":
-            return reward_loss(model, objective.preference)
-        return dpo_loss(model, objective.preference, reference=reference)
-    if objective.kind in ("classification", "regression"):
-        from jaxtune.train.classify import classification_loss
-
-        return classification_loss(model, num_labels=objective.head_labels, pooling=objective.pooling,
-                                   regression=objective.kind == "regression")
-    if objective.kind == "causal":
-        if not model.cfg.causal:
-            raise ValueError(
-                "objective 'causal' needs a causal model, but ModelConfig.causal is False: with bidirectional "
-                "attention every position sees the token it is asked to predict"
-            )
-        return causal_lm_loss(model, z_loss=z_loss, chunk_tokens=chunk_tokens)
-    mask_token_id = objective.mask_token_id if objective.mask_token_id is not None else tokenizer_mask_id
-    if mask_token_id is None:
-        raise ValueError(
-            "objective 'masked' needs a mask token: set objective.mask_token_id (the tokenizer has no mask token)"
-        )
-    source = "objective.mask_token_id" if objective.mask_token_id is not None else "the tokenizer's mask token id"
-    check_mask_token_id(mask_token_id, model.cfg.vocab_size, name=source)
-    return masked_lm_loss(
-        model, mask_token_id=mask_token_id, rate=objective.mask_rate, random_rate=objective.random_rate,
-        keep_rate=objective.keep_rate, special_ids=special_ids, z_loss=z_loss, chunk_tokens=chunk_tokens,
-    )

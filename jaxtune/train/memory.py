@@ -1,9 +1,9 @@
 """Memory of a training job's step, per device, without allocating it: an estimate from the job's
 abstract param tree and traced program, and XLA's own figure from compiling the real step.
 
-`plan_step(job)` builds everything the loop would (model, quantization, PEFT, trainable split,
-optimizer, shardings, loss) as abstract values (``jax.eval_shape``), so an 8B model costs
-nothing but tracing. `estimate(plan)` then counts, per device:
+`jaxtune.job.plan_step(job)` builds everything the loop would (model, quantization, PEFT,
+trainable split, optimizer, shardings, loss) as abstract values (``jax.eval_shape``) into a
+`StepPlan`, so an 8B model costs nothing but tracing. `estimate(plan)` then counts, per device:
 
 - params: every leaf's bytes divided by how its PartitionSpec splits it (exact, quantized
   kernels at their packed size); trainable and frozen separately;
@@ -34,28 +34,31 @@ This module must not allocate device buffers for the model, nor change what the 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxtune.config.schema import TrainJobConfig
-from jaxtune.models import Model, ModelConfig
-from jaxtune.parallel.mesh import AXES, BATCH_AXES, make_mesh
-from jaxtune.train.partition import join, mask_by_regex
-from jaxtune.train.step import abstract_layout, make_train_step, named
+from jaxtune.models import ModelConfig
+from jaxtune.parallel.mesh import BATCH_AXES
+from jaxtune.train.config import TrainConfig
+from jaxtune.train.step import make_train_step, named
+from jaxtune.utils.moved import moved_names
+from jaxtune.utils.partition import join
 
 GiB = 2**30
+__getattr__ = moved_names(__name__, {"plan_step": "jaxtune.job.plan_step", "abstract_model": "jaxtune.job.plan.abstract_model"})
 
 
 @dataclass
 class StepPlan:
-    job: TrainJobConfig
+    """A training step as abstract values (`jaxtune.job.plan_step` builds it from a job)."""
+
+    train: TrainConfig
     cfg: ModelConfig
     params: Any  # abstract full tree
     trainable: Any
@@ -68,65 +71,17 @@ class StepPlan:
     loss_fn: Any
     mesh_shape: dict[str, int]
     mesh: Optional[Mesh]  # real devices, when this process has enough of them (needed to compile)
+    with_layers: Callable[[int], "StepPlan"]  # the same step with n blocks and no remat (one block's residuals)
 
     @property
     def micro_batch(self) -> int:
-        return self.job.train.batch_size // self.job.train.grad_accum
+        return self.train.batch_size // self.train.grad_accum
 
     def batch(self, rows: int) -> dict:
-        shape = (rows, self.job.train.seq_len)
+        shape = (rows, self.train.seq_len)
         batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
         batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32)
         return batch
-
-
-def abstract_model(job: TrainJobConfig) -> tuple[Any, ModelConfig]:
-    """-> (``rng -> params`` built with no weights read, cfg) for any model source."""
-    from jaxtune.checkpoint import load_model_config
-    from jaxtune.interop.hf_config import from_hf_config
-    from jaxtune.interop.hf_weights import read_config
-    from jaxtune.models.presets import preset
-    from jaxtune.quant.weight import QuantConfig, quantize
-
-    source = job.model
-    numerics = source.numerics
-    quant = source.quant
-    if source.hf_dir is not None:
-        hf = read_config(source.hf_dir)
-        cfg = from_hf_config(hf, **numerics)
-        q = hf.get("quantization_config") or {}
-        if quant is None and q.get("quant_method") == "bitsandbytes" and (q.get("load_in_4bit") or q.get("load_in_8bit")):
-            quant = (QuantConfig(kind=q.get("bnb_4bit_quant_type", "nf4"), double_quant=bool(q.get("bnb_4bit_use_double_quant")))
-                     if q.get("load_in_4bit") else QuantConfig(kind="int8", double_quant=False))
-    elif source.checkpoint is not None:
-        cfg = load_model_config(source.checkpoint).replace(**numerics)
-    else:
-        cfg = (preset(source.preset) if source.preset is not None else source.config).replace(**numerics)
-    cfg = cfg.replace(remat=job.train.remat)
-    init = Model(cfg).init
-    return (init if quant is None else (lambda rng: quantize(init(rng), quant))), cfg
-
-
-def plan_step(job: TrainJobConfig, devices: Optional[int] = None) -> StepPlan:
-    """The job's train step as abstract values. ``devices``: how many devices the mesh spans
-    (default: this process's); the estimate needs no real devices, compiling does."""
-    from jaxtune.train.optim import build_optimizer
-    from jaxtune.train.runner import job_loss, with_peft
-
-    init, cfg = abstract_model(job)
-    optimizer, schedule = build_optimizer(job.optim, job.train.steps)
-    init, mask, optimizer = with_peft(job, init, cfg, None, optimizer)
-    params = jax.eval_shape(init, jax.random.key(0))
-    if mask is None:
-        mask = mask_by_regex(params, job.train.trainable)
-    n = devices or jax.device_count()
-    shape = job.mesh.resolve(n)
-    mesh = make_mesh(job.mesh) if n == jax.device_count() else None
-    spec_mesh = mesh if mesh is not None else AbstractMesh(shape, AXES)
-    trainable, frozen, state, state_specs, frozen_specs = abstract_layout(params, mask, optimizer, spec_mesh)
-    return StepPlan(job=job, cfg=cfg, params=params, trainable=trainable, frozen=frozen, state=state,
-                    state_specs=state_specs, frozen_specs=frozen_specs, optimizer=optimizer, schedule=schedule,
-                    loss_fn=job_loss(job, cfg), mesh_shape=dict(zip(AXES, shape)), mesh=mesh)
 
 
 def _per_device(tree: Any, specs: Any, mesh_shape: dict[str, int]) -> int:
@@ -225,7 +180,7 @@ class MemoryEstimate:
 
 def estimate(plan: StepPlan) -> MemoryEstimate:
     """The per-device memory of the planned step (see the module docstring)."""
-    ms, cfg, t = plan.mesh_shape, plan.cfg, plan.job.train
+    ms, cfg, t = plan.mesh_shape, plan.cfg, plan.train
     trainable = _per_device(plan.trainable, plan.state_specs.params, ms)
     frozen = _per_device(plan.frozen, plan.frozen_specs, ms)
     optimizer = _per_device(plan.state.opt_state, plan.state_specs.opt_state, ms)
@@ -250,10 +205,7 @@ def estimate(plan: StepPlan) -> MemoryEstimate:
 def _block_residuals(plan: StepPlan) -> int:
     """Per-device residuals of one block without remat: the same job with 2 blocks minus 1 block."""
     def with_layers(n: int) -> int:
-        cfg = plan.cfg.replace(num_layers=n, remat="none", layer_types=plan.cfg.layer_types[:n])
-        model = dataclasses.replace(plan.job.model, hf_dir=None, checkpoint=None, preset=None, config=cfg)
-        job = dataclasses.replace(plan.job, model=model, train=dataclasses.replace(plan.job.train, remat="none"))
-        small = plan_step(job, devices=int(np.prod(list(plan.mesh_shape.values()))))
+        small = plan.with_layers(n)
         return _activations(small, small.loss_fn)
 
     return max(with_layers(2) - with_layers(1), 0)
@@ -297,10 +249,10 @@ def compiled(plan: StepPlan) -> dict[str, int]:
     mesh = plan.mesh
     state_sh, frozen_sh = named(plan.state_specs, mesh), named(plan.frozen_specs, mesh)
     batch_sh = NamedSharding(mesh, P(BATCH_AXES))
-    step = make_train_step(plan.loss_fn, plan.optimizer, plan.schedule, grad_accum=plan.job.train.grad_accum, mesh=mesh,
+    step = make_train_step(plan.loss_fn, plan.optimizer, plan.schedule, grad_accum=plan.train.grad_accum, mesh=mesh,
                            state_shardings=state_sh, frozen_shardings=frozen_sh, batch_shardings=batch_sh)
     with_sh = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)  # noqa: E731
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in plan.batch(plan.job.train.batch_size).items()}
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in plan.batch(plan.train.batch_size).items()}
     analysis = step.lower(with_sh(plan.state, state_sh), with_sh(plan.frozen, frozen_sh), batch).compile().memory_analysis()
     out = {"arguments": int(analysis.argument_size_in_bytes), "outputs": int(analysis.output_size_in_bytes),
            "aliased": int(analysis.alias_size_in_bytes), "temporaries": int(analysis.temp_size_in_bytes)}

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 import jax
 import optax
 
+from jaxtune.quant.optim import adamw_8bit
 from jaxtune.utils.tree import keypath_str
 
 
@@ -102,8 +103,6 @@ def build_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientT
         opt = optax.adamw(schedule, b1=pick(cfg.b1, 0.9), b2=pick(cfg.b2, 0.95), eps=pick(cfg.eps, 1e-8),
                           weight_decay=cfg.weight_decay, mask=mask)
     elif cfg.name == "adamw8bit":
-        from jaxtune.quant.optim import adamw_8bit
-
         opt = adamw_8bit(schedule, b1=pick(cfg.b1, 0.9), b2=pick(cfg.b2, 0.95), eps=pick(cfg.eps, 1e-8),
                          weight_decay=cfg.weight_decay, mask=mask, min_8bit_size=cfg.min_8bit_size)
     elif cfg.name == "lion":

@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtune.parallel.mesh import BATCH_AXES
 from jaxtune.parallel.rules import Rule, fit_spec, activation_mesh, param_specs
 from jaxtune.train.losses import LossFn
-from jaxtune.train.partition import join, split
+from jaxtune.utils.partition import join, split
 
 
 class TrainState(flax.struct.PyTreeNode):

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune.align.losses import bradley_terry, completion_logps, preference_losses
+from jaxtune.align.losses import bradley_terry, preference_losses
+from jaxtune.models.scoring import completion_logps
 
 B, T = 6, 5  # pairs, completion tokens per side
 
@@ -119,7 +120,7 @@ def test_orpo_equals_trl_odds_ratio_loss():
 
 
 def test_completion_log_probs_sum_only_the_completion_targets():
-    from jaxtune.eval.scoring import continuation_rows
+    from jaxtune.models.scoring import continuation_rows
     from jaxtune.models import Model
     from jaxtune.models.presets import preset
 

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune.config import TrainJobConfig, from_dict
+from jaxtune.config import from_dict
+
+from jaxtune.job import TrainJobConfig
 from jaxtune.data.preference import PairStream, PreferenceConfig, load_pairs, split_dialogues
 from jaxtune.data.sources import SourceConfig, build_source
 from jaxtune.data.tasks import shout_preferences, write_jsonl
@@ -65,7 +67,7 @@ def test_pair_batches_mask_only_the_completions(tmp_path):
 
 
 def test_reference_from_the_disabled_adapter_equals_a_frozen_copy_of_the_base(tmp_path):
-    from jaxtune.align.objectives import PreferenceObjectiveConfig, dpo_loss, precompute_reference
+    from jaxtune.align.preference import PreferenceObjectiveConfig, dpo_loss, precompute_reference
     from jaxtune.models import Model
     from jaxtune.models.presets import preset
     from jaxtune.peft.lora import LoraConfig, apply_lora
@@ -100,8 +102,8 @@ def _job(data, objective, directory=None, **extra):
 
 
 def test_reward_model_learns_the_preference_and_eval_restores_it(tmp_path):
-    from jaxtune.eval.runner import run_eval_job
-    from jaxtune.train.runner import run_training
+    from jaxtune.job import run_eval_job
+    from jaxtune.job import run_training
 
     data = _shout_data(tmp_path)
     result = run_training(_job(data, {"kind": "reward"}, tmp_path / "rm"))
@@ -120,7 +122,7 @@ def test_reward_model_learns_the_preference_and_eval_restores_it(tmp_path):
 
 
 def test_dpo_raises_held_out_preference_accuracy(tmp_path, shakespeare_base):
-    from jaxtune.train.runner import run_training
+    from jaxtune.job import run_training
 
     data = _shout_data(tmp_path)
     common = {"model": {"checkpoint": str(shakespeare_base)}, "optim": {**FINE_TUNE_COMMON["optim"], "lr": 1e-2}}

@@ -2,18 +2,18 @@
 to a PEFT directory that `peft` loads, a PEFT adapter merged into its base, and `model.adapter`
 putting a PEFT adapter onto a base for generate / eval. Logits checked against transformers."""
 
-import jax
 import numpy as np
 import pytest
 
 from jaxtune.cli.main import main
-from jaxtune.config import TrainJobConfig, from_dict
-from jaxtune.config.schema import ModelSource
+from jaxtune.config import from_dict
+from jaxtune.job import TrainJobConfig
+from jaxtune.job.schema import ModelSource
 from jaxtune.interop import save_hf
-from jaxtune.interop.sources import load_model
+from jaxtune.job import load_model
 from jaxtune.models import Model
 from jaxtune.peft.core import base_model
-from jaxtune.train.runner import run_training
+from jaxtune.job import run_training
 from tests.reference import require
 
 torch = require("torch")

@@ -2,7 +2,9 @@
 
 import pytest
 
-from jaxtune.config import ConfigError, JobConfig, load_config, to_dict
+from jaxtune.config import ConfigError, load_config, to_dict
+
+from jaxtune.job import JobConfig
 from jaxtune.config.loader import from_dict
 from jaxtune.models import ModelConfig
 
@@ -68,8 +70,9 @@ def test_every_shipped_config_loads():
     """Each YAML recipe in configs/ parses into its job tree (a typo in a shipped key fails here)."""
     from pathlib import Path
 
-    from jaxtune.align.label import LabelJobConfig
-    from jaxtune.config import JobConfig, TrainJobConfig, load_config
+    from jaxtune.job.label import LabelJobConfig
+    from jaxtune.config import load_config
+    from jaxtune.job import JobConfig, TrainJobConfig
 
     shipped = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
     assert len(shipped) >= 4

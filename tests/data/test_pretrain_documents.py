@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from jaxtune.cli.main import main
-from jaxtune.config import TrainJobConfig, from_dict
-from jaxtune.train.runner import run_training
+from jaxtune.config import from_dict
+from jaxtune.job import TrainJobConfig
+from jaxtune.job import run_training
 
 
 def _job(directory, steps=6):

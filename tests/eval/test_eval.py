@@ -11,12 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune.config import TrainJobConfig, from_dict
+from jaxtune.config import from_dict
+
+from jaxtune.job import TrainJobConfig
 from jaxtune.data.instruct import InstructConfig
 from jaxtune.data.tokenizer import ByteTokenizer
 from jaxtune.eval.config import EvalTaskConfig
-from jaxtune.eval.scoring import continuation_rows, sequence_logprobs
-from jaxtune.eval.tasks import exact_match, extract_answer, multiple_choice
+from jaxtune.models.scoring import continuation_rows, sequence_logprobs
+from jaxtune.eval.tasks import exact_match, multiple_choice
+from jaxtune.generate.text import extract_answer
 from jaxtune.models import Model
 from jaxtune.models.presets import preset
 
@@ -106,7 +109,8 @@ def test_answer_extraction_gsm8k_style():
 
 
 def test_report_is_written_once_and_the_table_lists_every_metric(tmp_path):
-    from jaxtune.eval.runner import format_table, write_results
+    from jaxtune.eval.report import format_table
+    from jaxtune.job.evaluate import write_results
 
     job = from_dict(TrainJobConfig, {"eval": {"output": str(tmp_path / "r.json")}})
     results = {"gsm8k": {"exact_match": 0.25, "examples": 4, "samples": [{"prediction": "x"}]}}

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from jaxtune.align.rewards import uppercase
-from jaxtune.config import ModelSource, TrainJobConfig, from_dict
+from jaxtune.config import from_dict
+from jaxtune.job import ModelSource, TrainJobConfig
 from jaxtune.data.tasks import shout_preferences
 from jaxtune.data.tokenizer import ByteTokenizer
 from jaxtune.eval.config import EvalTaskConfig
@@ -16,7 +17,7 @@ from tests.conftest import FINE_TUNE_COMMON
 
 
 def _logps(directory, ids, start):
-    from jaxtune.interop.sources import load_model
+    from jaxtune.job import load_model
     from jaxtune.models import Model
 
     params, cfg, _ = load_model(ModelSource(checkpoint=str(directory)))
@@ -26,8 +27,8 @@ def _logps(directory, ids, start):
 
 
 def test_reward_task_scores_samples_and_estimates_the_kl(shakespeare_base, shout_reward_model):
-    from jaxtune.align.label import load_reward_judge
-    from jaxtune.eval.runner import run_eval_job
+    from jaxtune.job.assemble import load_reward_judge
+    from jaxtune.job import run_eval_job
 
     common = dict(max_new_tokens=6, batch_size=8, limit=4)
     tasks = [dict(kind="reward", name="kl", reward="uppercase", completions=2, reference=str(shout_reward_model), samples=8),

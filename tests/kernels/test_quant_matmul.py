@@ -4,7 +4,6 @@ dequantize-then-matmul, on random inputs, shapes that are not tile multiples, po
 gradients of the custom VJP; dispatch; a QLoRA training step on the kernel path equals the XLA path."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ import pytest
 from jaxtune.kernels import quant_matmul as K
 from jaxtune.kernels.quant_matmul import Tiles
 from jaxtune.quant import QuantConfig, quantize_kernel
-from jaxtune.quant.matmul import _scales, path, quant_lora_matmul, quant_matmul
+from jaxtune.quant.matmul import code_table, kernel_scales, path, quant_lora_matmul, quant_matmul
 from jaxtune.quant.weight import with_kernel
 
 M, IN, OUT = 37, 192, 80  # none of them a multiple of the tiles below
@@ -61,7 +60,8 @@ CASES += [("nf4", jnp.float32, 8), ("nf4", jnp.float32, 64), ("fp4", jnp.float32
 def test_forward_with_lora_epilogue_matches_xla(kind, dtype, rank):
     x, q, a, b, _ = _inputs(kind, rank)
     xa = jnp.matmul(x, a, precision=HIGHEST)
-    out = K.forward(x.astype(dtype), q.codes, _scales(q), kind=kind, blocksize=64, n=OUT, xa=xa.astype(dtype),
+    out = K.forward(x.astype(dtype), q.codes, kernel_scales(q), kind=kind, table=code_table(kind), blocksize=64, n=OUT,
+                    xa=xa.astype(dtype),
                     b=b.astype(dtype), lora_scale=2.0, tiles=TILES, out_dtype=dtype, interpret=True, poison=True)
     assert out.shape == (M, OUT) and out.dtype == dtype and not bool(jnp.isnan(out).any())
     ref = _reference(x, q, a, b, 2.0)
@@ -73,7 +73,8 @@ def test_forward_with_lora_epilogue_matches_xla(kind, dtype, rank):
 def test_split_k_decode_path_matches_xla(m, kind, dtype):
     x, q, a, b, _ = _inputs(kind, m=m, seed=m)
     xa = jnp.matmul(x, a, precision=HIGHEST)
-    out = K.forward(x.astype(dtype), q.codes, _scales(q), kind=kind, blocksize=64, n=OUT, xa=xa.astype(dtype),
+    out = K.forward(x.astype(dtype), q.codes, kernel_scales(q), kind=kind, table=code_table(kind), blocksize=64, n=OUT,
+                    xa=xa.astype(dtype),
                     b=b.astype(dtype), lora_scale=0.5, tiles=Tiles(bm=16, bn=32, bk=32, splits=3), out_dtype=dtype,
                     interpret=True, poison=True)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(_reference(x, q, a, b, 0.5)),
@@ -84,7 +85,8 @@ def test_split_k_decode_path_matches_xla(m, kind, dtype):
 def test_transposed_kernel_is_the_input_gradient(kind):
     _, q, _, _, key = _inputs(kind)
     dy = jax.random.normal(key, (M, OUT))
-    dx = K.transposed(dy, q.codes, _scales(q), kind=kind, blocksize=64, k=IN, tiles=TILES, interpret=True, poison=True)
+    dx = K.transposed(dy, q.codes, kernel_scales(q), kind=kind, table=code_table(kind), blocksize=64, k=IN, tiles=TILES,
+                      interpret=True, poison=True)
     ref = jnp.matmul(dy, q.dequantize_t(jnp.float32), precision=HIGHEST)
     np.testing.assert_allclose(np.asarray(dx), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
@@ -101,7 +103,8 @@ def test_poisoned_output_catches_an_unwritten_tile(monkeypatch):
     pl_when = jax.experimental.pallas.when
     monkeypatch.setattr(K, "_forward_kernel", lazy)
     x, q, _, _, _ = _inputs("nf4")
-    out = K.forward(x, q.codes, _scales(q), kind="nf4", blocksize=64, n=OUT, tiles=TILES, interpret=True, poison=True)
+    out = K.forward(x, q.codes, kernel_scales(q), kind="nf4", table=code_table("nf4"), blocksize=64, n=OUT, tiles=TILES,
+                    interpret=True, poison=True)
     assert bool(jnp.isnan(out[TILES.bm:]).all()) and not bool(jnp.isnan(out[:TILES.bm]).any())
 
 

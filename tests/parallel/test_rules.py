@@ -114,7 +114,7 @@ def test_constrain_is_a_no_op_without_a_mesh():
 
 
 def test_split_typed_leaf_keeps_none_halves():
-    from jaxtune.train.partition import split
+    from jaxtune.utils.partition import split
 
     params = Model(preset("tiny-llama")).init(jax.random.key(0))
     kernel = params["layers_0"]["attn"]["q_proj"]["kernel"]

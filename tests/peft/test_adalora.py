@@ -36,7 +36,7 @@ from jaxtune.peft.core import base_model, trainable_mask
 from jaxtune.train.config import TrainConfig
 from jaxtune.train.loop import train
 from jaxtune.train.losses import causal_lm_loss
-from jaxtune.train.partition import count, join, split
+from jaxtune.utils.partition import count, join, split
 from tests.reference import require
 
 CFG = preset("tiny-llama")

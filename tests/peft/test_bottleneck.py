@@ -26,7 +26,7 @@ from jaxtune.train.config import TrainConfig
 from jaxtune.train.loop import train
 from jaxtune.train.losses import causal_lm_loss
 from jaxtune.train.optim import OptimConfig, build_optimizer
-from jaxtune.train.partition import count, split
+from jaxtune.utils.partition import count, split
 from jaxtune.utils.tree import keypath_str
 
 SMALL = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=16,

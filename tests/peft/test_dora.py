@@ -18,7 +18,7 @@ from jaxtune.parallel import param_specs
 from jaxtune.peft import LoraConfig, LoraWeight, apply_lora
 from jaxtune.peft.core import base_model, trainable_mask
 from jaxtune.peft.dora import DoraWeight, apply_dora, from_lora, merge_dora, weight_norm
-from jaxtune.train.partition import count, join, split
+from jaxtune.utils.partition import count, join, split
 from tests.reference import require
 
 # tiny-llama, shrunk further to keep this file fast (2 layers, hidden 64)

@@ -21,7 +21,7 @@ from jaxtune.peft.foreign import FoldedLoraWeight, init_foreign_lora, lora_wrap
 from jaxtune.train.config import TrainConfig
 from jaxtune.train.loop import train
 from jaxtune.train.optim import OptimConfig, build_optimizer
-from jaxtune.train.partition import count, join, split
+from jaxtune.utils.partition import count, join, split
 from jaxtune.utils.tree import keypath_str
 
 

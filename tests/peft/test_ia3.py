@@ -23,7 +23,7 @@ from jaxtune.train.config import TrainConfig
 from jaxtune.train.loop import train
 from jaxtune.train.losses import causal_lm_loss
 from jaxtune.train.optim import OptimConfig, build_optimizer
-from jaxtune.train.partition import count, join, split
+from jaxtune.utils.partition import count, join, split
 from tests.reference import require
 
 SMALL = dict(num_layers=2, hidden_size=64, head_dim=16, intermediate_size=96)

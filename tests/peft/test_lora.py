@@ -21,7 +21,7 @@ from jaxtune.train.config import TrainConfig
 from jaxtune.train.loop import train
 from jaxtune.train.losses import causal_lm_loss
 from jaxtune.train.optim import OptimConfig, build_optimizer
-from jaxtune.train.partition import count, split
+from jaxtune.utils.partition import count, split
 from tests.reference import require
 
 CFG = preset("tiny-llama")
@@ -96,7 +96,7 @@ def test_gradients_reach_only_a_and_b():
     adapted = _randomise_b(apply_lora(PARAMS, LoraConfig(rank=4, targets=("attention-qv",)), jax.random.key(3)))
     trainable, frozen = split(adapted, lora_mask(adapted))
     assert count(trainable) == CFG.num_layers * ((128 * 4 + 4 * 128) + (128 * 4 + 4 * 64))  # q: 128->128, v: 128->64
-    from jaxtune.train.partition import join
+    from jaxtune.utils.partition import join
 
     def loss(t):
         return jnp.mean(MODEL.apply(join(t, frozen), TOKENS) ** 2)

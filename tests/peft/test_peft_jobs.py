@@ -12,15 +12,18 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxtune.config import TrainJobConfig, from_dict
-from jaxtune.config.schema import ModelSource
-from jaxtune.interop.sources import load_model
+from jaxtune.config import from_dict
+
+from jaxtune.job import TrainJobConfig
+from jaxtune.job.schema import ModelSource
+from jaxtune.job import load_model
 from jaxtune.models import Model
 from jaxtune.peft import LoraWeight
 from jaxtune.peft.core import base_model
 from jaxtune.peft.config import PeftConfig
-from jaxtune.train.partition import split
-from jaxtune.train.runner import run_evaluation, run_training, with_peft
+from jaxtune.utils.partition import split
+from jaxtune.job import run_eval_job, run_training
+from jaxtune.job.assemble import with_peft
 from jaxtune.utils.tree import keypath_str
 from tests.conftest import FINE_TUNE_COMMON
 
@@ -68,7 +71,7 @@ def test_lora_job_trains_only_the_adapter_and_restores_onto_the_base(lora_run):
     assert jax.tree.structure(restored) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    evaluated = run_evaluation(dataclasses.replace(_job(None), model=ModelSource(checkpoint=str(run))))
+    evaluated = held_out(dataclasses.replace(_job(None), model=ModelSource(checkpoint=str(run))))
     assert evaluated["loss"] == pytest.approx(result.evals[-1]["loss"], rel=1e-6)
 
 
@@ -107,8 +110,8 @@ def test_lora_on_a_pretrained_base_learns_a_new_style_the_base_does_not_know(tmp
             "train": {"steps": 60, "batch_size": 8, "seq_len": 64, "eval_batches": 4},
             "checkpoint": {"directory": str(tmp_path / "lora")}}
     tuned = run_training(from_dict(TrainJobConfig, tune))
-    frozen = run_evaluation(from_dict(TrainJobConfig, {**tune, "peft": {}, "checkpoint": {}}))
-    restored = run_evaluation(from_dict(TrainJobConfig, {**tune, "peft": {}, "checkpoint": {},
+    frozen = held_out(from_dict(TrainJobConfig, {**tune, "peft": {}, "checkpoint": {}}))
+    restored = held_out(from_dict(TrainJobConfig, {**tune, "peft": {}, "checkpoint": {},
                                                          "model": {"checkpoint": str(tmp_path / "lora")}}))
     assert tuned.trainable_params < 0.2 * tuned.total_params
     assert tuned.evals[-1]["loss"] < 0.75 * frozen["loss"], (tuned.evals[-1]["loss"], frozen["loss"])
@@ -130,3 +133,8 @@ def test_text_initialised_prompt_run_restores_without_its_tokenizer(tmp_path):
     restored, _, _ = load_model(ModelSource(checkpoint=str(run)))
     np.testing.assert_array_equal(np.asarray(restored["prompt"]["embedding"]),
                                   np.asarray(result.params["prompt"]["embedding"]))
+
+
+def held_out(job):
+    """`jaxtune eval`'s default task on the job: the held-out loss."""
+    return run_eval_job(job)["loss"]

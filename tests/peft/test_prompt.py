@@ -31,7 +31,7 @@ from jaxtune.peft.prompt import (
     resolve_prompt,
 )
 from jaxtune.train.losses import causal_lm_loss
-from jaxtune.train.partition import count, join, split
+from jaxtune.utils.partition import count, join, split
 from tests.reference import require
 
 N = 5  # virtual tokens

@@ -23,7 +23,7 @@ from jaxtune.train.config import TrainConfig
 from jaxtune.train.loop import train
 from jaxtune.train.losses import causal_lm_loss
 from jaxtune.train.optim import OptimConfig, build_optimizer
-from jaxtune.train.partition import count, split
+from jaxtune.utils.partition import count, split
 from jaxtune.utils.tree import keypath_str
 
 # initializer_range 0.2: a random base whose layers carry signal (at 0.02 a 32-wide model is

@@ -92,7 +92,7 @@ def test_8bit_moments_are_sharded_like_their_parameters():
 def _run(directory, steps, offload, name="adamw"):
     cfg = preset("tiny-llama").replace(num_layers=1)
     optimizer, schedule = build_optimizer(OptimConfig(name=name, lr=3e-3, warmup_steps=1, schedule="constant"), steps)
-    checkpointer = TrainCheckpointer(CheckpointConfig(directory=directory, every_steps=2), cfg) if directory else None
+    checkpointer = TrainCheckpointer(CheckpointConfig(directory=directory, every_steps=2)) if directory else None
     try:
         return train(loss_fn=causal_lm_loss(Model(cfg)), params=lambda rng: Model(cfg).init(jax.random.key(0)),
                      model_cfg=cfg, optimizer=optimizer, schedule=schedule,

@@ -17,12 +17,13 @@ from jaxtune.models.presets import preset
 from jaxtune.parallel import MeshConfig, make_mesh
 from jaxtune.peft import DoraWeight, LoraConfig, LoraWeight, apply_dora, apply_lora, trainable_mask
 from jaxtune.peft.core import count_trainable
-from jaxtune.quant import QuantConfig, QuantizedWeight, merge_quantized, quantize
+from jaxtune.peft import merge_quantized
+from jaxtune.quant import QuantConfig, QuantizedWeight, quantize
 from jaxtune.train.config import TrainConfig
 from jaxtune.train.loop import train
 from jaxtune.train.losses import causal_lm_loss
 from jaxtune.train.optim import OptimConfig, build_optimizer
-from jaxtune.train.partition import join, split
+from jaxtune.utils.partition import join, split
 
 CFG = preset("tiny-llama").replace(num_layers=2)
 MODEL = Model(CFG)

@@ -7,12 +7,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxtune.config import TrainJobConfig, from_dict
-from jaxtune.config.schema import ModelSource
-from jaxtune.interop.sources import load_model
+from jaxtune.config import from_dict
+
+from jaxtune.job import TrainJobConfig
+from jaxtune.job.schema import ModelSource
+from jaxtune.job import load_model
 from jaxtune.peft import LoraWeight
 from jaxtune.quant import QuantizedWeight
-from jaxtune.train.runner import run_evaluation, run_training
+from jaxtune.job import run_eval_job, run_training
 from jaxtune.utils.tree import keypath_str
 from tests.conftest import FINE_TUNE_COMMON
 
@@ -28,7 +30,7 @@ def test_qlora_matches_lora_on_a_pretrained_base_and_restores_onto_its_4bit_base
     lora = run_training(from_dict(TrainJobConfig, tune("lora")))
     qlora_job = tune("qlora", quant={"kind": "nf4", "double_quant": True}, dtype="bfloat16")
     qlora = run_training(from_dict(TrainJobConfig, qlora_job))
-    frozen_4bit = run_evaluation(from_dict(TrainJobConfig, {**qlora_job, "peft": {}, "checkpoint": {}}))
+    frozen_4bit = held_out(from_dict(TrainJobConfig, {**qlora_job, "peft": {}, "checkpoint": {}}))
     # 60 steps measured: LoRA 2.545, QLoRA (NF4 + double quant, bf16 compute) ~2.52; frozen base 5.47
     assert qlora.evals[-1]["loss"] < 0.6 * frozen_4bit["loss"]
     assert qlora.evals[-1]["loss"] <= 1.02 * lora.evals[-1]["loss"], (qlora.evals[-1], lora.evals[-1])
@@ -44,6 +46,11 @@ def test_qlora_matches_lora_on_a_pretrained_base_and_restores_onto_its_4bit_base
     trained = qlora.params["layers_0"]["mlp"]["down_proj"]["kernel"]
     for a, b in zip(jax.tree.leaves(leaf), jax.tree.leaves(trained)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    again = run_evaluation(from_dict(TrainJobConfig, {**qlora_job, "peft": {}, "checkpoint": {},
+    again = held_out(from_dict(TrainJobConfig, {**qlora_job, "peft": {}, "checkpoint": {},
                                                       "model": {"checkpoint": str(tmp_path / "qlora"), "dtype": "bfloat16"}}))
     assert again["loss"] == pytest.approx(qlora.evals[-1]["loss"], rel=1e-6)
+
+
+def held_out(job):
+    """`jaxtune eval`'s default task on the job: the held-out loss."""
+    return run_eval_job(job)["loss"]

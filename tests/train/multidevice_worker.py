@@ -42,7 +42,7 @@ def run(mesh_shape, checkpoint_dir=None):
     model = Model(CFG)
     ckpt = None
     if checkpoint_dir:
-        ckpt = TrainCheckpointer(CheckpointConfig(directory=checkpoint_dir, every_steps=STEPS, async_save=False), CFG)
+        ckpt = TrainCheckpointer(CheckpointConfig(directory=checkpoint_dir, every_steps=STEPS, async_save=False))
     result = train(
         loss_fn=causal_lm_loss(model), params=model.init, model_cfg=CFG, optimizer=opt, schedule=sched, cfg=tc,
         batches=SyntheticStream(16, 32, CFG.vocab_size, seed=1, pad_fraction=0.5), mesh=mesh, checkpointer=ckpt,
@@ -77,7 +77,9 @@ def main(out_path, tmp_dir):
     for shape in [(1, 8, 1), (8, 1, 1), (1, 1, 1)]:
         mesh = make_mesh(MeshConfig(*shape), jax.devices()[: int(np.prod(shape))])
         abstract = jax.eval_shape(Model(CFG).init, jax.random.key(0))
-        params, cfg, step = restore_params(os.path.join(tmp_dir, "ckpt"), shardings=param_shardings(abstract, mesh, warn=False))
+        shardings = param_shardings(abstract, mesh, warn=False)
+        params, step = restore_params(os.path.join(tmp_dir, "ckpt"), jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings))
         kernel = params["layers_0"]["mlp"]["up_proj"]["kernel"]
         restored[str(shape)] = {
             "step": step,

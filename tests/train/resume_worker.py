@@ -12,9 +12,9 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from jaxtune.checkpoint.manager import TrainCheckpointer  # noqa: E402
-from jaxtune.config import TrainJobConfig, from_dict  # noqa: E402
-from jaxtune.models.presets import preset  # noqa: E402
-from jaxtune.train.runner import run_training  # noqa: E402
+from jaxtune.config import from_dict
+from jaxtune.job import TrainJobConfig  # noqa: E402
+from jaxtune.job import run_training  # noqa: E402
 
 
 def job(checkpoint_dir=None, steps=20) -> TrainJobConfig:
@@ -30,7 +30,7 @@ def job(checkpoint_dir=None, steps=20) -> TrainJobConfig:
 
 def main(checkpoint_dir):
     cfg = job(checkpoint_dir)
-    checkpointer = TrainCheckpointer(cfg.checkpoint, preset("tiny-llama"))
+    checkpointer = TrainCheckpointer(cfg.checkpoint)
 
     def kill_after_checkpoint(step, metrics):
         if step == 12:  # step 10's save started two steps ago; make sure it is committed, then die

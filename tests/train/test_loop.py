@@ -14,16 +14,18 @@ import numpy as np
 import pytest
 
 from jaxtune.cli.main import main
-from jaxtune.config import TrainJobConfig, from_dict, to_dict
+from jaxtune.config import from_dict, to_dict
+from jaxtune.job import TrainJobConfig
 from jaxtune.data.streams import SyntheticStream
 from jaxtune.models import Model
 from jaxtune.models.presets import preset
 from jaxtune.parallel import MeshConfig, make_mesh
 from jaxtune.train.config import TrainConfig
+from jaxtune.checkpoint.manager import restore_params
 from jaxtune.train.loop import PREEMPTED_EXIT_CODE, NonFiniteLossError, train
 from jaxtune.train.losses import causal_lm_loss
 from jaxtune.train.optim import OptimConfig, build_optimizer
-from jaxtune.train.runner import run_training
+from jaxtune.job import run_training
 from tests.train.resume_worker import job
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -219,7 +221,7 @@ def test_rank_one_batch_fields_and_keep_best_through_the_loop(tmp_path):
         return One()
 
     ckpt = TrainCheckpointer(CheckpointConfig(directory=str(tmp_path / "run"), every_steps=2, keep_last=1, keep_best=1,
-                                              async_save=False), cfg)
+                                              async_save=False))
     tc = TrainConfig(steps=8, batch_size=4, seq_len=16, eval_every=2, eval_batches=1)
     opt, sched = build_optimizer(OptimConfig(lr=1e-3), tc.steps)
     result = train(loss_fn=loss_fn, params=model.init, model_cfg=cfg, optimizer=opt, schedule=sched, cfg=tc,
@@ -246,15 +248,13 @@ def test_partially_trainable_run_checkpoints_only_its_trainable_half(tmp_path, c
     ckpt = tmp_path / "run"
     common = ["train.batch_size=4", "train.seq_len=32", "logging.progress=false", "optim.warmup_steps=1"]
     assert main(["train", "train.steps=3", "train.trainable=[mlp/]", f"checkpoint.directory={ckpt}", *common]) == 0
-    from jaxtune.checkpoint.manager import restore_params
-
     with pytest.raises(ValueError, match="only the trainable params"):
-        restore_params(ckpt)
+        restore_params(ckpt, jax.eval_shape(Model(preset("tiny-llama")).init, jax.random.key(0)))
     # eval rebuilds the frozen half from the run's base model (recorded in train_meta.json)
     assert main(["eval", "--json", f"model.checkpoint={ckpt}", *common, "train.eval_batches=1"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]["tokens"] > 0
-    from jaxtune.interop.sources import load_model
-    from jaxtune.config import ModelSource
+    from jaxtune.job import load_model
+    from jaxtune.job import ModelSource
 
     params, _, _ = load_model(ModelSource(checkpoint=str(ckpt)))
     base = jax.jit(Model(preset("tiny-llama")).init)(jax.random.key(0))  # as the loop builds it

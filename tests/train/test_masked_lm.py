@@ -2,6 +2,7 @@
 
 import functools
 import json
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -10,13 +11,16 @@ import optax
 import pytest
 
 from jaxtune.cli.main import main
-from jaxtune.config.schema import ModelSource
+from jaxtune.job.schema import ModelSource
 from jaxtune.data.masking import mask_tokens
-from jaxtune.interop.sources import load_model
+from jaxtune.job import load_model
 from jaxtune.interop.hf_config import UnsupportedModelError, check_expressible, to_hf_config
 from jaxtune.models import Model, ModelConfig
 from jaxtune.models.attention import attention_mask
-from jaxtune.train.losses import ObjectiveConfig, causal_lm_loss, masked_lm_loss, objective_loss
+from jaxtune.job import ObjectiveConfig, TrainJobConfig
+from jaxtune.job.objectives import Context, get_objective
+from jaxtune.train.config import TrainConfig
+from jaxtune.train.losses import causal_lm_loss, masked_lm_loss
 from jaxtune.train.step import TrainState, make_train_step
 
 V = 32
@@ -209,6 +213,14 @@ def test_masked_loss_refuses_causal_models_and_bad_ids():
         masked_lm_loss(Model(CFG.replace(causal=True)), mask_token_id=MASK_ID)
     with pytest.raises(ValueError, match="vocab_size"):
         masked_lm_loss(Model(CFG), mask_token_id=V)
+
+
+def objective_loss(model, objective, *, tokenizer_mask_id=None, z_loss=0.0):
+    """The registered objective's loss for a job with ``objective`` (a tokenizer with that mask id)."""
+    tokenizer = SimpleNamespace(mask_token_id=tokenizer_mask_id, bos_token_id=None, eos_token_id=None,
+                                pad_token_id=None)
+    job = TrainJobConfig(objective=objective, train=TrainConfig(z_loss=z_loss))
+    return get_objective(objective.kind).loss(Context(job, model.cfg, tokenizer))
 
 
 def test_objective_config_and_objective_loss():

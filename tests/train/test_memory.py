@@ -2,14 +2,15 @@
 mesh, and the 8B / 7B recipe shapes (published parameter counts, 4-bit storage), all abstract."""
 
 import jax
-import numpy as np
 import pytest
 
 from jaxtune.cli.main import main
-from jaxtune.config import TrainJobConfig, from_dict, load_config
+from jaxtune.config import from_dict, load_config
+from jaxtune.job import TrainJobConfig
 from jaxtune.quant.weight import QuantizedWeight, quantized_bytes
-from jaxtune.train.memory import compiled, estimate, plan_step
-from jaxtune.train.partition import count
+from jaxtune.job import plan_step
+from jaxtune.train.memory import compiled, estimate
+from jaxtune.utils.partition import count
 
 LORA = {"lora": {"rank": 16, "targets": ["all-linear"]}}
 

@@ -12,7 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxtune.config import TrainJobConfig, from_dict
+from jaxtune.config import from_dict
+
+from jaxtune.job import TrainJobConfig
 from jaxtune.data.instruct import InstructConfig
 from jaxtune.data.sft import ExampleStream, load_examples
 from jaxtune.data.sources import SourceConfig, build_source
@@ -87,8 +89,8 @@ def _sft_job(directory, **extra):
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_peft_sft_checkpoint_evaluates_to_its_training_metrics(tmp_path, method):
-    from jaxtune.eval.runner import run_eval_job
-    from jaxtune.train.runner import run_training
+    from jaxtune.job import run_eval_job
+    from jaxtune.job import run_training
 
     extra = {"peft": {"lora": {"rank": 4, "targets": "all-linear"}}}
     if method == "qlora":
@@ -103,8 +105,8 @@ def test_peft_sft_checkpoint_evaluates_to_its_training_metrics(tmp_path, method)
     if method == "lora":
         _same_on_eight_devices(tmp_path, job, evaluated)
     else:  # the recipe's own model.quant restores the run as trained; another quantization is refused
-        from jaxtune.config import ModelSource
-        from jaxtune.interop.sources import load_model
+        from jaxtune.job import ModelSource
+        from jaxtune.job import load_model
         from jaxtune.quant.weight import QuantConfig
 
         same = load_model(ModelSource(checkpoint=str(tmp_path / "run"), quant=QuantConfig(kind="nf4", blocksize=32)))
@@ -142,7 +144,7 @@ def _same_on_eight_devices(tmp_path, job, single):
     assert proc.returncode == 0, proc.stderr[-3000:]
     sharded = json.loads(proc.stdout.strip().splitlines()[-1])
     assert sharded["loss"]["loss"] == pytest.approx(single["loss"]["loss"], rel=1e-5)
-    from jaxtune.eval.runner import run_eval_job
+    from jaxtune.job import run_eval_job
 
     spec["mesh"] = {}
     one = run_eval_job(from_dict(TrainJobConfig, spec))

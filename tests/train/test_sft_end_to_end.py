@@ -7,14 +7,14 @@ import json
 
 import pytest
 
-from jaxtune.config import TrainJobConfig
+from jaxtune.job import TrainJobConfig
 
 
 def test_sft_beats_the_base_zero_and_few_shot_on_held_out_sums(tmp_path, shakespeare_base):
     """configs/sft_addition_demo.yaml on the session's Shakespeare base, 400 of its 600 steps."""
     from jaxtune.config import load_config
-    from jaxtune.eval.runner import run_eval_job
-    from jaxtune.train.runner import run_training
+    from jaxtune.job import run_eval_job
+    from jaxtune.job import run_training
 
     def recipe(*overrides):
         return load_config(TrainJobConfig, "configs/sft_addition_demo.yaml",

@@ -9,7 +9,7 @@ import pytest
 from jaxtune.data.streams import SyntheticStream
 from jaxtune.models import Model, ModelConfig
 from jaxtune.train.losses import causal_lm_loss, token_cross_entropy
-from jaxtune.train.partition import join, mask_by_regex, split
+from jaxtune.utils.partition import join, mask_by_regex, split
 from jaxtune.train.step import TrainState, accumulate_gradients, make_train_step
 
 CFG = ModelConfig(

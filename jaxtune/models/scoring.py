@@ -1,8 +1,9 @@
-"""Log-likelihood of target tokens under a model: the scoring behind multiple choice (and the
-sequence log-probs preference losses use).
+"""Log-likelihood of target tokens under a model: per position (`token_logps`: RL rollouts and
+losses), per row (`completion_logps`: preference losses; `sequence_logprobs`: multiple choice and
+judges), and the rows that score a continuation after a context (`continuation_rows`).
 
 Rows are in the LM batch layout (``tokens``, ``targets``, ``loss_mask``, ``segment_ids``,
-optional ``positions``); each row's score is the sum of ``log p(target | prefix)`` over its
+optional ``positions``); a row's score is the sum of ``log p(target | prefix)`` over its
 masked positions.
 """
 
@@ -15,7 +16,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.models import Model
+from jaxtune.models.decoder import Model
+
+
+def token_logps(model: Model, params, rows: dict, rng=None, *, with_entropy: bool = False):
+    """``log p(target)`` per position [B, S] (0 where loss_mask is 0); ``with_entropy``: also the
+    entropy of each position's next-token distribution [B, S] and the hidden states."""
+    hidden, _ = model.hidden(params, rows["tokens"], positions=rows.get("positions"), segment_ids=rows["segment_ids"],
+                             rng=rng)
+    logsm = jax.nn.log_softmax(model.logits(params, hidden), -1)
+    logp = jnp.where(rows["loss_mask"] > 0, jnp.take_along_axis(logsm, rows["targets"][..., None], -1)[..., 0], 0.0)
+    if not with_entropy:
+        return logp
+    return logp, -jnp.sum(jnp.exp(logsm) * logsm, -1), hidden
+
+
+jitted_token_logps = jax.jit(token_logps, static_argnums=0)  # host side: e.g. a rollout's old / reference log-probs
+
+
+def completion_logps(model: Model, params, rows: dict, rng=None) -> tuple[jax.Array, jax.Array]:
+    """-> (summed log-probs of the masked targets [N], their count [N]) for LM-layout ``rows``."""
+    mask = rows["loss_mask"].astype(jnp.float32)
+    return jnp.sum(token_logps(model, params, rows, rng) * mask, -1), jnp.sum(mask, -1)
 
 
 @partial(jax.jit, static_argnums=0)

@@ -1,17 +1,23 @@
 """The config trees of jaxtune jobs (what YAML files in configs/ describe).
 
-`JobConfig` drives `jaxtune generate` (model, tokenizer, sampling, prompts);
-`TrainJobConfig` drives `jaxtune train` / `jaxtune eval` (model, tokenizer,
-data, objective, peft, train, optim, mesh, checkpoint, logging). Each section is the dataclass
-of the module that consumes it.
+`JobConfig` drives `jaxtune generate` (model, tokenizer, sampling, prompts); `TrainJobConfig`
+drives `jaxtune train` / `jaxtune eval` (model, tokenizer, data, objective, peft, train, optim,
+mesh, checkpoint, logging, eval). Each section is the dataclass of the module that consumes it;
+`ObjectiveConfig` selects one of the registered objectives (`jaxtune.job.objectives`).
 """
 
 from __future__ import annotations
 
+import numbers
+import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from jaxtune.align.grpo import GRPOConfig
+from jaxtune.align.ppo import PPOConfig
+from jaxtune.align.preference import PreferenceObjectiveConfig
 from jaxtune.checkpoint.manager import CheckpointConfig
+from jaxtune.data.masking import check_masking_rates
 from jaxtune.data.streams import DataConfig
 from jaxtune.eval.config import EvalConfig
 from jaxtune.generate.sampling import SamplingConfig
@@ -20,8 +26,10 @@ from jaxtune.parallel.mesh import MeshConfig
 from jaxtune.peft.config import PeftConfig
 from jaxtune.quant.weight import QuantConfig
 from jaxtune.train.config import LoggingConfig, TrainConfig
-from jaxtune.train.losses import ObjectiveConfig
 from jaxtune.train.optim import OptimConfig
+
+ObjectiveKind = Literal["causal", "masked", "sft", "classification", "regression", "dpo", "reward", "grpo", "ppo"]
+OBJECTIVES: tuple[str, ...] = typing.get_args(ObjectiveKind)
 
 
 @dataclass(frozen=True)
@@ -29,7 +37,7 @@ class ModelSource:
     """Where the weights come from: exactly one of hf_dir, checkpoint, preset, config."""
 
     hf_dir: Optional[str] = None  # local Hugging Face directory (config.json + safetensors)
-    checkpoint: Optional[str] = None  # jaxtune Orbax params checkpoint directory
+    checkpoint: Optional[str] = None  # jaxtune Orbax params checkpoint or training run directory
     preset: Optional[str] = None  # built-in architecture, random init (jaxtune.models.presets)
     config: Optional[ModelConfig] = None  # inline architecture, random init
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -60,6 +68,45 @@ class TokenizerConfig:
 
 
 @dataclass(frozen=True)
+class ObjectiveConfig:
+    """Training objective (one module each in `jaxtune.job.objectives`). causal: next-token
+    prediction (pretraining streams, or data.kind=sft records); sft: the same loss on data.kind=sft
+    records only. masked: BERT-style masked LM (the model attends both ways): each real token is
+    selected with probability ``mask_rate``; of those, ``random_rate`` become a uniformly random
+    token, ``keep_rate`` stay as they are and the rest become ``mask_token_id`` (default: the
+    tokenizer's mask token). classification / regression: a score head over the pooled hidden
+    states (``pooling``: the last real token or the mean), cross-entropy over ``num_labels``
+    classes or squared error (data.kind=classification). dpo: a DPO-family loss on preference
+    pairs; reward: a Bradley-Terry reward model (a one-output score head at the last token); both
+    read ``preference`` and data.kind=preference. grpo: group-sampled RL with verifiable rewards on
+    the prompts of data.kind=sft records. ppo: RLHF with a value head, GAE and a KL-shaped reward."""
+
+    kind: ObjectiveKind = "causal"
+    mask_rate: float = 0.15
+    random_rate: float = 0.1
+    keep_rate: float = 0.1
+    mask_token_id: Optional[int] = None
+    num_labels: int = 2  # classification: number of classes (regression uses 1)
+    pooling: Literal["last", "mean"] = "last"
+    preference: PreferenceObjectiveConfig = field(default_factory=PreferenceObjectiveConfig)  # dpo / reward
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # grpo: sampling, reward, clipping, KL, normalisation
+    ppo: PPOConfig = field(default_factory=PPOConfig)  # ppo: reward (function or model), KL, GAE, clipping, epochs
+
+    def __post_init__(self):
+        if self.kind not in OBJECTIVES:
+            raise ValueError(f"ObjectiveConfig.kind: unknown objective {self.kind!r} ({' | '.join(OBJECTIVES)})")
+        check_masking_rates(
+            self.mask_rate, self.random_rate, self.keep_rate,
+            names=("ObjectiveConfig.mask_rate", "ObjectiveConfig.random_rate", "ObjectiveConfig.keep_rate"),
+        )
+        if self.mask_token_id is not None and (
+            isinstance(self.mask_token_id, bool) or not isinstance(self.mask_token_id, numbers.Integral)
+            or self.mask_token_id < 0
+        ):
+            raise ValueError(f"ObjectiveConfig.mask_token_id must be a non-negative integer, got {self.mask_token_id!r}")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     model: ModelSource = field(default_factory=lambda: ModelSource(preset="tiny-llama"))
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -73,7 +120,7 @@ class TrainJobConfig:
     model: ModelSource = field(default_factory=lambda: ModelSource(preset="tiny-llama"))
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # causal LM, or masked LM (bidirectional)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # what the loss is (jaxtune.job.objectives)
     peft: PeftConfig = field(default_factory=PeftConfig)  # LoRA & co.; nothing set = train the whole model
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -1,4 +1,4 @@
-"""DPO-family and reward-model objectives as loss functions of the one training loop.
+"""DPO-family and reward-model losses over the model, as loss functions of the one training loop.
 
 Batches come from `jaxtune.data.preference.PairStream` (``chosen_*`` / ``rejected_*`` rows and
 ``pair_mask``). The policy scores both sides in one forward pass (the rows concatenated). The
@@ -25,7 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.align.losses import LOSSES, bradley_terry, completion_logps, preference_losses
+from jaxtune.align.losses import LOSSES, bradley_terry, preference_losses
+from jaxtune.data.preference import PairStream
+from jaxtune.models.heads import classification_logits
+from jaxtune.models.scoring import completion_logps
 from jaxtune.peft.core import base_model
 
 ROW_FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -92,8 +95,6 @@ def dpo_loss(model, cfg: PreferenceObjectiveConfig, *, reference: str):
 
 def reward_scores(model, params, batch: dict, rng=None) -> tuple[jax.Array, jax.Array]:
     """The score head at each side's last real token -> (r_chosen [B], r_rejected [B])."""
-    from jaxtune.train.classify import classification_logits
-
     rows = both_sides(batch)
     scores = classification_logits(model, params, rows, pooling="last", rng=rng)[:, 0]
     b = batch["pair_mask"].shape[0]
@@ -120,8 +121,6 @@ def _side_logps(model, params, batch):
 
 def precompute_reference(model, params, pairs, *, batch_size: int, seq_len: int, pad_id: int = 0) -> np.ndarray:
     """Reference log-probs [n, 2] (chosen, rejected) of every pair under ``params`` (the starting weights)."""
-    from jaxtune.data.preference import PairStream
-
     out = np.zeros((len(pairs.examples), 2), np.float32)
     stream = PairStream(pairs, batch_size, seq_len, shuffle=False, epochs=1, pad_id=pad_id)
     start = 0

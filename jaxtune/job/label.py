@@ -1,5 +1,6 @@
-"""AI-feedback labelling (RLAIF): sample several completions per prompt from a policy, rank them with
-a judge, write the best and the worst as a preference pair that DPO trains on directly.
+"""`jaxtune label`, AI-feedback labelling (RLAIF): sample several completions per prompt from a
+policy, rank them with a judge (`jaxtune.align.judges`), write the best and the worst as a
+preference pair that DPO trains on directly.
 
 Judges:
 
@@ -28,9 +29,16 @@ from typing import Literal, Optional
 import jax
 import numpy as np
 
-from jaxtune.config.schema import ModelSource, TokenizerConfig
-from jaxtune.data.sources import SourceConfig
+from jaxtune.align.judges import llm_preference, rank, reward_judge
+from jaxtune.data.sft import read_records
+from jaxtune.data.sources import SourceConfig, build_source
+from jaxtune.data.tokenizer import load_tokenizer
+from jaxtune.generate import generate, left_pad
 from jaxtune.generate.sampling import SamplingConfig
+from jaxtune.generate.text import stop_tokens_of
+from jaxtune.job.assemble import load_model
+from jaxtune.job.schema import ModelSource, TokenizerConfig
+from jaxtune.models import Model
 
 log = logging.getLogger(__name__)
 JUDGE_TEMPLATE = ("Which response answers the prompt better?\n\nPrompt: {prompt}\n\nResponse A: {a}\n\n"
@@ -66,94 +74,8 @@ class LabelJobConfig:
                 raise ValueError(f"judge_template must contain {key}")
 
 
-def _pad_rows(sequences: list[list[int]], pad: int) -> dict:
-    width = -(-max(len(s) for s in sequences) // 16) * 16
-    tokens = np.full((len(sequences), width), pad, np.int32)
-    seg = np.zeros((len(sequences), width), np.int32)
-    for i, s in enumerate(sequences):
-        tokens[i, : len(s)] = s
-        seg[i, : len(s)] = 1
-    return {"tokens": tokens, "segment_ids": seg, "positions": np.tile(np.arange(width, dtype=np.int32), (len(sequences), 1))}
-
-
-def reward_judge(model, params, tokenizer, batch_size: int):
-    """-> ``score(prompts, completions) -> [n]`` under a reward model's score head."""
-    from jaxtune.train.classify import classification_logits
-
-    if "score" not in params or params["score"]["kernel"].shape[-1] != 1:
-        raise ValueError("the reward judge needs a reward model (a run trained with objective.kind=reward)")
-    fn = jax.jit(lambda p, b: classification_logits(model, p, b, pooling="last")[:, 0])
-    pad = int(model.cfg.pad_token_id or 0)
-
-    def score(prompts: list[str], completions: list[str]) -> np.ndarray:
-        ids = [list(tokenizer.encode(p)) + list(tokenizer.encode(c)) for p, c in zip(prompts, completions)]
-        out = []
-        for start in range(0, len(ids), batch_size):
-            chunk = ids[start: start + batch_size]
-            rows = _pad_rows(chunk + [chunk[0]] * (batch_size - len(chunk)), pad)
-            out.append(np.asarray(fn(params, rows))[: len(chunk)])
-        return np.concatenate(out)
-
-    return score
-
-
-def load_reward_judge(directory: str, tokenizer, batch_size: int, **numerics):
-    """`reward_judge` of the reward-model run at ``directory`` (it must share the policy's tokenizer);
-    ``numerics``: param_dtype / dtype / attention_impl to restore it with (default float32)."""
-    from jaxtune.interop.sources import load_model
-    from jaxtune.models import Model
-
-    params, cfg, _ = load_model(ModelSource(checkpoint=directory, **numerics))
-    return reward_judge(Model(cfg), params, tokenizer, batch_size)
-
-
-def llm_preference(model, params, tokenizer, template: str, batch_size: int):
-    """-> ``prefer(prompt, a, b) -> float``: log p("A") - log p("B") after the judge prompt, averaged
-    over both orders (positive: a is better)."""
-    from jaxtune.eval.scoring import continuation_rows, sequence_logprobs
-
-    a_ids, b_ids = list(tokenizer.encode(" A")), list(tokenizer.encode(" B"))
-    pad = int(model.cfg.pad_token_id or 0)
-
-    def prefer_many(triples: list[tuple[str, str, str]]) -> np.ndarray:
-        pairs = []
-        for prompt, a, b in triples:
-            for first, second in ((a, b), (b, a)):
-                context = list(tokenizer.encode(template.format(prompt=prompt, a=first, b=second)))
-                pairs += [(context, a_ids), (context, b_ids)]
-        scores = []
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start: start + batch_size]
-            rows = chunk + [chunk[0]] * (batch_size - len(chunk))
-            width = -(-max(len(c) + len(x) - 1 for c, x in rows) // 16) * 16
-            scores.append(np.asarray(sequence_logprobs(model, params, continuation_rows(rows, width, pad))[0])[: len(chunk)])
-        s = np.concatenate(scores).reshape(len(triples), 2, 2)  # [triple, order, answer A/B]
-        return 0.5 * ((s[:, 0, 0] - s[:, 0, 1]) + (s[:, 1, 1] - s[:, 1, 0]))
-
-    return prefer_many
-
-
-def rank(completions: list[str], prefer: np.ndarray) -> np.ndarray:
-    """Scores from pairwise preferences (``prefer[k]`` for the k-th pair of `combinations`): wins,
-    ties broken by the summed preference."""
-    wins, total = np.zeros(len(completions)), np.zeros(len(completions))
-    for k, (i, j) in enumerate(combinations(range(len(completions)), 2)):
-        wins[i if prefer[k] > 0 else j] += 1
-        total[i] += prefer[k]
-        total[j] -= prefer[k]
-    return wins + 1e-3 * np.tanh(total)
-
-
 def label(cfg: LabelJobConfig) -> dict:
     """Run the labelling job; -> counts (prompts, pairs written, skipped) and the output path."""
-    from jaxtune.data.sft import read_records
-    from jaxtune.data.sources import build_source
-    from jaxtune.data.tokenizer import load_tokenizer
-    from jaxtune.eval.tasks import stop_tokens_of
-    from jaxtune.generate import generate, left_pad
-    from jaxtune.interop.sources import load_model
-    from jaxtune.models import Model
-
     output = Path(cfg.output)
     if output.exists():
         raise FileExistsError(f"label.output {output} exists (labels are never overwritten); give a new path")

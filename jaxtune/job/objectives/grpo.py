@@ -1,0 +1,37 @@
+"""``grpo``: group-sampled RL with verifiable rewards (GRPO, DAPO, Dr. GRPO variants).
+
+The prompts of the job's instruction records are sampled ``group_size`` times each from the
+current policy; rewards are normalised within each group; the loss is the clipped token-level
+objective with an optional KL to the reference (`jaxtune.align.grpo`). No held-out stream.
+"""
+
+from __future__ import annotations
+
+from jaxtune.align.grpo import GroupRolloutStream, grpo_loss
+from jaxtune.job.objectives.base import Context, Objective, register
+from jaxtune.job.objectives.rollouts import prompt_records, reference_kind, rollout_options
+from jaxtune.job.schema import TrainJobConfig
+from jaxtune.job.streams import Streams
+from jaxtune.models import Model
+from jaxtune.train.losses import LossFn
+
+
+@register
+class GRPO(Objective):
+    name = "grpo"
+    data_kinds = ("sft",)
+
+    def reference(self, job: TrainJobConfig) -> str:
+        return reference_kind(job, job.objective.grpo.kl_coef)
+
+    def loss(self, ctx: Context) -> LossFn:
+        return grpo_loss(Model(ctx.cfg), ctx.job.objective.grpo, reference=self.reference(ctx.job))
+
+    def streams(self, ctx: Context, *, train: bool = True) -> Streams:
+        cfg = ctx.job.objective.grpo
+        records = prompt_records(ctx.job)
+        if not train:
+            return None, None
+        stream = GroupRolloutStream(records, cfg, Model(ctx.cfg.replace(remat="none")), ctx.tokenizer, ctx.job.data.sft,
+                                    **rollout_options(ctx, cfg.kl_coef))
+        return stream, None
