@@ -16,20 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 from jaxtune.cli.tokenizer import train_tokenizer
 from jaxtune.config import load_config
-from jaxtune.job import TrainJobConfig
 from jaxtune.data.pipeline import DocumentOptions, DocumentStream
 from jaxtune.data.sources import SourceConfig, build_source
 from jaxtune.data.tokenizer import ByteTokenizer, load_tokenizer
-from jaxtune.job import run_training
+from jaxtune.job import TrainJobConfig, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 

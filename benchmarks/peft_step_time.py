@@ -28,8 +28,8 @@ from jaxtune.peft.config import PeftConfig, apply_peft, peft_mask
 from jaxtune.peft.lora import LoraConfig
 from jaxtune.quant import QuantConfig, quantize
 from jaxtune.train.losses import causal_lm_loss
-from jaxtune.utils.partition import count, split
 from jaxtune.train.step import TrainState, make_train_step
+from jaxtune.utils.partition import count, split
 
 METHODS = {
     "full": None,

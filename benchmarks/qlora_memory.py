@@ -14,9 +14,7 @@ import argparse
 import time
 
 from jaxtune.config import from_dict, load_config
-
-from jaxtune.job import TrainJobConfig
-from jaxtune.job import plan_step
+from jaxtune.job import TrainJobConfig, plan_step
 from jaxtune.train.memory import compiled, estimate
 from jaxtune.utils.partition import count
 

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from jaxtune.config import load_config
-
 from jaxtune.job import TrainJobConfig  # noqa: E402
 from jaxtune.job import run_eval_job  # noqa: E402
 from jaxtune.job import run_training  # noqa: E402

@@ -17,6 +17,7 @@ if "JAXTUNE_TEST_NO_COMPILE_CACHE" not in os.environ:
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -37,6 +38,21 @@ def hf_checkpoint(tmp_path_factory):
     return get
 
 
+def shared_directory(tmp_path_factory, name: str, build):
+    """``build(directory)`` once per test session, whatever the number of xdist workers: the first
+    worker to ask builds it (under a file lock) in the session's shared temporary root, the others
+    wait and reuse it. Without xdist it is an ordinary per-session directory."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-of-<user>/pytest-<n>: this session's, shared by its workers
+    directory, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            build(directory)
+            done.touch()
+    return directory
+
+
 FINE_TUNE_COMMON = {"tokenizer": {"kind": "byte"},
                     "optim": {"lr": 3e-3, "warmup_steps": 5, "schedule": "constant"},
                     "logging": {"progress": False, "tensorboard": False, "jsonl": False}}
@@ -47,15 +63,15 @@ def shakespeare_base(tmp_path_factory):
     """A tiny Llama pretrained for 60 steps on tiny Shakespeare (byte tokenizer): the base that
     fine-tuning tests adapt to a style it never saw. -> its run directory."""
     from jaxtune.config import from_dict
-    from jaxtune.job import TrainJobConfig
-    from jaxtune.job import run_training
+    from jaxtune.job import TrainJobConfig, run_training
 
-    pre = tmp_path_factory.mktemp("shakespeare_base")
-    run_training(from_dict(TrainJobConfig, {**FINE_TUNE_COMMON, "model": {"preset": "tiny-llama"},
-                 "data": {"kind": "text", "path": "builtin:tinyshakespeare.txt"},
-                 "train": {"steps": 60, "batch_size": 8, "seq_len": 64, "eval_batches": 0},
-                 "checkpoint": {"directory": str(pre)}}))
-    return pre
+    def build(directory):
+        run_training(from_dict(TrainJobConfig, {**FINE_TUNE_COMMON, "model": {"preset": "tiny-llama"},
+                     "data": {"kind": "text", "path": "builtin:tinyshakespeare.txt"},
+                     "train": {"steps": 60, "batch_size": 8, "seq_len": 64, "eval_batches": 0},
+                     "checkpoint": {"directory": str(directory)}}))
+
+    return shared_directory(tmp_path_factory, "shakespeare_base", build)
 
 
 @pytest.fixture(scope="session")
@@ -79,13 +95,13 @@ def shout_reward_model(tmp_path_factory):
     """A Bradley-Terry reward model (tiny Llama from random weights, 20 steps) on the shout pairs,
     byte tokenizer. -> its run directory."""
     from jaxtune.config import from_dict
-    from jaxtune.job import TrainJobConfig
-    from jaxtune.job import run_training
+    from jaxtune.job import TrainJobConfig, run_training
 
-    run = tmp_path_factory.mktemp("shout_reward_model")
-    run_training(from_dict(TrainJobConfig, {**FINE_TUNE_COMMON, "model": {"preset": "tiny-llama"},
-                 "data": {"kind": "preference", "sources": [{"path": "builtin:shout_train.jsonl"}],
-                          "eval_sources": [{"path": "builtin:shout_eval.jsonl"}]},
-                 "objective": {"kind": "reward"}, "checkpoint": {"directory": str(run)},
-                 "train": {"steps": 20, "batch_size": 8, "seq_len": 32, "eval_batches": 0}}))
-    return run
+    def build(directory):
+        run_training(from_dict(TrainJobConfig, {**FINE_TUNE_COMMON, "model": {"preset": "tiny-llama"},
+                     "data": {"kind": "preference", "sources": [{"path": "builtin:shout_train.jsonl"}],
+                              "eval_sources": [{"path": "builtin:shout_eval.jsonl"}]},
+                     "objective": {"kind": "reward"}, "checkpoint": {"directory": str(directory)},
+                     "train": {"steps": 20, "batch_size": 8, "seq_len": 32, "eval_batches": 0}}))
+
+    return shared_directory(tmp_path_factory, "shout_reward_model", build)

@@ -32,6 +32,7 @@ from the segments. A KV cache holds real tokens only; `Model.resolve_prefix` tur
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -181,14 +182,9 @@ class Model:
         return Decoder(self.cfg)
 
     def init(self, rng: jax.Array) -> Params:
-        tokens = jnp.zeros((1, 1), jnp.int32)
-        decoder_rng, head_rng = jax.random.split(rng)
-        params = dict(self._decoder.init(decoder_rng, tokens, tokens, tokens)["params"])
-        if not self.cfg.tie_word_embeddings:
-            init = nn.initializers.normal(self.cfg.initializer_range)
-            shape = (self.cfg.hidden_size, self.cfg.vocab_size)
-            params["lm_head"] = {"kernel": init(head_rng, shape, self.cfg.weight_dtype)}
-        return params
+        """Fresh params from ``rng`` (jitted: one program, not hundreds of eager initializer ops;
+        inside a traced function it is inlined as any nested jit)."""
+        return _init(self.cfg, rng)
 
     def hidden(
         self,
@@ -222,9 +218,10 @@ class Model:
         prefix = self.prefix_kv(params, rng=prefix_rng)
         if prefix is not None:  # the prefix holds positions 0..n-1
             positions = jnp.asarray(positions) + prefix[0].shape[1]
-        rngs = None if rng is None else {"dropout": rng}
-        return self._decoder.apply({"params": self._decoder_params(params)}, tokens, positions, segment_ids, cache,
-                                   prefix, rngs=rngs)
+        args = (self._decoder_params(params), tokens, positions, segment_ids, cache, prefix, rng)
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+            return _run_decoder(self.cfg, *args)  # inside a traced program (jit, grad, eval_shape): inline
+        return _run_decoder_jitted(self.cfg, *args)  # called eagerly: one compiled program, not op by op
 
     @staticmethod
     def _decoder_params(params: Params) -> Params:
@@ -302,6 +299,25 @@ class Model:
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         cfg = self.cfg
         return init_cache(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype or cfg.compute_dtype)
+
+
+def _run_decoder(cfg: ModelConfig, params, tokens, positions, segment_ids, cache, prefix, rng):
+    rngs = None if rng is None else {"dropout": rng}
+    return Decoder(cfg).apply({"params": params}, tokens, positions, segment_ids, cache, prefix, rngs=rngs)
+
+
+_run_decoder_jitted = jax.jit(_run_decoder, static_argnums=0)
+
+
+@partial(jax.jit, static_argnums=0)
+def _init(cfg: ModelConfig, rng: jax.Array) -> Params:
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    decoder_rng, head_rng = jax.random.split(rng)
+    params = dict(Decoder(cfg).init(decoder_rng, tokens, tokens, tokens)["params"])
+    if not cfg.tie_word_embeddings:
+        init = nn.initializers.normal(cfg.initializer_range)
+        params["lm_head"] = {"kernel": init(head_rng, (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype)}
+    return params
 
 
 def init(rng: jax.Array, cfg: ModelConfig) -> Params:

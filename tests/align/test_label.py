@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from jaxtune.config import from_dict
-
-from jaxtune.job import TrainJobConfig
 from jaxtune.data.tasks import shout_preferences, write_jsonl
+from jaxtune.job import TrainJobConfig
 from tests.conftest import FINE_TUNE_COMMON
 
 
@@ -20,12 +19,10 @@ def _prompts(tmp_path, n=6):
 
 
 def test_reward_judged_labels_are_a_valid_preference_file_dpo_trains_on(tmp_path, shakespeare_base, shout_reward_model):
-    from jaxtune.job.label import LabelJobConfig, label, reward_judge
     from jaxtune.data.tokenizer import ByteTokenizer
-    from jaxtune.job import load_model
+    from jaxtune.job import ModelSource, load_model, run_training
+    from jaxtune.job.label import LabelJobConfig, label, reward_judge
     from jaxtune.models import Model
-    from jaxtune.job import ModelSource
-    from jaxtune.job import run_training
 
     out = tmp_path / "labels.jsonl"
     cfg = from_dict(LabelJobConfig, {"policy": {"checkpoint": str(shakespeare_base)}, "prompts": [{"path": str(_prompts(tmp_path))}],
@@ -57,11 +54,11 @@ def test_reward_judged_labels_are_a_valid_preference_file_dpo_trains_on(tmp_path
 def test_llm_judge_asks_both_orders_and_ranks_by_wins(tmp_path):
     import jax
 
-    from jaxtune.job.label import JUDGE_TEMPLATE, LabelJobConfig, label, llm_preference, rank
     from jaxtune.data.tokenizer import ByteTokenizer
-    from jaxtune.models.scoring import continuation_rows, sequence_logprobs
+    from jaxtune.job.label import JUDGE_TEMPLATE, LabelJobConfig, label, llm_preference, rank
     from jaxtune.models import Model
     from jaxtune.models.presets import preset
+    from jaxtune.models.scoring import continuation_rows, sequence_logprobs
 
     model, tok = Model(preset("tiny-llama")), ByteTokenizer()
     params = jax.jit(model.init)(jax.random.key(2))

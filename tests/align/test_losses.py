@@ -3,8 +3,8 @@ completion log-prob masking against full-sequence logits."""
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
+import math
 from types import SimpleNamespace
 
 import jax
@@ -120,9 +120,9 @@ def test_orpo_equals_trl_odds_ratio_loss():
 
 
 def test_completion_log_probs_sum_only_the_completion_targets():
-    from jaxtune.models.scoring import continuation_rows
     from jaxtune.models import Model
     from jaxtune.models.presets import preset
+    from jaxtune.models.scoring import continuation_rows
 
     model = Model(preset("tiny-llama"))
     params = jax.jit(model.init)(jax.random.key(0))

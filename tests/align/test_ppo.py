@@ -68,8 +68,7 @@ def test_ppo_job_raises_the_score_and_reports_kl(tmp_path, shakespeare_base):
     assert all(np.isfinite(h["train/kl"]) and np.isfinite(h["train/value_loss"]) for h in history)
     meta = json.loads((run / "train_meta.json").read_text())
     assert meta["head"]["key"] == "value_head"
-    from jaxtune.job import ModelSource
-    from jaxtune.job import load_model
+    from jaxtune.job import ModelSource, load_model
 
     params, _, _ = load_model(ModelSource(checkpoint=str(run)))  # the policy restores with its value head
     assert params["value_head"]["kernel"].shape == (128, 1)
@@ -79,12 +78,11 @@ def test_separate_value_model_starts_as_the_reward_model_and_trains_with_the_pol
                                                                                      shout_reward_model):
     import jax
 
-    from jaxtune.job.assemble import load_reward_judge
     from jaxtune.align.ppo import _values, value_network
     from jaxtune.cli.main import main
-    from jaxtune.job import ModelSource
     from jaxtune.data.tokenizer import ByteTokenizer
-    from jaxtune.job import load_model
+    from jaxtune.job import ModelSource, load_model
+    from jaxtune.job.assemble import load_reward_judge
     from jaxtune.models import Model
     from jaxtune.parallel.mesh import make_mesh
     from jaxtune.parallel.rules import param_specs

@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 
 from jaxtune.config import from_dict
-
-from jaxtune.job import TrainJobConfig
 from jaxtune.data.preference import PairStream, PreferenceConfig, load_pairs, split_dialogues
 from jaxtune.data.sources import SourceConfig, build_source
 from jaxtune.data.tasks import shout_preferences, write_jsonl
 from jaxtune.data.tokenizer import ByteTokenizer
+from jaxtune.job import TrainJobConfig
 from tests.conftest import FINE_TUNE_COMMON
 
 BYTE = ByteTokenizer()
@@ -102,8 +101,7 @@ def _job(data, objective, directory=None, **extra):
 
 
 def test_reward_model_learns_the_preference_and_eval_restores_it(tmp_path):
-    from jaxtune.job import run_eval_job
-    from jaxtune.job import run_training
+    from jaxtune.job import run_eval_job, run_training
 
     data = _shout_data(tmp_path)
     result = run_training(_job(data, {"kind": "reward"}, tmp_path / "rm"))

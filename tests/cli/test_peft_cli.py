@@ -7,13 +7,12 @@ import pytest
 
 from jaxtune.cli.main import main
 from jaxtune.config import from_dict
-from jaxtune.job import TrainJobConfig
-from jaxtune.job.schema import ModelSource
 from jaxtune.interop import save_hf
-from jaxtune.job import load_model
+from jaxtune.job import TrainJobConfig, load_model, run_training
+from jaxtune.job.schema import ModelSource
 from jaxtune.models import Model
 from jaxtune.peft.core import base_model
-from jaxtune.job import run_training
+from tests.conftest import shared_directory
 from tests.reference import require
 
 torch = require("torch")
@@ -30,21 +29,25 @@ def _hf_logits(model):
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("peft_cli") / "run"
-    run_training(from_dict(TrainJobConfig, {
-        "model": {"preset": "tiny-llama"}, "data": {"kind": "synthetic"},
-        "peft": {"lora": {"rank": 4, "alpha": 8, "targets": ["all-linear"]}},
-        "train": {"steps": 4, "batch_size": 4, "seq_len": 32, "eval_batches": 0},
-        "optim": {"lr": 5e-2, "warmup_steps": 1, "schedule": "constant"},
-        "checkpoint": {"directory": str(run)},
-        "logging": {"progress": False, "tensorboard": False, "jsonl": False}}))
+    """A LoRA run and its base as a transformers checkpoint, made once per session."""
+
+    def build(directory):
+        run_training(from_dict(TrainJobConfig, {
+            "model": {"preset": "tiny-llama"}, "data": {"kind": "synthetic"},
+            "peft": {"lora": {"rank": 4, "alpha": 8, "targets": ["all-linear"]}},
+            "train": {"steps": 4, "batch_size": 4, "seq_len": 32, "eval_batches": 0},
+            "optim": {"lr": 5e-2, "warmup_steps": 1, "schedule": "constant"},
+            "checkpoint": {"directory": str(directory / "run")},
+            "logging": {"progress": False, "tensorboard": False, "jsonl": False}}))
+        params, cfg, _ = load_model(ModelSource(checkpoint=str(directory / "run")))
+        save_hf(base_model(params), cfg, directory / "hf_base")
+
+    run = shared_directory(tmp_path_factory, "peft_cli", build) / "run"
     params, cfg, _ = load_model(ModelSource(checkpoint=str(run)))
     logits = np.asarray(Model(cfg).apply(params, TOKENS))
     base_logits = np.asarray(Model(cfg).apply(base_model(params), TOKENS))
     assert np.abs(logits - base_logits).max() > 1e-2  # the adapter matters
-    hf_base = run.parent / "hf_base"
-    save_hf(base_model(params), cfg, hf_base)
-    return run, hf_base, logits
+    return run, run.parent / "hf_base", logits
 
 
 def test_merge_lora_export_matches_transformers(lora_run, tmp_path, capsys):

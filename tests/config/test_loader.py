@@ -3,9 +3,8 @@
 import pytest
 
 from jaxtune.config import ConfigError, load_config, to_dict
-
-from jaxtune.job import JobConfig
 from jaxtune.config.loader import from_dict
+from jaxtune.job import JobConfig
 from jaxtune.models import ModelConfig
 
 
@@ -70,9 +69,9 @@ def test_every_shipped_config_loads():
     """Each YAML recipe in configs/ parses into its job tree (a typo in a shipped key fails here)."""
     from pathlib import Path
 
-    from jaxtune.job.label import LabelJobConfig
     from jaxtune.config import load_config
     from jaxtune.job import JobConfig, TrainJobConfig
+    from jaxtune.job.label import LabelJobConfig
 
     shipped = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
     assert len(shipped) >= 4

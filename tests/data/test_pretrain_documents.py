@@ -9,8 +9,7 @@ import pytest
 
 from jaxtune.cli.main import main
 from jaxtune.config import from_dict
-from jaxtune.job import TrainJobConfig
-from jaxtune.job import run_training
+from jaxtune.job import TrainJobConfig, run_training
 
 
 def _job(directory, steps=6):

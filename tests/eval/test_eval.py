@@ -12,16 +12,15 @@ import numpy as np
 import pytest
 
 from jaxtune.config import from_dict
-
-from jaxtune.job import TrainJobConfig
 from jaxtune.data.instruct import InstructConfig
 from jaxtune.data.tokenizer import ByteTokenizer
 from jaxtune.eval.config import EvalTaskConfig
-from jaxtune.models.scoring import continuation_rows, sequence_logprobs
 from jaxtune.eval.tasks import exact_match, multiple_choice
 from jaxtune.generate.text import extract_answer
+from jaxtune.job import TrainJobConfig
 from jaxtune.models import Model
 from jaxtune.models.presets import preset
+from jaxtune.models.scoring import continuation_rows, sequence_logprobs
 
 BYTE = ByteTokenizer()
 

@@ -9,10 +9,10 @@ import pytest
 
 from jaxtune.align.rewards import uppercase
 from jaxtune.config import from_dict
-from jaxtune.job import ModelSource, TrainJobConfig
 from jaxtune.data.tasks import shout_preferences
 from jaxtune.data.tokenizer import ByteTokenizer
 from jaxtune.eval.config import EvalTaskConfig
+from jaxtune.job import ModelSource, TrainJobConfig
 from tests.conftest import FINE_TUNE_COMMON
 
 
@@ -27,8 +27,8 @@ def _logps(directory, ids, start):
 
 
 def test_reward_task_scores_samples_and_estimates_the_kl(shakespeare_base, shout_reward_model):
-    from jaxtune.job.assemble import load_reward_judge
     from jaxtune.job import run_eval_job
+    from jaxtune.job.assemble import load_reward_judge
 
     common = dict(max_new_tokens=6, batch_size=8, limit=4)
     tasks = [dict(kind="reward", name="kl", reward="uppercase", completions=2, reference=str(shout_reward_model), samples=8),

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune.job.schema import ModelSource
 from jaxtune.interop.hf_quant import QuantizedCheckpointError
 from jaxtune.interop.hf_weights import SafetensorsReader, load_hf
 from jaxtune.job import load_model
+from jaxtune.job.schema import ModelSource
 from jaxtune.models import Model
 from jaxtune.quant import QuantConfig, QuantizedWeight
 from tests.hf_reference import save_model

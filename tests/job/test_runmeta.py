@@ -4,8 +4,8 @@ import json
 import os
 import threading
 
-import pytest
 from etils import epath
+import pytest
 
 from jaxtune.config import from_dict, to_dict
 from jaxtune.job import TrainJobConfig

@@ -8,10 +8,10 @@ import types
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AbstractMesh, PartitionSpec as P
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from jaxtune.data.streams import SyntheticStream
 from jaxtune.models import Model

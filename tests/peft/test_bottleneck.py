@@ -8,9 +8,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AbstractMesh, PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from jaxtune.data.streams import SyntheticStream
 from jaxtune.models import Model
@@ -19,8 +19,13 @@ from jaxtune.models.presets import preset
 from jaxtune.ops import linear
 from jaxtune.parallel import MeshConfig, make_mesh, param_specs
 from jaxtune.peft import LoraConfig, LoraWeight, apply_lora
-from jaxtune.peft.bottleneck import (BottleneckConfig, BottleneckWeight, KernelWithBias, apply_bottleneck,
-                                     remove_bottleneck)
+from jaxtune.peft.bottleneck import (
+    BottleneckConfig,
+    BottleneckWeight,
+    KernelWithBias,
+    apply_bottleneck,
+    remove_bottleneck,
+)
 from jaxtune.peft.core import base_model, trainable_mask
 from jaxtune.train.config import TrainConfig
 from jaxtune.train.loop import train

@@ -7,9 +7,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AbstractMesh, PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from jaxtune.models import Model
 from jaxtune.models.presets import preset

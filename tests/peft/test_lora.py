@@ -8,9 +8,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AbstractMesh, PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from jaxtune.data.streams import SyntheticStream
 from jaxtune.models import Model
@@ -101,7 +101,7 @@ def test_gradients_reach_only_a_and_b():
     def loss(t):
         return jnp.mean(MODEL.apply(join(t, frozen), TOKENS) ** 2)
 
-    grads = jax.grad(loss)(trainable)
+    grads = jax.jit(jax.grad(loss))(trainable)
     leaves = [g for g in jax.tree.leaves(grads) if g is not None]
     assert len(leaves) == CFG.num_layers * 2 * 2 and all(float(jnp.abs(g).sum()) > 0 for g in leaves)
     print(f"trainable {count(trainable):,} of {count(adapted):,} ({count(trainable) / count(adapted):.2%})")

@@ -13,17 +13,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxtune.config import from_dict
-
-from jaxtune.job import TrainJobConfig
+from jaxtune.job import TrainJobConfig, load_model, run_eval_job, run_training
+from jaxtune.job.assemble import with_peft
 from jaxtune.job.schema import ModelSource
-from jaxtune.job import load_model
 from jaxtune.models import Model
 from jaxtune.peft import LoraWeight
-from jaxtune.peft.core import base_model
 from jaxtune.peft.config import PeftConfig
+from jaxtune.peft.core import base_model
 from jaxtune.utils.partition import split
-from jaxtune.job import run_eval_job, run_training
-from jaxtune.job.assemble import with_peft
 from jaxtune.utils.tree import keypath_str
 from tests.conftest import FINE_TUNE_COMMON
 

@@ -8,9 +8,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AbstractMesh, PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from jaxtune.data.streams import SyntheticStream
 from jaxtune.models import Model

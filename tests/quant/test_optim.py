@@ -3,10 +3,10 @@ and optimizer state offloaded to pinned host memory (streamed to the device in t
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AbstractMesh, PartitionSpec as P
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from jaxtune.checkpoint import CheckpointConfig, TrainCheckpointer
 from jaxtune.data.streams import SyntheticStream

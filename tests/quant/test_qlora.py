@@ -15,9 +15,8 @@ from jaxtune.data.streams import SyntheticStream
 from jaxtune.models import Model
 from jaxtune.models.presets import preset
 from jaxtune.parallel import MeshConfig, make_mesh
-from jaxtune.peft import DoraWeight, LoraConfig, LoraWeight, apply_dora, apply_lora, trainable_mask
+from jaxtune.peft import DoraWeight, LoraConfig, LoraWeight, apply_dora, apply_lora, merge_quantized, trainable_mask
 from jaxtune.peft.core import count_trainable
-from jaxtune.peft import merge_quantized
 from jaxtune.quant import QuantConfig, QuantizedWeight, quantize
 from jaxtune.train.config import TrainConfig
 from jaxtune.train.loop import train

@@ -8,13 +8,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxtune.config import from_dict
-
-from jaxtune.job import TrainJobConfig
+from jaxtune.job import TrainJobConfig, load_model, run_eval_job, run_training
 from jaxtune.job.schema import ModelSource
-from jaxtune.job import load_model
 from jaxtune.peft import LoraWeight
 from jaxtune.quant import QuantizedWeight
-from jaxtune.job import run_eval_job, run_training
 from jaxtune.utils.tree import keypath_str
 from tests.conftest import FINE_TUNE_COMMON
 

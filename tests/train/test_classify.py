@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 from jaxtune.config import from_dict
-
-from jaxtune.job import TrainJobConfig
 from jaxtune.data.tasks import COLOURS, colour_sentences, write_jsonl
+from jaxtune.eval.metrics import classification_report, regression_report
+from jaxtune.job import TrainJobConfig
 from jaxtune.models import Model
 from jaxtune.models.presets import preset
-from jaxtune.eval.metrics import classification_report, regression_report
 from jaxtune.train.classify import add_score_head, classification_loss
 from tests.conftest import FINE_TUNE_COMMON
 
@@ -82,8 +81,7 @@ def test_reports_match_scikit_learn():
 
 @pytest.mark.parametrize("peft", ["lora"])  # full fine-tuning: test_classification_recipe_runs_end_to_end
 def test_head_learns_a_separable_task_and_eval_restores_it(tmp_path, color_data, peft):
-    from jaxtune.job import run_eval_job
-    from jaxtune.job import run_training
+    from jaxtune.job import run_eval_job, run_training
 
     extra = {}
     if peft:  # LoRA r8 + the head learn more slowly than full fine-tuning (measured: 0.90 at 60 steps, 0.64 at 40)

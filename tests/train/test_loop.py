@@ -3,29 +3,28 @@ the non-finite stop, logs, and `jaxtune train` / `jaxtune eval`."""
 
 import json
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from jaxtune.checkpoint.manager import restore_params
 from jaxtune.cli.main import main
 from jaxtune.config import from_dict, to_dict
-from jaxtune.job import TrainJobConfig
 from jaxtune.data.streams import SyntheticStream
+from jaxtune.job import TrainJobConfig, run_training
 from jaxtune.models import Model
 from jaxtune.models.presets import preset
 from jaxtune.parallel import MeshConfig, make_mesh
 from jaxtune.train.config import TrainConfig
-from jaxtune.checkpoint.manager import restore_params
 from jaxtune.train.loop import PREEMPTED_EXIT_CODE, NonFiniteLossError, train
 from jaxtune.train.losses import causal_lm_loss
 from jaxtune.train.optim import OptimConfig, build_optimizer
-from jaxtune.job import run_training
 from tests.train.resume_worker import job
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -253,8 +252,7 @@ def test_partially_trainable_run_checkpoints_only_its_trainable_half(tmp_path, c
     # eval rebuilds the frozen half from the run's base model (recorded in train_meta.json)
     assert main(["eval", "--json", f"model.checkpoint={ckpt}", *common, "train.eval_batches=1"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]["tokens"] > 0
-    from jaxtune.job import load_model
-    from jaxtune.job import ModelSource
+    from jaxtune.job import ModelSource, load_model
 
     params, _, _ = load_model(ModelSource(checkpoint=str(ckpt)))
     base = jax.jit(Model(preset("tiny-llama")).init)(jax.random.key(0))  # as the loop builds it

@@ -11,14 +11,13 @@ import optax
 import pytest
 
 from jaxtune.cli.main import main
-from jaxtune.job.schema import ModelSource
 from jaxtune.data.masking import mask_tokens
-from jaxtune.job import load_model
 from jaxtune.interop.hf_config import UnsupportedModelError, check_expressible, to_hf_config
+from jaxtune.job import ObjectiveConfig, TrainJobConfig, load_model
+from jaxtune.job.objectives import Context, get_objective
+from jaxtune.job.schema import ModelSource
 from jaxtune.models import Model, ModelConfig
 from jaxtune.models.attention import attention_mask
-from jaxtune.job import ObjectiveConfig, TrainJobConfig
-from jaxtune.job.objectives import Context, get_objective
 from jaxtune.train.config import TrainConfig
 from jaxtune.train.losses import causal_lm_loss, masked_lm_loss
 from jaxtune.train.step import TrainState, make_train_step

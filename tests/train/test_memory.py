@@ -6,9 +6,8 @@ import pytest
 
 from jaxtune.cli.main import main
 from jaxtune.config import from_dict, load_config
-from jaxtune.job import TrainJobConfig
+from jaxtune.job import TrainJobConfig, plan_step
 from jaxtune.quant.weight import QuantizedWeight, quantized_bytes
-from jaxtune.job import plan_step
 from jaxtune.train.memory import compiled, estimate
 from jaxtune.utils.partition import count
 

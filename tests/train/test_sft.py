@@ -3,8 +3,8 @@ LoRA / QLoRA SFT jobs restore for `jaxtune eval` with the metrics they had in tr
 
 from __future__ import annotations
 
-import json
 from functools import partial
+import json
 
 import jax
 import jax.numpy as jnp
@@ -13,12 +13,11 @@ import optax
 import pytest
 
 from jaxtune.config import from_dict
-
-from jaxtune.job import TrainJobConfig
 from jaxtune.data.instruct import InstructConfig
 from jaxtune.data.sft import ExampleStream, load_examples
 from jaxtune.data.sources import SourceConfig, build_source
 from jaxtune.data.tokenizer import ByteTokenizer
+from jaxtune.job import TrainJobConfig
 from jaxtune.models import Model
 from jaxtune.models.presets import preset
 from jaxtune.train.losses import causal_lm_loss
@@ -89,8 +88,7 @@ def _sft_job(directory, **extra):
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_peft_sft_checkpoint_evaluates_to_its_training_metrics(tmp_path, method):
-    from jaxtune.job import run_eval_job
-    from jaxtune.job import run_training
+    from jaxtune.job import run_eval_job, run_training
 
     extra = {"peft": {"lora": {"rank": 4, "targets": "all-linear"}}}
     if method == "qlora":
@@ -105,8 +103,7 @@ def test_peft_sft_checkpoint_evaluates_to_its_training_metrics(tmp_path, method)
     if method == "lora":
         _same_on_eight_devices(tmp_path, job, evaluated)
     else:  # the recipe's own model.quant restores the run as trained; another quantization is refused
-        from jaxtune.job import ModelSource
-        from jaxtune.job import load_model
+        from jaxtune.job import ModelSource, load_model
         from jaxtune.quant.weight import QuantConfig
 
         same = load_model(ModelSource(checkpoint=str(tmp_path / "run"), quant=QuantConfig(kind="nf4", blocksize=32)))
@@ -121,9 +118,9 @@ def _same_on_eight_devices(tmp_path, job, single):
     """`jaxtune eval` of the run on a (2, 2, 2) mesh of 8 CPU devices (a subprocess) reports the
     single-device figures: loss, and the same greedy generations."""
     import os
+    from pathlib import Path
     import subprocess
     import sys
-    from pathlib import Path
 
     import yaml
 

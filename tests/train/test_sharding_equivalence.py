@@ -7,12 +7,14 @@ on (2,2,2) and restores its params on (1,8,1), (8,1,1) and one device.
 
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import shared_directory
 
 WORKER = Path(__file__).with_name("multidevice_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,12 +22,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("multidevice")
-    out = tmp / "out.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(WORKER), str(out), str(tmp)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    """The worker's figures, computed once per session (xdist workers share them)."""
+
+    def build(tmp):
+        tmp.mkdir(parents=True)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+        proc = subprocess.run([sys.executable, str(WORKER), str(tmp / "out.json"), str(tmp)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    return json.loads((shared_directory(tmp_path_factory, "multidevice", build) / "out.json").read_text())
 
 
 def _max_diff(a: dict, b: dict) -> float:
