@@ -13,9 +13,10 @@ of the first step on both sides (same weights and batch: they must agree), and
 achieved model GFLOP/s (6 N + attention per token) against the fp32 GEMM rate
 of each library on this model's own matmul shapes.
 
-jaxtune variants: default (the loop's defaults: attention_impl=dpa), xla_attn
-(attention_impl=xla, heads-major grouped attention), chunked (xla_attn + loss
-logits built 512 tokens at a time), remat (xla_attn + full block remat).
+jaxtune variants: default (the loop's defaults: attention_impl=auto, which is blockwise
+attention on CPU), dpa and xla_attn (the dense attention paths: jax.nn.dot_product_attention,
+heads-major grouped einsum), chunked (default + loss logits built 512 tokens at a time), remat
+(default + full block remat). --block sets blockwise attention's tiles (0: the model's default).
 """
 
 from __future__ import annotations
@@ -42,17 +43,21 @@ from jaxtune.train.optim import OptimConfig, build_optimizer
 from jaxtune.train.step import TrainState, make_train_step
 
 VARIANTS = {
-    "default": dict(remat="none", chunk=0, attention="dpa"),
+    "default": dict(remat="none", chunk=0, attention="auto"),
+    "dpa": dict(remat="none", chunk=0, attention="dpa"),
     "xla_attn": dict(remat="none", chunk=0, attention="xla"),
-    "chunked": dict(remat="none", chunk=512, attention="xla"),
-    "remat": dict(remat="full", chunk=0, attention="xla"),
+    "chunked": dict(remat="none", chunk=512, attention="auto"),
+    "remat": dict(remat="full", chunk=0, attention="auto"),
 }
 
 
-def jax_side(params, cfg, batch, variant, repeats):
+def jax_side(params, cfg, batch, variant, repeats, block=0):
     opt, schedule = build_optimizer(OptimConfig(lr=1e-4, weight_decay=0.1, clip_norm=1.0, schedule="constant",
                                                 decay_embeddings=True, decay_norms=True), 100)
-    model = Model(cfg.replace(remat=variant["remat"], attention_impl=variant["attention"]))
+    cfg = cfg.replace(remat=variant["remat"], attention_impl=variant["attention"])
+    if block:
+        cfg = cfg.replace(attention_block_q=block, attention_block_kv=block)
+    model = Model(cfg)
     step = make_train_step(causal_lm_loss(model, chunk_tokens=variant["chunk"]), opt, schedule)
     state = TrainState.create(params, opt, jax.random.key(0))
     start = time.perf_counter()
@@ -114,7 +119,8 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--variants", default="default,xla_attn,chunked,remat")
+    parser.add_argument("--variants", default="default,dpa,xla_attn,chunked,remat")
+    parser.add_argument("--block", type=int, default=0, help="blockwise attention tiles (0: the model's default)")
     args = parser.parse_args()
     jax.config.update("jax_default_matmul_precision", "highest")  # true fp32 on every backend
     torch.set_num_threads(os.cpu_count())
@@ -140,7 +146,7 @@ def main():
     torch_s, torch_loss = torch_side(torch_model, tokens, args.repeats)
     results = {}
     for name in args.variants.split(","):
-        results[name] = jax_side(params, cfg, batch, VARIANTS[name], args.repeats)
+        results[name] = jax_side(params, cfg, batch, VARIANTS[name], args.repeats, args.block)
     xla_rate, torch_rate = gemm_rates(cfg, n_tokens, args.repeats)
     gflops = lambda s: flops_per_token * n_tokens / s / 1e9  # noqa: E731
     print(f"transformers       {n_tokens / torch_s:8.0f} tokens/s  {torch_s * 1e3:7.1f} ms/step  "

@@ -7,3 +7,10 @@ on the weight leaf's type; Hugging Face checkpoints go in and out through
 """
 
 __version__ = "0.1.0"
+
+import sys as _sys  # noqa: E402
+
+from jaxtune.utils.moved import MovedModules as _MovedModules  # noqa: E402
+
+if not any(isinstance(finder, _MovedModules) for finder in _sys.meta_path):
+    _sys.meta_path.append(_MovedModules())  # an import of a module that moved says where it went

@@ -26,8 +26,11 @@ from typing import Literal, Optional
 import jax
 import jax.numpy as jnp
 
+from jaxtune.utils.moved import moved_names
+
 LossKind = Literal["sigmoid", "conservative", "robust", "hinge", "ipo", "orpo"]
 LOSSES = ("sigmoid", "conservative", "robust", "hinge", "ipo", "orpo")
+__getattr__ = moved_names(__name__, {"completion_logps": "jaxtune.models.scoring.completion_logps"})
 
 
 def preference_losses(kind: str, chosen: jax.Array, rejected: jax.Array, ref_chosen: Optional[jax.Array] = None,

@@ -44,6 +44,12 @@ from jaxtune.models.heads import SCORE, VALUE_HEAD, VALUE_MODEL, init_scalar_hea
 from jaxtune.models.scoring import jitted_token_logps, token_logps
 from jaxtune.peft.core import ADDED_KEYS, base_model, merge_adapters
 from jaxtune.quant.weight import dequantize
+from jaxtune.utils.moved import moved_names
+
+__getattr__ = moved_names(__name__, {
+    "add_value_head": "jaxtune.models.heads.add_head(params, HeadSpec(VALUE_HEAD), cfg, rng)",
+    "add_value_model": "jaxtune.job.objectives.get_objective('ppo').network(job)",
+})
 
 
 @dataclass(frozen=True)

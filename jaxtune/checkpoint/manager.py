@@ -35,9 +35,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
+from jaxtune.utils.moved import moved_names
 from jaxtune.utils.tree import keypath_str
 
 PARAMS_ITEM, STATE_ITEM, DATA_ITEM = "params", "state", "data"
+__getattr__ = moved_names(__name__, {"TRAIN_META_FILE": "jaxtune.job.runmeta.TRAIN_META_FILE"})
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,11 @@ class TrainCheckpointer:
     loop calls it unconditionally.
     """
 
-    def __init__(self, cfg: CheckpointConfig):
+    def __init__(self, cfg: CheckpointConfig, *metadata):
+        if metadata:
+            raise TypeError("TrainCheckpointer(cfg) takes the checkpoint config only: the ModelConfig and run "
+                            "metadata beside the steps are written by jaxtune.job.runmeta.start_run(directory, "
+                            "model_cfg, meta) (run_training does it)")
         self.cfg = cfg
         self._manager: Optional[ocp.CheckpointManager] = None
         self._closed = False

@@ -20,7 +20,8 @@ def save_params(directory: str | Path, params: Any, *, overwrite: bool = False) 
     """Write ``params`` to ``directory/params`` (refused if it exists, unless ``overwrite``)."""
     directory = Path(directory).absolute()
     if (directory / PARAMS_DIR).exists() and not overwrite:
-        raise FileExistsError(f"{directory / PARAMS_DIR} exists (pass --overwrite to replace it)")
+        raise FileExistsError(f"{directory / PARAMS_DIR} exists (replace it with overwrite=True; the CLI's "
+                              "flag is --overwrite)")
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / PARAMS_DIR, params, force=overwrite)

@@ -91,7 +91,7 @@ def restore_run(directory: Path, cfg: ModelConfig, numerics: dict) -> Any:
 
     def transform(p):
         p = p if quant is None else quantize(p, quant)
-        p = p if peft is None else apply_peft(p, peft, model_cfg=cfg)
+        p = p if peft is None else put_peft(p, peft, cfg)
         return p if head is None else {**p, head.key: head_template(head, cfg)}
 
     abstract = jax.eval_shape(lambda: transform(Model(cfg).init(jax.random.key(0))))
@@ -99,7 +99,7 @@ def restore_run(directory: Path, cfg: ModelConfig, numerics: dict) -> Any:
     base_source = runmeta.recorded_base(meta, directory)
     if runmeta.froze_part(meta) and base_source is not None:
         params, base_cfg, _ = load_model(dataclasses.replace(base_source, **numerics))
-        base = params if peft is None else apply_peft(params, peft, model_cfg=base_cfg)
+        base = params if peft is None else put_peft(params, peft, base_cfg)
         if head is not None:
             base = {**base, head.key: head_template(head, cfg)}
     params, _ = restore_run_params(directory, abstract, base_params=base)

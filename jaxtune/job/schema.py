@@ -42,7 +42,7 @@ class ModelSource:
     config: Optional[ModelConfig] = None  # inline architecture, random init
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attention_impl: Literal["dpa", "cudnn", "xla"] = "dpa"
+    attention_impl: Literal["auto", "blockwise", "splash", "flash", "cudnn", "dpa", "xla"] = "auto"
     init_seed: int = 0
     adapter: Optional[str] = None  # a PEFT-format adapter directory put onto these weights (LoRA, DoRA, IA3, prompt, prefix)
     quant: Optional[QuantConfig] = None  # hold the kernels quantized (nf4 / fp4 / int8 / int4): QLoRA's frozen base

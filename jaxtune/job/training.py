@@ -76,14 +76,14 @@ def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict
     ``checkpointer`` replaces the job's own (the caller closes it)."""
     s = setup_training(job)
     own_checkpointer = checkpointer is None
-    directory = job.checkpoint.directory
+    directory = job.checkpoint.directory if own_checkpointer else checkpointer.directory
     try:
-        if directory:
+        if directory:  # the run's metadata goes where its steps go
             runmeta.start_run(directory, s.cfg, s.meta)
         if own_checkpointer:
             checkpointer = TrainCheckpointer(job.checkpoint)
         if s.tokenizer is not None and directory and jax.process_index() == 0:
-            s.tokenizer.save(directory)  # so generate / eval on the checkpoint need no tokenizer flags
+            s.tokenizer.save(str(directory))  # so generate / eval on the checkpoint need no tokenizer flags
         return train(
             loss_fn=s.loss_fn, params=s.params, model_cfg=s.cfg, optimizer=s.optimizer, schedule=s.schedule,
             cfg=job.train, batches=s.stream, mesh=s.mesh, eval_batches=s.eval_streams, checkpointer=checkpointer,

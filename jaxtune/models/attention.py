@@ -1,24 +1,26 @@
-"""Attention masks, the KV cache, and scaled dot-product attention.
+"""The KV cache, and scaled dot-product attention behind one entry: `attend(q, k, v, mask, cfg)`.
 
-Masks are built from ``segment_ids`` (0 marks padding; equal non-zero ids mark
-one packed document) and slot indices, so padding, packing and causality are
-one rule: query i sees key j iff j <= i, both lie in the same non-zero segment,
-and (with a sliding window) i - j < window. Without causality (bidirectional
-models, ``ModelConfig.causal=False``) the j <= i condition is dropped and the
-window is symmetric: |i - j| < window.
-
-A prefix (prefix tuning, or prompt tuning reduced to its per-layer K/V) adds
-``n`` key columns in front of the others, at positions 0..n-1 before every packed
-document: every non-padding query sees all of them (in a sliding-window layer,
-those within the window of its position, as Hugging Face does with a prefix in
-its cache), padding queries see none (`with_prefix_columns`).
+Who attends to whom comes in as a `MaskInfo` (`jaxtune.models.masks`: segment ids, slot
+indices, causality, sliding window, prefix columns), never as a stored [q, k] array; an
+implementation that needs a dense mask builds it itself.
 
 Implementations (``ModelConfig.attention_impl``), numerically equivalent:
-- ``dpa``: `jax.nn.dot_product_attention` with its default (XLA) backend;
-- ``cudnn``: the same call asking for cuDNN's fused attention on NVIDIA GPUs
-  (the mask is passed as cuDNN's bias). Where cuDNN does not apply (no GPU, an
-  unsupported dtype or head size) it falls back to ``dpa`` with one warning;
-- ``xla``: a grouped-query einsum that never repeats K/V heads.
+
+- ``blockwise``: `jaxtune.models.blockwise`, online softmax over key/value blocks with its own
+  backward pass, O(length) memory, fully masked tiles skipped; pure JAX, every backend;
+- ``splash``: Pallas splash attention on TPU (segment ids, causal and local masks;
+  `jaxtune.kernels.flash_attention`);
+- ``flash``: the Pallas (Triton) flash attention on NVIDIA GPUs (segment ids, causal);
+- ``cudnn``: cuDNN's fused attention through `jax.nn.dot_product_attention`, given causality,
+  the window and sequence lengths as arguments (NVIDIA GPUs);
+- ``dpa``: `jax.nn.dot_product_attention` on its XLA path with a dense mask;
+- ``xla``: a grouped-query einsum with a dense mask that never repeats K/V heads;
+- ``auto`` (the default): on the platform the program is lowered for (`jax.lax.platform_dependent`,
+  not the host's), ``splash`` on TPU and ``flash`` on GPU where they express the mask, else
+  ``blockwise``; on CPU ``blockwise`` (measured faster than the dense paths, README).
+
+A kernel that cannot express a call's mask (a prefix, a KV cache, a sliding window on GPU,
+packed documents for cuDNN) falls back to ``blockwise`` with one warning naming what it lacked.
 Softmax runs in float32 in all of them.
 """
 
@@ -26,13 +28,18 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from jaxtune.kernels.flash_attention import gpu_flash_attention, splash_attention, unsupported_by
+from jaxtune.models.blockwise import blockwise_attention
+from jaxtune.models.masks import MaskInfo, attention_mask  # noqa: F401  (attention_mask: also importable here)
+
 log = logging.getLogger(__name__)
-_warned_cudnn_fallback = False
+IMPLEMENTATIONS = ("auto", "blockwise", "splash", "flash", "cudnn", "dpa", "xla")
+_warned: set[str] = set()
 
 
 class KVCache(NamedTuple):
@@ -60,67 +67,68 @@ def init_cache(num_layers: int, batch: int, max_len: int, kv_heads: int, head_di
     )
 
 
-def attention_mask(
-    q_segments: jax.Array,
-    k_segments: jax.Array,
-    q_index: jax.Array,
-    k_index: jax.Array,
-    window: Optional[int] = None,
-    causal: bool = True,
-) -> jax.Array:
-    """q_segments: [batch, q]; k_segments: [batch, k]; q_index: [q]; k_index: [k]
-    -> boolean mask [batch, 1, q, k] (True = may attend).
-
-    causal: query i sees keys j <= i (within ``window``: i - j < window); otherwise
-    every key of its segment (within ``window``: |i - j| < window)."""
-    same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
-    delta = q_index[:, None] - k_index[None, :]
-    if causal:
-        visible = delta >= 0
-        if window is not None:
-            visible = visible & (delta < window)
-    else:
-        visible = jnp.ones(delta.shape, bool)
-        if window is not None:
-            visible = jnp.abs(delta) < window
-    return (same & visible[None])[:, None]
-
-
-def with_prefix_columns(mask: jax.Array, q_segments: jax.Array, num_prefix: int,
-                        q_positions: Optional[jax.Array] = None, window: Optional[int] = None) -> jax.Array:
-    """Prepend ``num_prefix`` key columns (the prefix's positions 0..n-1) to ``mask`` [batch, 1, q, k]:
-    visible to every query whose segment is not 0 (padding) and, in a sliding-window layer, whose
-    position (``q_positions`` [batch, q], already counting the prefix) lies within ``window`` of
-    the column's. -> [batch, 1, q, num_prefix + k]."""
-    batch, _, q_len, _ = mask.shape
-    cols = jnp.broadcast_to((q_segments != 0)[:, :, None], (batch, q_len, num_prefix))
-    if window is not None:
-        cols = cols & (q_positions[:, :, None] - jnp.arange(num_prefix)[None, None, :] < window)
-    return jnp.concatenate([cols[:, None], mask], axis=-1)
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "dpa") -> jax.Array:
-    """q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
-    mask: [batch, 1, q_len, kv_len] -> [batch, q_len, heads, head_dim]."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo, impl: str = "auto", *, block_q: int = 512,
+           block_kv: int = 512) -> jax.Array:
+    """q: [batch, q_len, heads, head_dim]; k, v: [batch, num_prefix + kv_len, kv_heads, head_dim]
+    (prefix columns first) -> [batch, q_len, heads, head_dim]."""
+    blockwise = lambda: blockwise_attention(q, k, v, mask, block_q=block_q, block_kv=block_kv)  # noqa: E731
+    if impl == "blockwise":
+        return blockwise()
+    if impl == "auto":
+        return jax.lax.platform_dependent(
+            q, k, v, mask,
+            cpu=lambda *a: blockwise_attention(*a, block_q=block_q, block_kv=block_kv),
+            cuda=lambda *a: _kernel_or_blockwise("flash", *a, block_q=block_q, block_kv=block_kv, warn=False),
+            tpu=lambda *a: _kernel_or_blockwise("splash", *a, block_q=block_q, block_kv=block_kv, warn=False),
+            default=lambda *a: blockwise_attention(*a, block_q=block_q, block_kv=block_kv))
+    if impl in ("splash", "flash"):
+        return _kernel_or_blockwise(impl, q, k, v, mask, block_q=block_q, block_kv=block_kv)
     if impl == "cudnn":
-        try:
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
-        except (RuntimeError, ValueError, NotImplementedError) as err:
-            _warn_cudnn_fallback(err)
-            impl = "dpa"
+        return _cudnn(q, k, v, mask, block_q, block_kv)
     if impl == "dpa":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), scale=_scale(q))
     if impl == "xla":
-        return _grouped_attention(q, k, v, mask, scale)
-    raise ValueError(f"attention_impl: unknown implementation {impl!r} (dpa | cudnn | xla)")
+        return _grouped_attention(q, k, v, mask.dense(), _scale(q))
+    raise ValueError(f"attention_impl: unknown implementation {impl!r} ({' | '.join(IMPLEMENTATIONS)})")
 
 
-def _warn_cudnn_fallback(err: Exception) -> None:
-    global _warned_cudnn_fallback
-    if not _warned_cudnn_fallback:
-        log.warning("attention_impl=cudnn does not apply here (%s); using jax.nn.dot_product_attention's XLA path", err)
-        _warned_cudnn_fallback = True
+def _scale(q: jax.Array) -> float:
+    return 1.0 / math.sqrt(q.shape[-1])
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        log.warning(message)
+        _warned.add(key)
+
+
+def _kernel_or_blockwise(impl: str, q, k, v, mask: MaskInfo, *, block_q: int, block_kv: int, warn: bool = True):
+    """The Pallas kernel ``impl`` where it expresses this call, else blockwise (warned once)."""
+    lacking = unsupported_by(impl, q, k, mask)
+    if lacking is None:
+        kernel = splash_attention if impl == "splash" else gpu_flash_attention
+        return kernel(q, k, v, mask)
+    if warn:
+        _warn_once(f"{impl}:{lacking}", f"attention_impl={impl} cannot express {lacking}; using blockwise attention there")
+    return blockwise_attention(q, k, v, mask, block_q=block_q, block_kv=block_kv)
+
+
+def _cudnn(q, k, v, mask: MaskInfo, block_q: int, block_kv: int):
+    """cuDNN fused attention given causality, the window and per-row lengths (no dense mask). It
+    expresses one document per row, right-padded, without a prefix or a KV cache; anything else,
+    or a backend without cuDNN, falls back to blockwise (one warning)."""
+    lacking = unsupported_by("cudnn", q, k, mask)
+    if lacking is None:
+        lengths = jnp.sum(mask.q_segments != 0, axis=1).astype(jnp.int32)
+        window = None if mask.window is None else ((mask.window - 1, 0) if mask.causal else (mask.window - 1,) * 2)
+        try:
+            return jax.nn.dot_product_attention(q, k, v, scale=_scale(q), is_causal=mask.causal, query_seq_lengths=lengths,
+                                                key_value_seq_lengths=lengths, local_window_size=window,
+                                                implementation="cudnn")
+        except (RuntimeError, ValueError, NotImplementedError) as err:
+            lacking = f"this backend ({err})"
+    _warn_once(f"cudnn:{lacking}", f"attention_impl=cudnn does not apply to {lacking}; using blockwise attention there")
+    return blockwise_attention(q, k, v, mask, block_q=block_q, block_kv=block_kv)
 
 
 def _grouped_attention(q, k, v, mask, scale):
@@ -140,3 +148,6 @@ def _grouped_attention(q, k, v, mask, scale):
     weights = jax.nn.softmax(jnp.where(mask, logits, big_negative), axis=-1).astype(v.dtype)
     out = jnp.einsum("bkqs,bksd->bkqd", weights, vh).reshape(batch, heads, q_len, head_dim)
     return jnp.transpose(out, (0, 2, 1, 3))
+
+
+__all__ = ["IMPLEMENTATIONS", "KVCache", "MaskInfo", "attend", "attention_mask", "init_cache"]

@@ -70,7 +70,11 @@ class ModelConfig:
     # norms, softmax and returned logits are always float32.
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attention_impl: Literal["dpa", "cudnn", "xla"] = "dpa"
+    # attention: auto (splash on TPU, Pallas flash on GPU where they apply, else blockwise) | blockwise
+    # (pure JAX, O(length) memory) | splash | flash | cudnn | dpa | xla (dense); see jaxtune.models.attention
+    attention_impl: Literal["auto", "blockwise", "splash", "flash", "cudnn", "dpa", "xla"] = "auto"
+    attention_block_q: int = 128  # blockwise attention's query / key-value tiles (padded where they do not divide)
+    attention_block_kv: int = 128
     # Rematerialisation of each block in the backward pass (jax.checkpoint):
     # none | full (keep block inputs only) | save_dots (keep matmul outputs) |
     # save_layer_inputs (keep the normed inputs of attention and MLP).
@@ -89,6 +93,8 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.layer_types has {len(self.layer_types)} entries for {self.num_layers} layers"
             )
+        if self.attention_block_q < 1 or self.attention_block_kv < 1:
+            raise ValueError("ModelConfig.attention_block_q / attention_block_kv must be >= 1")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"ModelConfig.remat: unknown policy {self.remat!r} ({' | '.join(REMAT_POLICIES)})")
         for t in self.layer_types:

@@ -39,12 +39,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models.attention import KVCache, attention_mask, init_cache, with_prefix_columns
+from jaxtune.models.attention import KVCache, init_cache
 from jaxtune.models.config import ModelConfig
 from jaxtune.models.layers import Embed, block_class, make_norm
+from jaxtune.models.masks import MaskInfo
 from jaxtune.models.rope import inverse_frequencies, rotary_tables
 from jaxtune.ops import linear
 from jaxtune.parallel.rules import constrain
+from jaxtune.utils.moved import moved_names
 
 Params = dict[str, Any]
 
@@ -101,10 +103,10 @@ class Decoder(nn.Module):
         for i in range(cfg.num_layers):
             window = cfg.window_for_layer(i)
             if window not in masks:
-                masks[window] = attention_mask(segment_ids, k_segments, q_index, k_index, window, causal=cfg.causal)
-                if prefix is not None:
-                    masks[window] = with_prefix_columns(masks[window], segment_ids, prefix[0].shape[1], positions,
-                                                        window)
+                masks[window] = MaskInfo(segment_ids.astype(jnp.int32), k_segments.astype(jnp.int32), q_index, k_index,
+                                         q_positions=None if prefix is None else positions, causal=cfg.causal,
+                                         window=window, num_prefix=0 if prefix is None else prefix[0].shape[1],
+                                         cached=cache is not None)
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
             layer_prefix = None if prefix is None else (prefix[0][i], prefix[1][i])
             x, updated = block(cfg, name=f"layers_{i}")(x, rotary, masks[window], layer_cache, end, layer_prefix)
@@ -132,6 +134,7 @@ def _check_cache_room(cache: KVCache, new_tokens: int) -> None:
         raise ValueError(f"cache holds {end} of {cache.max_len} slots; {new_tokens} more tokens do not fit")
 
 
+__getattr__ = moved_names(__name__, {"HEAD_KEYS": "jaxtune.models.heads.HEAD_KEYS"})
 PREFIX_KEYS = ("prompt", "prefix")  # top-level subtrees the model reads besides its own weights
 TRUNK_KEYS = ("embed", "pos_embed", "final_norm")  # the blocks' own subtrees besides layers_<i>
 

@@ -116,10 +116,10 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, rotary, mask, kv_cache=None, cache_end=None, prefix=None):
         """x: [batch, seq, embed]; rotary: (cos, sin) [batch, seq, head_dim] or None;
-        mask: [batch, 1, seq, kv_len]; kv_cache: (keys, values) [batch, max_len, kv_heads, head_dim];
-        prefix: (keys, values) [n, kv_heads, head_dim], shared by every row, used as given (already
-        rotated, as a KV cache stores them) in front of the other keys; ``mask`` then has
-        ``n + kv_len`` columns (`attention.with_prefix_columns`). The cache never holds the prefix.
+        mask: `MaskInfo` of the queries and keys; kv_cache: (keys, values) [batch, max_len, kv_heads,
+        head_dim]; prefix: (keys, values) [n, kv_heads, head_dim], shared by every row, used as given
+        (already rotated, as a KV cache stores them) in front of the other keys (``mask.num_prefix``
+        = n). The cache never holds the prefix.
         Returns (out [batch, seq, embed], updated (keys, values) or None)."""
         cfg = self.cfg
         batch, seq, _ = x.shape
@@ -146,7 +146,7 @@ class Attention(nn.Module):
             shape = (batch,) + tuple(prefix[0].shape)
             k = jnp.concatenate([jnp.broadcast_to(prefix[0].astype(q.dtype)[None], shape), k], axis=1)
             v = jnp.concatenate([jnp.broadcast_to(prefix[1].astype(q.dtype)[None], shape), v], axis=1)
-        out = attend(q, k, v, mask, cfg.attention_impl)
+        out = attend(q, k, v, mask, cfg.attention_impl, block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
         out = out.reshape(batch, seq, cfg.num_heads * cfg.head_dim)
         return Linear(cfg.hidden_size, cfg.o_bias, cfg, name="o_proj")(out), new_cache
 

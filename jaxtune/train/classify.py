@@ -23,7 +23,8 @@ from jaxtune.train.losses import LossFn
 from jaxtune.utils.moved import moved_names
 
 __getattr__ = moved_names(__name__, {"classification_report": "jaxtune.eval.metrics.classification_report",
-                                     "regression_report": "jaxtune.eval.metrics.regression_report"})
+                                     "regression_report": "jaxtune.eval.metrics.regression_report",
+                                     "HEAD": "jaxtune.models.heads.SCORE", "HEAD_PATTERN": "HeadSpec(SCORE).pattern"})
 
 
 def add_score_head(params: Any, cfg: ModelConfig, num_labels: int, rng: jax.Array) -> Any:

@@ -34,8 +34,13 @@ import jax.numpy as jnp
 from jaxtune.data.masking import check_mask_token_id, check_masking_rates, mask_tokens
 from jaxtune.models import Model
 from jaxtune.models.decoder import lm_head
+from jaxtune.utils.moved import moved_names
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
+__getattr__ = moved_names(__name__, {
+    "ObjectiveConfig": "jaxtune.job.ObjectiveConfig",
+    "objective_loss": "jaxtune.job.objectives.get_objective(job.objective.kind).loss(Context(job, cfg, tokenizer))",
+})
 
 
 def token_cross_entropy(

@@ -9,11 +9,11 @@ so a typed leaf (LoRA: frozen base, trainable A/B) can be split inside.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional, Sequence
 
 import jax
 
-from jaxtune.utils.targets import matches, target_patterns
 from jaxtune.utils.tree import keypath_str
 
 
@@ -26,12 +26,12 @@ def never_trainable(leaf: Any) -> bool:
 def mask_by_regex(params: Any, patterns: Optional[Sequence[str]]) -> Any:
     """True for array leaves whose path matches any regex; ``None`` patterns = everything trainable.
     Quantized kernels are always frozen (`never_trainable`)."""
-    compiled = None if patterns is None else target_patterns(patterns, "trainable patterns")
+    compiled = None if patterns is None else [re.compile(p) for p in patterns]  # plain regexes: no target presets
 
     def mark(path, leaf):
         if never_trainable(leaf):
             return jax.tree.map(lambda _: False, leaf)
-        return compiled is None or matches(keypath_str(path), compiled)
+        return compiled is None or any(c.search(keypath_str(path)) for c in compiled)
 
     mask = jax.tree_util.tree_map_with_path(mark, params, is_leaf=never_trainable)
     if not any(jax.tree.leaves(mask)):

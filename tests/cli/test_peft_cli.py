@@ -86,8 +86,14 @@ def test_training_refuses_model_adapter_and_continues_from_peft_adapter(lora_run
               "logging": {"progress": False, "tensorboard": False, "jsonl": False}}
     with pytest.raises(ValueError, match="peft.adapter"):
         run_training(from_dict(TrainJobConfig, {**common, "model": {"hf_dir": str(hf_base), "adapter": str(tmp_path / "adapter")}}))
+    continued = tmp_path / "continued"
     result = run_training(from_dict(TrainJobConfig, {**common, "model": {"hf_dir": str(hf_base)},
-                                                     "peft": {"adapter": str(tmp_path / "adapter")}}))
+                                                     "peft": {"adapter": str(tmp_path / "adapter")},
+                                                     "checkpoint": {"directory": str(continued)}}))
     assert result.trainable_params < 0.1 * result.total_params
-    np.testing.assert_allclose(np.asarray(Model(load_model(ModelSource(hf_dir=str(hf_base)))[1]).apply(result.params, TOKENS)),
+    cfg = load_model(ModelSource(hf_dir=str(hf_base)))[1]
+    np.testing.assert_allclose(np.asarray(Model(cfg).apply(result.params, TOKENS)),
                                logits, atol=1e-5, rtol=0)  # lr ~0: the imported adapter, unchanged
+    # the run restores as it trained (its recorded peft section names the adapter directory)
+    restored, _, _ = load_model(ModelSource(checkpoint=str(continued)))
+    np.testing.assert_allclose(np.asarray(Model(cfg).apply(restored, TOKENS)), logits, atol=1e-5, rtol=0)

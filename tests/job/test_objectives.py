@@ -33,7 +33,7 @@ def test_every_objective_kind_is_registered_once():
 @pytest.mark.parametrize("kind,head", [
     ("causal", None), ("masked", None), ("sft", None), ("dpo", None), ("grpo", None),
     ("classification", HeadSpec(SCORE, outputs=5, pooling="mean")), ("regression", HeadSpec(SCORE, 1, "mean")),
-    ("reward", HeadSpec(SCORE, 1)), ("ppo", HeadSpec(VALUE_HEAD)),
+    ("reward", HeadSpec(SCORE, 1, "mean")), ("ppo", HeadSpec(VALUE_HEAD, pooling="mean")),
 ])
 def test_heads_come_from_the_objective(kind, head):
     job = _job(objective={"kind": kind, "num_labels": 5, "pooling": "mean"})

@@ -29,13 +29,13 @@ class DPO(Objective):
         """adapter (PEFT policies) or precomputed (full fine-tuning) under ``reference: auto``;
         none for ORPO."""
         chosen = job.objective.preference.reference
+        if chosen == "adapter" and not job.peft.active:
+            raise ValueError("objective.preference.reference=adapter needs a PEFT policy (peft: ...); a fully "
+                             "fine-tuned policy uses reference=precomputed")
         if job.objective.preference.loss == "orpo":
             return "none"
         if chosen == "auto":
             return "adapter" if job.peft.active else "precomputed"
-        if chosen == "adapter" and not job.peft.active:
-            raise ValueError("objective.preference.reference=adapter needs a PEFT policy (peft: ...); a fully "
-                             "fine-tuned policy uses reference=precomputed")
         return chosen
 
     def loss(self, ctx: Context) -> LossFn:

@@ -47,9 +47,10 @@ class PPO(Objective):
         return None if directory is None else read_model_config(directory).replace(**job.model.numerics)
 
     def head(self, ctx: Context) -> HeadSpec:
+        pooling = ctx.job.objective.pooling  # unused by value heads; recorded as given, as runs always did
         if ctx.network is None:
-            return HeadSpec(VALUE_HEAD)
-        return HeadSpec(VALUE_MODEL, model_config=ctx.network.cfg)
+            return HeadSpec(VALUE_HEAD, pooling=pooling)
+        return HeadSpec(VALUE_MODEL, pooling=pooling, model_config=ctx.network.cfg)
 
     def loss(self, ctx: Context) -> LossFn:
         values = None if ctx.network is None else Model(ctx.network.cfg)

@@ -36,7 +36,8 @@ class Reward(Objective):
     data_kinds = ("preference",)
 
     def head(self, ctx: Context) -> HeadSpec:
-        return HeadSpec(SCORE, outputs=1, pooling="last")
+        # the score is read at the last token whatever objective.pooling says; the run records it as given
+        return HeadSpec(SCORE, outputs=1, pooling=ctx.job.objective.pooling)
 
     def loss(self, ctx: Context) -> LossFn:
         return reward_loss(Model(ctx.cfg), ctx.job.objective.preference)

@@ -1,0 +1,226 @@
+"""Blockwise attention with its own backward pass, in pure JAX: O(length) memory on every backend.
+
+The forward pass walks key/value blocks with an online softmax (running max ``m``, normaliser
+``l``, float32 accumulator) and keeps only the output and the log-sum-exp of each query; the
+backward pass recomputes each block's probabilities from them (``P = exp(S - lse)``) and forms
+``dV = Pᵀ dO``, ``dS = P ∘ (dO Vᵀ - rowsum(dO ∘ O))``, ``dQ = dS K``, ``dK = dSᵀ Q``. Nothing of
+size [queries, keys] is kept between the two.
+
+Masks are never materialised beyond one [batch, block_q, block_kv] tile: each tile's visibility
+comes from the per-token `MaskInfo` (segment ids, slot indices, causality, sliding window, the
+prefix-tuning key columns), and a tile nobody sees (the causal upper triangle, another packed
+document, cache slots not yet written) is skipped with ``lax.cond``. Grouped-query attention
+runs heads-major, ``[batch, kv_heads, groups, block, head_dim]``: K/V are never repeated, and every
+matmul is a batched GEMM over (batch, kv_heads) contracting the last dimension or the block one.
+
+Lengths that no block size divides are padded (padding queries and keys are masked) and cut
+back. A query that sees no key at all (a padding row) gets a zero output and zero gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune.models.masks import MaskInfo
+
+_BIG = 1e30  # a padding row's lse: exp(s - _BIG) is 0 for any finite score
+
+
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo, *, block_q: int = 512,
+                        block_kv: int = 512) -> jax.Array:
+    """q: [batch, q_len, heads, head_dim]; k, v: [batch, num_prefix + kv_len, kv_heads, head_dim]
+    (the prefix columns first) -> [batch, q_len, heads, head_dim]."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"attention: {heads} query heads do not divide into {kv_heads} key/value heads")
+    bq, bk = min(block_q, q_len), min(block_kv, max(k.shape[1] - mask.num_prefix, 1))
+    return _attention(q, k, v, mask, bq, bk)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q, k, v, mask, bq, bk):
+    return _forward(q, k, v, mask, bq, bk)[0]
+
+
+def _heads_major(q, k, v, kv_heads):
+    """[B, L, H, D] -> q [B, KVH, G, L, D]; k, v [B, KVH, L, D]."""
+    b, lq, h, d = q.shape
+    qh = q.reshape(b, lq, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
+    return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def _pad_to(x, axis, size, value=0):
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+class _Tiles:
+    """The padded, heads-major operands and the per-token mask inputs, cut into tiles."""
+
+    def __init__(self, q, k, v, mask: MaskInfo, bq: int, bk: int):
+        self.mask, self.bq, self.bk = mask, bq, bk
+        n = mask.num_prefix
+        self.n = n
+        batch, q_len = q.shape[:2]
+        kv_len = k.shape[1] - n
+        self.q_len, self.kv_len = q_len, kv_len
+        self.nq, self.nk = -(-q_len // bq), -(-max(kv_len, 1) // bk)
+        qh, kh, vh = _heads_major(q, k, v, k.shape[2])
+        self.qh = _pad_to(qh, 3, self.nq * bq)
+        self.prefix_k, self.prefix_v = kh[:, :, :n], vh[:, :, :n]
+        self.kh = _pad_to(kh[:, :, n:], 2, self.nk * bk)
+        self.vh = _pad_to(vh[:, :, n:], 2, self.nk * bk)
+        self.q_seg = _pad_to(mask.q_segments, 1, self.nq * bq)
+        self.k_seg = _pad_to(mask.k_segments, 1, self.nk * bk)
+        self.q_idx = _pad_to(mask.q_index, 0, self.nq * bq)
+        self.k_idx = _pad_to(mask.k_index, 0, self.nk * bk)
+        self.q_pos = None if mask.q_positions is None else _pad_to(mask.q_positions, 1, self.nq * bq)
+        self.scale = 1.0 / math.sqrt(q.shape[-1])
+
+    def q_tile(self, x, i):
+        """Rows ``i*bq .. (i+1)*bq`` of a [B, KVH, G, Lq, ...] array."""
+        return jax.lax.dynamic_slice_in_dim(x, i * self.bq, self.bq, axis=3)
+
+    def kv_tile(self, x, j):
+        return jax.lax.dynamic_slice_in_dim(x, j * self.bk, self.bk, axis=2)
+
+    def visible(self, i, j):
+        """[B, bq, bk] bool: which keys of tile j the queries of tile i see."""
+        qs = jax.lax.dynamic_slice_in_dim(self.q_seg, i * self.bq, self.bq, axis=1)
+        ks = jax.lax.dynamic_slice_in_dim(self.k_seg, j * self.bk, self.bk, axis=1)
+        qi = jax.lax.dynamic_slice_in_dim(self.q_idx, i * self.bq, self.bq)
+        ki = jax.lax.dynamic_slice_in_dim(self.k_idx, j * self.bk, self.bk)
+        return self.mask.tile(qs, qi, ks, ki)
+
+    def prefix_visible(self, i):
+        qs = jax.lax.dynamic_slice_in_dim(self.q_seg, i * self.bq, self.bq, axis=1)
+        qp = None if self.q_pos is None else jax.lax.dynamic_slice_in_dim(self.q_pos, i * self.bq, self.bq, axis=1)
+        return self.mask.prefix_tile(qs, qp)
+
+
+def _scores(tiles: _Tiles, qb, kb, visible):
+    """Scaled float32 scores [B, KVH, G, bq, bk], -inf where not visible."""
+    s = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32) * tiles.scale
+    return jnp.where(visible[:, None, None], s, -jnp.inf)
+
+
+def _forward(q, k, v, mask, bq, bk):
+    tiles = _Tiles(q, k, v, mask, bq, bk)
+    batch, kvh, groups, _, d = tiles.qh.shape
+
+    def online(carry, kb, vb, visible, qb):
+        m, l, acc = carry
+        s = _scores(tiles, qb, kb, visible)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])
+        corr = jnp.exp(m - m_safe)
+        acc = acc * corr[..., None] + jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vb.dtype), vb,
+                                                 preferred_element_type=jnp.float32)
+        return m_new, l * corr + jnp.sum(p, axis=-1), acc
+
+    def q_block(_, i):
+        qb = tiles.q_tile(tiles.qh, i)
+        shape = (batch, kvh, groups, bq)
+        carry = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+                 jnp.zeros(shape + (d,), jnp.float32))
+        if tiles.n:
+            carry = online(carry, tiles.prefix_k, tiles.prefix_v, tiles.prefix_visible(i), qb)
+
+        def kv_block(j, carry):
+            visible = tiles.visible(i, j)
+            return jax.lax.cond(jnp.any(visible), lambda c: online(c, tiles.kv_tile(tiles.kh, j),
+                                                                   tiles.kv_tile(tiles.vh, j), visible, qb),
+                                lambda c: c, carry)
+
+        m, l, acc = jax.lax.fori_loop(0, tiles.nk, kv_block, carry)
+        seen = l > 0
+        out = acc / jnp.where(seen, l, 1.0)[..., None]
+        lse = jnp.where(seen, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(jnp.where(seen, l, 1.0)), _BIG)
+        return None, (out.astype(q.dtype), lse)
+
+    _, (out, lse) = jax.lax.scan(q_block, None, jnp.arange(tiles.nq))
+    # [nq, B, KVH, G, bq, ...] -> [B, KVH, G, nq*bq, ...]
+    out = jnp.moveaxis(out, 0, 3).reshape(batch, kvh, groups, tiles.nq * bq, d)
+    lse = jnp.moveaxis(lse, 0, 3).reshape(batch, kvh, groups, tiles.nq * bq)
+    result = out[:, :, :, : tiles.q_len].transpose(0, 3, 1, 2, 4).reshape(q.shape)
+    return result, (out, lse)
+
+
+def _fwd(q, k, v, mask, bq, bk):
+    result, (out, lse) = _forward(q, k, v, mask, bq, bk)
+    return result, (q, k, v, mask, out, lse)
+
+
+def _bwd(bq, bk, residuals, d_out):
+    q, k, v, mask, out, lse = residuals
+    tiles = _Tiles(q, k, v, mask, bq, bk)
+    batch, kvh, groups, _, d = tiles.qh.shape
+    do = _pad_to(d_out.reshape(batch, tiles.q_len, kvh, groups, d).transpose(0, 2, 3, 1, 4), 3, tiles.nq * bq)
+    delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, KVH, G, Lq]
+    # dK and dV contract over the queries: with Q and dO feature-major ([B, KVH, D, G, Lq], transposed
+    # once here) both are plain GEMMs against the probabilities' own layout, accumulated transposed
+    # ([B, KVH, D, bk]); nothing of the [queries, keys] size is ever transposed.
+    qt, dot = tiles.qh.transpose(0, 1, 4, 2, 3), do.transpose(0, 1, 4, 2, 3)
+
+    def grads(kb, vb, visible, i, dq):
+        """One tile's contributions: dKᵀ, dVᵀ of the tile, and dQ added into rows i."""
+        qb, dob = tiles.q_tile(tiles.qh, i), tiles.q_tile(do, i)
+        qtb = jax.lax.dynamic_slice_in_dim(qt, i * bq, bq, axis=4)
+        dotb = jax.lax.dynamic_slice_in_dim(dot, i * bq, bq, axis=4)
+        p = jnp.exp(_scores(tiles, qb, kb, visible) - tiles.q_tile(lse, i)[..., None])
+        dvt = jnp.einsum("bkdgq,bkgqs->bkds", dotb, p.astype(dob.dtype), preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bkgqd,bksd->bkgqs", dob, vb, preferred_element_type=jnp.float32)
+        ds = (p * (dp - tiles.q_tile(delta, i)[..., None])) * tiles.scale
+        dkt = jnp.einsum("bkdgq,bkgqs->bkds", qtb, ds.astype(qb.dtype), preferred_element_type=jnp.float32)
+        dq_i = jnp.einsum("bkgqs,bksd->bkgqd", ds.astype(kb.dtype), kb, preferred_element_type=jnp.float32)
+        dq = jax.lax.dynamic_update_slice_in_dim(dq, tiles.q_tile(dq, i) + dq_i, i * bq, axis=3)
+        return dkt, dvt, dq
+
+    def accumulate(kb, vb, visible_of, dq):
+        """dKᵀ, dVᵀ [B, KVH, D, keys] of one key block over every query tile that sees it."""
+        def q_block(i, carry):
+            dkt, dvt, dq = carry
+            visible = visible_of(i)
+
+            def add(c):
+                dk_i, dv_i, dq = grads(kb, vb, visible, i, c[2])
+                return c[0] + dk_i, c[1] + dv_i, dq
+
+            return jax.lax.cond(jnp.any(visible), add, lambda c: c, (dkt, dvt, dq))
+
+        zeros = jnp.zeros((batch, kvh, d, kb.shape[2]), jnp.float32)
+        return jax.lax.fori_loop(0, tiles.nq, q_block, (zeros, zeros, dq))
+
+    def kv_block(dq, j):
+        dkt, dvt, dq = accumulate(tiles.kv_tile(tiles.kh, j), tiles.kv_tile(tiles.vh, j),
+                                  lambda i: tiles.visible(i, j), dq)
+        return dq, (dkt, dvt)
+
+    dq, (dkt, dvt) = jax.lax.scan(kv_block, jnp.zeros(tiles.qh.shape, jnp.float32), jnp.arange(tiles.nk))
+    # [nk, B, KVH, D, bk] -> [B, KVH, D, nk*bk]
+    dkt = jnp.moveaxis(dkt, 0, 3).reshape(batch, kvh, d, tiles.nk * bk)[..., : tiles.kv_len]
+    dvt = jnp.moveaxis(dvt, 0, 3).reshape(batch, kvh, d, tiles.nk * bk)[..., : tiles.kv_len]
+    if tiles.n:
+        dkt_p, dvt_p, dq = accumulate(tiles.prefix_k, tiles.prefix_v, tiles.prefix_visible, dq)
+        dkt, dvt = jnp.concatenate([dkt_p, dkt], axis=-1), jnp.concatenate([dvt_p, dvt], axis=-1)
+    dq = dq[:, :, :, : tiles.q_len].transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype)
+    dk = dkt.transpose(0, 3, 1, 2).astype(k.dtype)  # [B, KVH, D, L] -> [B, L, KVH, D]
+    dv = dvt.transpose(0, 3, 1, 2).astype(v.dtype)
+    return dq, dk, dv, jax.tree.map(_zero_cotangent, mask)
+
+
+def _zero_cotangent(x):
+    return jnp.zeros(x.shape, jax.dtypes.float0) if not jnp.issubdtype(x.dtype, jnp.inexact) else jnp.zeros_like(x)
+
+
+_attention.defvjp(_fwd, _bwd)
