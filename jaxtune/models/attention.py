@@ -26,9 +26,11 @@ Softmax runs in float32 in all of them.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
-from typing import NamedTuple
+from typing import Iterator, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +42,19 @@ from jaxtune.models.masks import MaskInfo, attention_mask  # noqa: F401  (attent
 log = logging.getLogger(__name__)
 IMPLEMENTATIONS = ("auto", "blockwise", "splash", "flash", "cudnn", "dpa", "xla")
 _warned: set[str] = set()
+_platform: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("attention_platform", default=None)
+
+
+@contextlib.contextmanager
+def traced_for(platform: str) -> Iterator[None]:
+    """Within the block, ``auto`` picks the implementation for ``platform`` (cpu | cuda | tpu) while
+    tracing instead of staging out every platform's (`jax.lax.platform_dependent`): for analyses of
+    the traced program (the memory estimator's residuals) that must see one implementation only."""
+    token = _platform.set(platform)
+    try:
+        yield
+    finally:
+        _platform.reset(token)
 
 
 class KVCache(NamedTuple):
@@ -67,20 +82,23 @@ def init_cache(num_layers: int, batch: int, max_len: int, kv_heads: int, head_di
     )
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo, impl: str = "auto", *, block_q: int = 512,
-           block_kv: int = 512) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo, impl: str = "auto", *, block_q: int = 0,
+           block_kv: int = 0) -> jax.Array:
     """q: [batch, q_len, heads, head_dim]; k, v: [batch, num_prefix + kv_len, kv_heads, head_dim]
     (prefix columns first) -> [batch, q_len, heads, head_dim]."""
     blockwise = lambda: blockwise_attention(q, k, v, mask, block_q=block_q, block_kv=block_kv)  # noqa: E731
     if impl == "blockwise":
         return blockwise()
     if impl == "auto":
-        return jax.lax.platform_dependent(
-            q, k, v, mask,
-            cpu=lambda *a: blockwise_attention(*a, block_q=block_q, block_kv=block_kv),
-            cuda=lambda *a: _kernel_or_blockwise("flash", *a, block_q=block_q, block_kv=block_kv, warn=False),
-            tpu=lambda *a: _kernel_or_blockwise("splash", *a, block_q=block_q, block_kv=block_kv, warn=False),
-            default=lambda *a: blockwise_attention(*a, block_q=block_q, block_kv=block_kv))
+        per_platform = {
+            "cpu": lambda *a: blockwise_attention(*a, block_q=block_q, block_kv=block_kv),
+            "cuda": lambda *a: _kernel_or_blockwise("flash", *a, block_q=block_q, block_kv=block_kv, warn=False),
+            "tpu": lambda *a: _kernel_or_blockwise("splash", *a, block_q=block_q, block_kv=block_kv, warn=False),
+        }
+        chosen = _platform.get()
+        if chosen is not None:
+            return per_platform.get(chosen, per_platform["cpu"])(q, k, v, mask)
+        return jax.lax.platform_dependent(q, k, v, mask, **per_platform, default=per_platform["cpu"])
     if impl in ("splash", "flash"):
         return _kernel_or_blockwise(impl, q, k, v, mask, block_q=block_q, block_kv=block_kv)
     if impl == "cudnn":
@@ -115,20 +133,28 @@ def _kernel_or_blockwise(impl: str, q, k, v, mask: MaskInfo, *, block_q: int, bl
 
 def _cudnn(q, k, v, mask: MaskInfo, block_q: int, block_kv: int):
     """cuDNN fused attention given causality, the window and per-row lengths (no dense mask). It
-    expresses one document per row, right-padded, without a prefix or a KV cache; anything else,
-    or a backend without cuDNN, falls back to blockwise (one warning)."""
+    expresses one document per row, right-padded: rows that are (packed documents, left padding)
+    take blockwise attention at run time; a prefix, a KV cache or a backend without cuDNN falls
+    back to blockwise at trace time (one warning)."""
+    blockwise = lambda q, k, v: blockwise_attention(q, k, v, mask, block_q=block_q, block_kv=block_kv)  # noqa: E731
     lacking = unsupported_by("cudnn", q, k, mask)
     if lacking is None:
-        lengths = jnp.sum(mask.q_segments != 0, axis=1).astype(jnp.int32)
+        seg = mask.q_segments
+        lengths = jnp.sum(seg != 0, axis=1).astype(jnp.int32)
+        one_document = jnp.all(seg == jnp.where(jnp.arange(seg.shape[1])[None] < lengths[:, None], seg[:, :1], 0))
         window = None if mask.window is None else ((mask.window - 1, 0) if mask.causal else (mask.window - 1,) * 2)
+
+        def fused(q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, scale=_scale(q), is_causal=mask.causal,
+                                                query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                                local_window_size=window, implementation="cudnn")
+
         try:
-            return jax.nn.dot_product_attention(q, k, v, scale=_scale(q), is_causal=mask.causal, query_seq_lengths=lengths,
-                                                key_value_seq_lengths=lengths, local_window_size=window,
-                                                implementation="cudnn")
+            return jax.lax.cond(one_document, fused, blockwise, q, k, v)
         except (RuntimeError, ValueError, NotImplementedError) as err:
             lacking = f"this backend ({err})"
     _warn_once(f"cudnn:{lacking}", f"attention_impl=cudnn does not apply to {lacking}; using blockwise attention there")
-    return blockwise_attention(q, k, v, mask, block_q=block_q, block_kv=block_kv)
+    return blockwise(q, k, v)
 
 
 def _grouped_attention(q, k, v, mask, scale):

@@ -73,8 +73,10 @@ class ModelConfig:
     # attention: auto (splash on TPU, Pallas flash on GPU where they apply, else blockwise) | blockwise
     # (pure JAX, O(length) memory) | splash | flash | cudnn | dpa | xla (dense); see jaxtune.models.attention
     attention_impl: Literal["auto", "blockwise", "splash", "flash", "cudnn", "dpa", "xla"] = "auto"
-    attention_block_q: int = 128  # blockwise attention's query / key-value tiles (padded where they do not divide)
-    attention_block_kv: int = 128
+    # blockwise attention's query / key-value tiles (0: chosen from the shapes, models/blockwise.py; padded
+    # where they do not divide)
+    attention_block_q: int = 0
+    attention_block_kv: int = 0
     # Rematerialisation of each block in the backward pass (jax.checkpoint):
     # none | full (keep block inputs only) | save_dots (keep matmul outputs) |
     # save_layer_inputs (keep the normed inputs of attention and MLP).
@@ -93,8 +95,8 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.layer_types has {len(self.layer_types)} entries for {self.num_layers} layers"
             )
-        if self.attention_block_q < 1 or self.attention_block_kv < 1:
-            raise ValueError("ModelConfig.attention_block_q / attention_block_kv must be >= 1")
+        if self.attention_block_q < 0 or self.attention_block_kv < 0:
+            raise ValueError("ModelConfig.attention_block_q / attention_block_kv must be >= 0 (0: chosen per call)")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"ModelConfig.remat: unknown policy {self.remat!r} ({' | '.join(REMAT_POLICIES)})")
         for t in self.layer_types:

@@ -86,4 +86,7 @@ def _dense(x: jax.Array, w: jax.Array, *, dtype: Any, rng: Optional[jax.Array] =
         raise ValueError(f"linear expects a 2-D kernel [in, out], got shape {w.shape}")
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"linear: x has {x.shape[-1]} input features, kernel expects {w.shape[0]}")
-    return jnp.matmul(x.astype(dtype), jnp.asarray(w).astype(dtype))
+    # One 2-D GEMM over every leading dimension: its gradients are 2-D GEMMs too (dW contracts the
+    # tokens), which XLA:CPU runs without the transposing copies it inserts for a 3-D contraction.
+    y = jnp.matmul(x.reshape(-1, x.shape[-1]).astype(dtype), jnp.asarray(w).astype(dtype))
+    return y.reshape(*x.shape[:-1], w.shape[1])

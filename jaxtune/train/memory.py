@@ -44,6 +44,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxtune.models import ModelConfig
+from jaxtune.models.attention import traced_for
 from jaxtune.parallel.mesh import BATCH_AXES
 from jaxtune.train.config import TrainConfig
 from jaxtune.train.step import make_train_step, named
@@ -107,6 +108,7 @@ _FUSIBLE = frozenset({
     "sub", "neg", "and", "or", "not", "eq", "ne", "lt", "gt", "le", "ge", "iota", "integer_pow", "max", "min",
     "copy", "copy_p", "stop_gradient", "abs", "sign",
 })
+_VIEWS = frozenset({"reshape", "squeeze", "expand_dims"})  # a view of a kept buffer shares it (a bitcast)
 
 
 def saved_activations(fn, *args) -> list[tuple[tuple[int, ...], Any, str]]:
@@ -115,15 +117,27 @@ def saved_activations(fn, *args) -> list[tuple[tuple[int, ...], Any, str]]:
     The residuals are those of ``jax.vjp(fn, *args)`` under whatever remat policy ``fn`` uses
     (traced, no compilation). Left out: the arguments themselves, and residuals XLA does not
     materialise -- outputs of elementwise / layout ops (`_FUSIBLE`) whose inputs are
-    themselves kept or are arguments, which XLA fuses into the backward consumer (a reshape
-    of a kept buffer is a bitcast; a mask from iota and compares is recomputed)."""
+    themselves kept or are arguments, which XLA fuses into the backward consumer (a mask from
+    iota and compares is recomputed) -- and counts a buffer once, however many reshaped views
+    of it are kept (`_VIEWS`: bitcasts)."""
     leaves = jax.tree.leaves(args)
-    closed, shapes = jax.make_jaxpr(lambda *xs: jax.vjp(lambda *ys: fn(*jax.tree.unflatten(jax.tree.structure(args), ys)), *xs),
-                                    return_shape=True)(*leaves)
+    with traced_for(jax.default_backend()):  # one attention implementation, not every platform's
+        closed, shapes = jax.make_jaxpr(
+            lambda *xs: jax.vjp(lambda *ys: fn(*jax.tree.unflatten(jax.tree.structure(args), ys)), *xs),
+            return_shape=True)(*leaves)
     jaxpr = closed.jaxpr
     n_res = len(jax.tree.leaves(shapes[1]))
     residuals = [v for v in jaxpr.outvars[len(jaxpr.outvars) - n_res:] if not hasattr(v, "val")]  # no literals
     producer = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+
+    def view_root(v):  # a reshape of a buffer is that buffer (a bitcast): count the buffer once
+        eqn = producer.get(v)
+        while eqn is not None and eqn.primitive.name in _VIEWS and not hasattr(eqn.invars[0], "val"):
+            v = eqn.invars[0]
+            eqn = producer.get(v)
+        return v
+
+    residuals = [view_root(v) for v in residuals]
     inputs = set(jaxpr.invars) | set(jaxpr.constvars)
     kept = set(residuals)
     free: dict[Any, bool] = {}

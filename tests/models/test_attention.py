@@ -170,6 +170,21 @@ def test_splash_attention_in_the_interpreter_equals_blockwise(kw):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4 * float(jnp.abs(r).max()))
 
 
+def test_cudnn_falls_back_to_blockwise_with_one_warning_where_it_cannot_run(monkeypatch, caplog):
+    """JAX looks for cuDNN when tracing: on this CPU the call falls back, saying so once."""
+    from jaxtune.models import attention
+
+    monkeypatch.setattr(attention, "_warned", set())
+    q, k, v, _ = _qkv(2, 37, 37)
+    mask = CASES["packed"][0]
+    real = np.asarray(mask.q_segments) != 0
+    with caplog.at_level("WARNING", logger="jaxtune.models.attention"):
+        out = attend(q, k, v, mask, "cudnn")
+        attend(q, k, v, mask, "cudnn")
+    assert len([r for r in caplog.records if "attention_impl=cudnn does not apply" in r.message]) == 1
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(_dense(q, k, v, mask))[real], rtol=1e-5, atol=1e-5)
+
+
 def _train_step_text(cfg, platform):
     params = jax.eval_shape(Model(cfg).init, jax.random.key(0))
     rows = {k: jax.ShapeDtypeStruct((2, 256), jnp.int32) for k in ("tokens", "targets", "segment_ids", "positions")}

@@ -116,7 +116,7 @@ def test_classification_recipe_runs_end_to_end(tmp_path, capsys):
 
     run = tmp_path / "run"
     common = ["logging.progress=false", "logging.tensorboard=false", f"checkpoint.directory={run}"]
-    assert main(["train", "configs/classify_colours.yaml", "train.steps=40", *common]) == 0
+    assert main(["train", "configs/classify_colours.yaml", "train.steps=50", *common]) == 0
     assert main(["eval", "--json", "configs/classify_colours.yaml", f"model.checkpoint={run}", *common]) == 0
     results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert results["classify"]["examples"] == 120 and results["classify"]["accuracy"] >= 0.95
