@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxtune.data.masking import check_mask_token_id, check_masking_rates, mask_tokens
 from jaxtune.models import Model
@@ -41,6 +42,41 @@ __getattr__ = moved_names(__name__, {
     "ObjectiveConfig": "jaxtune.job.ObjectiveConfig",
     "objective_loss": "jaxtune.job.objectives.get_objective(job.objective.kind).loss(Context(job, cfg, tokenizer))",
 })
+
+
+@jax.custom_vjp
+def nll_and_z_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked ``lse - logit[target]``, sum of masked ``lse²``) over rows of ``logits`` [n, vocab].
+
+    Its own VJP: ``d logits = mask · (softmax · (g_nll + 2 g_z lse) - g_nll · onehot(target))``, the
+    one-hot from a compare against an iota (fused into one pass), not the scatter that the gradient
+    of a gather is."""
+    return _nll_and_z(logits, targets, mask)[0]
+
+
+def _nll_and_z(logits, targets, mask):
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return (jnp.sum((lse - target_logit) * mask), jnp.sum(jnp.square(lse) * mask)), lse
+
+
+def _nll_and_z_fwd(logits, targets, mask):
+    sums, lse = _nll_and_z(logits, targets, mask)
+    return sums, (logits, targets, mask, lse)
+
+
+def _nll_and_z_bwd(residuals, grads):
+    logits, targets, mask, lse = residuals
+    g_nll, g_z = grads
+    softmax = jnp.exp(logits - lse[:, None])
+    onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == targets[:, None]
+    per_row = (g_nll + 2.0 * g_z * lse) * mask
+    d_logits = softmax * per_row[:, None] - jnp.where(onehot, (g_nll * mask)[:, None], 0.0)
+    zero_targets = np.zeros(targets.shape, jax.dtypes.float0)
+    return d_logits.astype(logits.dtype), zero_targets, jnp.zeros_like(mask)
+
+
+nll_and_z_sums.defvjp(_nll_and_z_fwd, _nll_and_z_bwd)
 
 
 def token_cross_entropy(
@@ -69,9 +105,7 @@ def token_cross_entropy(
 
     def chunk_sums(h, t, m):
         logits = lm_head(params, h, model.cfg)  # [n, vocab] float32
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        sums = (jnp.sum((lse - target_logit) * m), jnp.sum(jnp.square(lse) * m))
+        sums = nll_and_z_sums(logits, t, m)
         if count_correct:
             hit = jax.lax.stop_gradient(jnp.argmax(logits, axis=-1) == t)
             sums = (*sums, jnp.sum(hit.astype(jnp.float32) * m))
