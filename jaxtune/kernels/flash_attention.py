@@ -80,8 +80,9 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, *, int
     seg = _pad_sequence(mask.q_segments.astype(jnp.int32), 1, SPLASH_BLOCK)
     scale = 1.0 / math.sqrt(head_dim)
 
-    def one_head(qg, kg, vg, s):  # qg [G, L, D], kg / vg [L, D], s [L]
-        return kernel(qg * jnp.asarray(scale, qg.dtype), kg, vg, segment_ids=splash.SegmentIds(q=s, kv=s))
+    def one_head(qg, kg, vg, s):  # qg [G, L, D], kg / vg [L, D], s [L]; splash takes q already scaled
+        scaled = (qg.astype(jnp.float32) * scale).astype(qg.dtype)
+        return kernel(scaled, kg, vg, segment_ids=splash.SegmentIds(q=s, kv=s))
 
     per_batch = jax.vmap(one_head, in_axes=(0, 0, 0, None))  # over key/value heads
     out = jax.vmap(per_batch)(qh, kh, vh, seg)  # over the batch: [B, KVH, G, L, D]
@@ -92,7 +93,8 @@ def gpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, *, 
     """Pallas flash attention (GPU, Triton) for a self-attention call `unsupported_by` accepted."""
     batch, length, heads, head_dim = q.shape
     groups = heads // k.shape[2]
-    multiple = GPU_BLOCK if length > GPU_BLOCK else length
+    # Triton wants power-of-two tiles (and dots of at least 16): short sequences pad to one such tile
+    multiple = GPU_BLOCK if length > GPU_BLOCK else max(16, 1 << (length - 1).bit_length())
     qp, kp, vp = (_pad_sequence(x, 1, multiple) for x in (q, k, v))
     if groups > 1:
         kp, vp = jnp.repeat(kp, groups, axis=2), jnp.repeat(vp, groups, axis=2)

@@ -35,9 +35,13 @@ from typing import Iterator, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec as P
+
 from jaxtune.kernels.flash_attention import gpu_flash_attention, splash_attention, unsupported_by
 from jaxtune.models.blockwise import blockwise_attention
 from jaxtune.models.masks import MaskInfo, attention_mask  # noqa: F401  (attention_mask: also importable here)
+from jaxtune.parallel.mesh import BATCH_AXES
+from jaxtune.parallel.rules import current_mesh
 
 log = logging.getLogger(__name__)
 IMPLEMENTATIONS = ("auto", "blockwise", "splash", "flash", "cudnn", "dpa", "xla")
@@ -50,6 +54,9 @@ def traced_for(platform: str) -> Iterator[None]:
     """Within the block, ``auto`` picks the implementation for ``platform`` (cpu | cuda | tpu) while
     tracing instead of staging out every platform's (`jax.lax.platform_dependent`): for analyses of
     the traced program (the memory estimator's residuals) that must see one implementation only."""
+    platform = {"gpu": "cuda"}.get(platform, platform)  # jax.default_backend() says gpu on NVIDIA
+    if platform not in ("cpu", "cuda", "tpu"):
+        raise ValueError(f"attention: no implementation is chosen for platform {platform!r} (cpu | cuda | tpu)")
     token = _platform.set(platform)
     try:
         yield
@@ -97,7 +104,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo, impl: str =
         }
         chosen = _platform.get()
         if chosen is not None:
-            return per_platform.get(chosen, per_platform["cpu"])(q, k, v, mask)
+            return per_platform[chosen](q, k, v, mask)
         return jax.lax.platform_dependent(q, k, v, mask, **per_platform, default=per_platform["cpu"])
     if impl in ("splash", "flash"):
         return _kernel_or_blockwise(impl, q, k, v, mask, block_q=block_q, block_kv=block_kv)
@@ -124,11 +131,35 @@ def _kernel_or_blockwise(impl: str, q, k, v, mask: MaskInfo, *, block_q: int, bl
     """The Pallas kernel ``impl`` where it expresses this call, else blockwise (warned once)."""
     lacking = unsupported_by(impl, q, k, mask)
     if lacking is None:
-        kernel = splash_attention if impl == "splash" else gpu_flash_attention
-        return kernel(q, k, v, mask)
+        return _per_device(splash_attention if impl == "splash" else gpu_flash_attention, q, k, v, mask)
     if warn:
         _warn_once(f"{impl}:{lacking}", f"attention_impl={impl} cannot express {lacking}; using blockwise attention there")
     return blockwise_attention(q, k, v, mask, block_q=block_q, block_kv=block_kv)
+
+
+def _per_device(kernel, q, k, v, mask: MaskInfo):
+    """A Pallas kernel on each device's share: XLA cannot split a custom call, so under a mesh
+    (`jaxtune.parallel.rules.activation_mesh`) the kernel runs in `jax.shard_map` over the batch
+    (data x fsdp) and, where the key/value heads divide, the heads (tensor) -- never on gathered
+    activations."""
+    mesh = current_mesh()
+    if mesh is None or mesh.size == 1:
+        return kernel(q, k, v, mask)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    heads = "tensor" if k.shape[2] % mesh.shape["tensor"] == 0 else None
+    if q.shape[0] % batch_shards:
+        heads_spec = P(None, None, heads, None)
+        batch_axes = None
+    else:
+        heads_spec = P(BATCH_AXES, None, heads, None)
+        batch_axes = BATCH_AXES
+
+    def local(q, k, v, segments, index):
+        local_mask = MaskInfo(segments, segments, index, index, causal=mask.causal, window=mask.window)
+        return kernel(q, k, v, local_mask)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(heads_spec, heads_spec, heads_spec, P(batch_axes, None), P()),
+                         out_specs=heads_spec, check_vma=False)(q, k, v, mask.q_segments, mask.q_index)
 
 
 def _cudnn(q, k, v, mask: MaskInfo, block_q: int, block_kv: int):
@@ -142,6 +173,7 @@ def _cudnn(q, k, v, mask: MaskInfo, block_q: int, block_kv: int):
         seg = mask.q_segments
         lengths = jnp.sum(seg != 0, axis=1).astype(jnp.int32)
         one_document = jnp.all(seg == jnp.where(jnp.arange(seg.shape[1])[None] < lengths[:, None], seg[:, :1], 0))
+        one_document = one_document & jnp.all(lengths > 0)  # cuDNN is not given an empty row
         window = None if mask.window is None else ((mask.window - 1, 0) if mask.causal else (mask.window - 1,) * 2)
 
         def fused(q, k, v):

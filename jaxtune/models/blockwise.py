@@ -73,13 +73,14 @@ def _heads_major(q, k, v, kv_heads):
     return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
-def _pad_to(x, axis, size, value=0):
+def _pad_to(x, axis, size, mode="constant"):
+    """``x`` padded along ``axis`` to ``size``: zeros (``constant``) or its last value (``edge``)."""
     extra = size - x.shape[axis]
     if extra == 0:
         return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
+    return jnp.pad(x, widths, mode=mode)
 
 
 class _Tiles:
@@ -100,8 +101,8 @@ class _Tiles:
         self.vh = _pad_to(vh[:, :, n:], 2, self.nk * bk)
         self.q_seg = _pad_to(mask.q_segments, 1, self.nq * bq)
         self.k_seg = _pad_to(mask.k_segments, 1, self.nk * bk)
-        self.q_idx = _pad_to(mask.q_index, 0, self.nq * bq)
-        self.k_idx = _pad_to(mask.k_index, 0, self.nk * bk)
+        self.q_idx = _pad_to(mask.q_index, 0, self.nq * bq, "edge")  # padding slots: segment 0, any index
+        self.k_idx = _pad_to(mask.k_index, 0, self.nk * bk, "edge")
         self.q_pos = None if mask.q_positions is None else _pad_to(mask.q_positions, 1, self.nq * bq)
         self.scale = 1.0 / math.sqrt(q.shape[-1])
 
@@ -120,6 +121,35 @@ class _Tiles:
         ki = jax.lax.dynamic_slice_in_dim(self.k_idx, j * self.bk, self.bk)
         return self.mask.tile(qs, qi, ks, ki)
 
+    def table(self) -> jax.Array:
+        """[nq, nk] bool: tiles some query sees some key of (conservatively: segment ranges that
+        overlap in a row, slot ranges that the causal / window rule lets meet). One reduction over
+        the batch for every tile, made before the loops: with the batch sharded over devices, one
+        collective, not one per tile."""
+        def ranges(seg, n, b):  # per row and tile: smallest and largest non-zero segment id
+            tiles = seg.reshape(seg.shape[0], n, b)
+            real = tiles != 0
+            big = jnp.iinfo(jnp.int32).max
+            return jnp.min(jnp.where(real, tiles, big), -1), jnp.max(jnp.where(real, tiles, -big), -1)
+
+        q_lo, q_hi = ranges(self.q_seg, self.nq, self.bq)  # [B, nq]
+        k_lo, k_hi = ranges(self.k_seg, self.nk, self.bk)  # [B, nk]
+        shared = jnp.any((q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None]), axis=0)
+        qi = self.q_idx.reshape(self.nq, self.bq)
+        ki = self.k_idx.reshape(self.nk, self.bk)
+        qi_lo, qi_hi = qi.min(-1)[:, None], qi.max(-1)[:, None]
+        ki_lo, ki_hi = ki.min(-1)[None, :], ki.max(-1)[None, :]
+        mask = self.mask
+        if mask.causal:
+            meet = ki_lo <= qi_hi
+            if mask.window is not None:
+                meet = meet & (ki_hi > qi_lo - mask.window)
+        elif mask.window is not None:
+            meet = (ki_lo < qi_hi + mask.window) & (ki_hi > qi_lo - mask.window)
+        else:
+            meet = jnp.ones((self.nq, self.nk), bool)
+        return shared & meet
+
     def prefix_visible(self, i):
         qs = jax.lax.dynamic_slice_in_dim(self.q_seg, i * self.bq, self.bq, axis=1)
         qp = None if self.q_pos is None else jax.lax.dynamic_slice_in_dim(self.q_pos, i * self.bq, self.bq, axis=1)
@@ -131,12 +161,12 @@ def _fori(n: int, body, carry):
     return body(0, carry) if n == 1 else jax.lax.fori_loop(0, n, body, carry)
 
 
-def _if_visible(visible, n_tiles: int, fn, carry):
-    """``fn(carry)`` where any query of the tile sees a key of it, else ``carry`` (``lax.cond``: the
-    tile's matmuls are skipped); a single tile always runs (it is someone's only tile)."""
-    if n_tiles == 1:
+def _if_visible(seen, fn, carry):
+    """``fn(carry)`` where the tile table says a query sees a key of the tile, else ``carry``
+    (``lax.cond``: the tile's matmuls are skipped); None (a single tile) always runs."""
+    if seen is None:
         return fn(carry)
-    return jax.lax.cond(jnp.any(visible), fn, lambda c: c, carry)
+    return jax.lax.cond(seen, fn, lambda c: c, carry)
 
 
 def _scan(fn, n: int):
@@ -167,6 +197,8 @@ def _forward(q, k, v, mask, bq, bk):
                                                  preferred_element_type=jnp.float32)
         return m_new, l * corr + jnp.sum(p, axis=-1), acc
 
+    table = tiles.table() if tiles.nk > 1 else None
+
     def q_block(_, i):
         qb = tiles.q_tile(tiles.qh, i)
         shape = (batch, kvh, groups, bq)
@@ -177,8 +209,9 @@ def _forward(q, k, v, mask, bq, bk):
 
         def kv_block(j, carry):
             visible = tiles.visible(i, j)
-            return _if_visible(visible, tiles.nk, lambda c: online(c, tiles.kv_tile(tiles.kh, j),
-                                                                   tiles.kv_tile(tiles.vh, j), visible, qb), carry)
+            return _if_visible(None if table is None else table[i, j],
+                               lambda c: online(c, tiles.kv_tile(tiles.kh, j), tiles.kv_tile(tiles.vh, j), visible, qb),
+                               carry)
 
         m, l, acc = _fori(tiles.nk, kv_block, carry)
         seen = l > 0
@@ -195,16 +228,17 @@ def _forward(q, k, v, mask, bq, bk):
 
 
 def _fwd(q, k, v, mask, bq, bk):
-    result, (out, lse) = _forward(q, k, v, mask, bq, bk)
-    return result, (q, k, v, mask, out, lse)
+    result, (_, lse) = _forward(q, k, v, mask, bq, bk)
+    return result, (q, k, v, mask, result, lse)  # the output once, in the layout the next layer reads
 
 
 def _bwd(bq, bk, residuals, d_out):
-    q, k, v, mask, out, lse = residuals
+    q, k, v, mask, result, lse = residuals
     tiles = _Tiles(q, k, v, mask, bq, bk)
     batch, kvh, groups, _, d = tiles.qh.shape
     do = _pad_to(d_out.reshape(batch, tiles.q_len, kvh, groups, d).transpose(0, 2, 3, 1, 4), 3, tiles.nq * bq)
-    delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, KVH, G, Lq]
+    delta = jnp.sum(d_out.astype(jnp.float32) * result.astype(jnp.float32), axis=-1)  # [B, Lq, H]
+    delta = _pad_to(delta.reshape(batch, tiles.q_len, kvh, groups).transpose(0, 2, 3, 1), 3, tiles.nq * bq)
     # dK and dV contract over the queries: with Q and dO feature-major ([B, KVH, D, G, Lq], transposed
     # once here) both are plain GEMMs against the probabilities' own layout, accumulated transposed
     # ([B, KVH, D, bk]); nothing of the [queries, keys] size is ever transposed.
@@ -224,7 +258,9 @@ def _bwd(bq, bk, residuals, d_out):
         dq = jax.lax.dynamic_update_slice_in_dim(dq, tiles.q_tile(dq, i) + dq_i, i * bq, axis=3)
         return dkt, dvt, dq
 
-    def accumulate(kb, vb, visible_of, dq):
+    table = tiles.table() if tiles.nq > 1 else None
+
+    def accumulate(kb, vb, visible_of, seen_of, dq):
         """dKᵀ, dVᵀ [B, KVH, D, keys] of one key block over every query tile that sees it."""
         def q_block(i, carry):
             dkt, dvt, dq = carry
@@ -234,14 +270,14 @@ def _bwd(bq, bk, residuals, d_out):
                 dk_i, dv_i, dq = grads(kb, vb, visible, i, c[2])
                 return c[0] + dk_i, c[1] + dv_i, dq
 
-            return _if_visible(visible, tiles.nq, add, (dkt, dvt, dq))
+            return _if_visible(seen_of(i), add, (dkt, dvt, dq))
 
         zeros = jnp.zeros((batch, kvh, d, kb.shape[2]), jnp.float32)
         return _fori(tiles.nq, q_block, (zeros, zeros, dq))
 
     def kv_block(dq, j):
         dkt, dvt, dq = accumulate(tiles.kv_tile(tiles.kh, j), tiles.kv_tile(tiles.vh, j),
-                                  lambda i: tiles.visible(i, j), dq)
+                                  lambda i: tiles.visible(i, j), lambda i: None if table is None else table[i, j], dq)
         return dq, (dkt, dvt)
 
     dq = jnp.zeros(tiles.qh.shape, jnp.float32)
@@ -254,7 +290,7 @@ def _bwd(bq, bk, residuals, d_out):
     dkt = jnp.moveaxis(dkt, 0, 3).reshape(batch, kvh, d, tiles.nk * bk)[..., : tiles.kv_len]
     dvt = jnp.moveaxis(dvt, 0, 3).reshape(batch, kvh, d, tiles.nk * bk)[..., : tiles.kv_len]
     if tiles.n:
-        dkt_p, dvt_p, dq = accumulate(tiles.prefix_k, tiles.prefix_v, tiles.prefix_visible, dq)
+        dkt_p, dvt_p, dq = accumulate(tiles.prefix_k, tiles.prefix_v, tiles.prefix_visible, lambda i: None, dq)
         dkt, dvt = jnp.concatenate([dkt_p, dkt], axis=-1), jnp.concatenate([dvt_p, dvt], axis=-1)
     dq = dq[:, :, :, : tiles.q_len].transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype)
     dk = dkt.transpose(0, 3, 1, 2).astype(k.dtype)  # [B, KVH, D, L] -> [B, L, KVH, D]

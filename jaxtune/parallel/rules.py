@@ -161,6 +161,11 @@ def activation_mesh(mesh: Optional[Mesh]) -> Iterator[None]:
         _ACTIVATION_MESH.reset(token)
 
 
+def current_mesh() -> Optional[Mesh]:
+    """The mesh of the enclosing `activation_mesh` (None outside one)."""
+    return _ACTIVATION_MESH.get()
+
+
 def constrain(x: jax.Array, *rest: Any) -> jax.Array:
     """Sharding constraint for an activation ``[batch, *rest]``: batch over data x fsdp.
 

@@ -73,7 +73,9 @@ def _nll_and_z_bwd(residuals, grads):
     per_row = (g_nll + 2.0 * g_z * lse) * mask
     d_logits = softmax * per_row[:, None] - jnp.where(onehot, (g_nll * mask)[:, None], 0.0)
     zero_targets = np.zeros(targets.shape, jax.dtypes.float0)
-    return d_logits.astype(logits.dtype), zero_targets, jnp.zeros_like(mask)
+    target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    d_mask = g_nll * (lse - target_logit) + g_z * jnp.square(lse)  # the sums are linear in the mask
+    return d_logits.astype(logits.dtype), zero_targets, d_mask.astype(mask.dtype)
 
 
 nll_and_z_sums.defvjp(_nll_and_z_fwd, _nll_and_z_bwd)
