@@ -12,7 +12,8 @@ positions of a row in the LM layout (`jaxtune.models.scoring.completion_logps`).
 - ``ipo`` (Azar et al. 2023): ``(Δ' - 1/(2β))²`` with Δ' from per-token *averaged* log-ratios
   (TRL's normalisation, confirmed by the IPO authors; ``ipo_normalize=False`` uses sums);
 - ``orpo`` (Hong et al. 2024, no reference): ``NLL(y_c) - λ log σ(log odds(y_c) - log odds(y_r))``
-  with ``odds = p / (1 - p)`` of the per-token *mean* log-probs and NLL the mean per token.
+  with ``odds = p / (1 - p)`` of the per-token *mean* log-probs and NLL the mean per token
+  (``log(1 - p)`` by `log1mexp`, exact as the mean log-prob nears 0 where float32 ``1 - exp`` cancels).
 
 ``sft_weight`` adds that multiple of the chosen completion's mean per-token NLL (RPO). Reward
 models: `bradley_terry` ``-log σ(r_c - r_r - margin)`` + ``centering · (r_c + r_r)²``.
@@ -42,7 +43,7 @@ def preference_losses(kind: str, chosen: jax.Array, rejected: jax.Array, ref_cho
         raise ValueError(f"preference loss must be one of {' | '.join(LOSSES)}, got {kind!r}")
     if kind == "orpo":
         mean_c, mean_r = chosen / chosen_tokens, rejected / rejected_tokens
-        log_odds = (mean_c - mean_r) - (jnp.log1p(-jnp.exp(mean_c)) - jnp.log1p(-jnp.exp(mean_r)))
+        log_odds = (mean_c - mean_r) - (log1mexp(mean_c) - log1mexp(mean_r))
         return -mean_c - beta * jax.nn.log_sigmoid(log_odds)
     ratio_c, ratio_r = chosen - ref_chosen, rejected - ref_rejected
     if kind == "ipo":
@@ -58,6 +59,16 @@ def preference_losses(kind: str, chosen: jax.Array, rejected: jax.Array, ref_cho
         return (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) + label_smoothing * jax.nn.log_sigmoid(-z)) / (
             1.0 - 2.0 * label_smoothing)
     return jax.nn.relu(1.0 - z)  # hinge
+
+
+def log1mexp(x: jax.Array) -> jax.Array:
+    """``log(1 - exp(x))`` for ``x <= 0``, accurate over the whole range (Mächler 2012):
+    ``log(-expm1(x))`` near 0, where ``1 - exp(x)`` cancels, and ``log1p(-exp(x))`` below -ln 2.
+    Each branch sees only inputs it is accurate on, so neither leaks NaN into the gradient."""
+    near = x > -jnp.log(2.0)
+    x_near = jnp.where(near, x, -1.0)
+    x_far = jnp.where(near, -1.0, x)
+    return jnp.where(near, jnp.log(-jnp.expm1(x_near)), jnp.log1p(-jnp.exp(x_far)))
 
 
 def bradley_terry(r_chosen: jax.Array, r_rejected: jax.Array, *, margin: jax.Array | float = 0.0,

@@ -8,6 +8,8 @@ A training checkpoint directory::
     <step>/state/            Orbax PyTree checkpoint of everything else that resumes training exactly:
                              optimizer state, step counter, RNG key data, counters
     <step>/data/             JSON: the data iterator's position
+    <step>/checksums/        JSON: an exact checksum of every saved array (`jaxtune.utils.fingerprint`),
+                             verified at restore: a step whose arrays changed on disk is corrupt
     <step>/metrics/          JSON: the metrics given at save time (only when keep_best > 0)
 
 `TrainCheckpointer` is what the training loop holds: ``should_save`` / ``save`` / ``restore``
@@ -17,7 +19,8 @@ or serving. Both know only pytrees: the caller gives the abstract tree to restor
 What this module must not do: decide *when* to save (the loop asks ``should_save`` and forces
 the last and the preemption save), checkpoint a state holding NaN/inf (``save`` refuses it),
 or silently resume from a broken step (``restore`` warns, naming the step and the reason,
-before it falls back to the one before).
+before it falls back to the one before). Broken means unreadable, changed since it was saved (a
+checksum differs) or holding NaN / inf (``save`` never writes those).
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
+from jaxtune.utils.fingerprint import leaf_checksums, mismatches
 from jaxtune.utils.moved import moved_names
 from jaxtune.utils.tree import keypath_str
 
-PARAMS_ITEM, STATE_ITEM, DATA_ITEM = "params", "state", "data"
+PARAMS_ITEM, STATE_ITEM, DATA_ITEM, CHECKSUMS_ITEM = "params", "state", "data", "checksums"
 __getattr__ = moved_names(__name__, {"TRAIN_META_FILE": "jaxtune.job.runmeta.TRAIN_META_FILE"})
 
 
@@ -150,6 +154,7 @@ class TrainCheckpointer:
             PARAMS_ITEM: ocp.args.StandardSave(params),
             STATE_ITEM: ocp.args.StandardSave(state),
             DATA_ITEM: ocp.args.JsonSave(data_state),
+            CHECKSUMS_ITEM: ocp.args.JsonSave(leaf_checksums({PARAMS_ITEM: params, STATE_ITEM: state})),
         })
         return bool(self._manager.save(step, args=args, metrics=metrics, force=True))
 
@@ -219,7 +224,9 @@ def restore_params(directory: str | os.PathLike, abstract: Any, *, step: Optiona
             if step not in manager.all_steps():
                 steps = sorted(manager.all_steps())
                 raise FileNotFoundError(f"{directory}: no checkpoint step {step} (steps: {steps})")
-            return _fill_frozen(manager.restore(step, args=args)[PARAMS_ITEM], base_params, directory), step
+            restored = manager.restore(step, args=args)
+            _verify(manager, directory, step, restored)
+            return _fill_frozen(restored[PARAMS_ITEM], base_params, directory), step
         found = _restore_newest_readable(manager, directory, args, set())
     if found is None:
         raise FileNotFoundError(f"{directory}: no checkpoint steps")
@@ -252,7 +259,9 @@ def _restore_newest_readable(manager: ocp.CheckpointManager, directory, args, in
     failures = []
     for step in steps:
         try:
-            return step, manager.restore(step, args=args)
+            restored = manager.restore(step, args=args)
+            _verify(manager, directory, step, restored)
+            return step, restored
         except Exception as err:  # orbax/tensorstore raise ValueError, KeyError, OSError, JSONDecodeError...
             reason = f"{type(err).__name__}: {_first_line(err)}"
             failures.append((step, reason, err))
@@ -262,6 +271,30 @@ def _restore_newest_readable(manager: ocp.CheckpointManager, directory, args, in
                               "falling back to the previous step", stacklevel=3)
     listing = "; ".join(f"step {s}: {r}" for s, r, _ in failures)
     raise RuntimeError(f"no checkpoint in {directory} can be restored ({listing})") from failures[-1][2]
+
+
+class CorruptCheckpointError(ValueError):
+    """A step's arrays differ from what was saved (checksums) or hold NaN / inf."""
+
+
+def _verify(manager: ocp.CheckpointManager, directory, step: int, restored) -> None:
+    """Raise `CorruptCheckpointError` naming the file and leaf when the restored arrays are not the
+    saved ones: their checksums (recorded at save; steps saved before checksums existed are only
+    checked for finiteness) or a NaN / inf, which `save` never writes."""
+    trees = {k: restored[k] for k in (PARAMS_ITEM, STATE_ITEM) if k in restored}
+    where = f"{directory}/{step}"
+    if (epath.Path(str(directory)) / str(step) / CHECKSUMS_ITEM).exists():
+        recorded = manager.restore(step, args=ocp.args.Composite(**{CHECKSUMS_ITEM: ocp.args.JsonRestore()}))
+        recorded = {k: v for k, v in recorded[CHECKSUMS_ITEM].items() if k.split("/", 1)[0] in trees}
+        bad = mismatches(recorded, leaf_checksums(trees))
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise CorruptCheckpointError(f"{where}/{bad[0].split('/', 1)[0]}: array {bad[0]} differs from what was "
+                                         f"saved (checksum mismatch){more}")
+    bad = _non_finite_leaves(trees)
+    if bad:
+        raise CorruptCheckpointError(f"{where}/{bad[0].split('/', 1)[0]}: array {bad[0]} holds NaN or inf, which "
+                                     "is never saved")
 
 
 def _non_finite_leaves(tree: Any) -> list[str]:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from jaxtune.data.tokenizer import has_hf_tokenizer, load_tokenizer
 from jaxtune.interop import load_hf, save_hf
-from jaxtune.interop.adapters import save_adapter
+from jaxtune.interop.adapters import adapter_config, save_adapter
 from jaxtune.interop.hf_weights import read_config
-from jaxtune.job import ModelSource, load_model
+from jaxtune.job import ModelSource, load_model, runmeta
 from jaxtune.job.assemble import save_model
 from jaxtune.peft.core import ADDED_KEYS, adapter_leaves, merge_adapters
 from jaxtune.quant.weight import dequantize, quantized_paths
@@ -62,11 +62,38 @@ def _merged(params, merge: bool, src: str):
     return params
 
 
+def _check_destination(args) -> None:
+    """Refuse a non-empty destination without --overwrite before anything is loaded (hf-to-orbax:
+    the params checkpoint refuses an existing one itself)."""
+    dst = Path(args.dst)
+    if args.overwrite or args.direction == "hf-to-orbax" or not dst.exists():
+        return
+    if not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is a file, not a directory")
+    if any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty (pass --overwrite to replace its files)")
+
+
+def _rslora(run_dir: str) -> bool:
+    """Whether the run's LoRA adapters use rsLoRA scaling (its peft.lora section, or the PEFT
+    adapter it started from), so the exported adapter says use_rslora with the run's alpha."""
+    peft = runmeta.recorded_peft(runmeta.read_train_meta(run_dir), run_dir)
+    if peft is None:
+        return False
+    if peft.lora is not None:
+        return bool(peft.lora.rslora)
+    if peft.adapter is not None and Path(peft.adapter).is_dir():
+        return bool(adapter_config(peft.adapter).get("use_rslora"))
+    return False
+
+
 def run(args) -> int:
     if args.direction != "peft-to-hf" and args.base is not None:
         raise ValueError("--base applies to peft-to-hf only")
     if args.direction != "orbax-to-hf" and args.merge_lora:
         raise ValueError("--merge-lora applies to orbax-to-hf only (peft-to-hf always merges)")
+    runmeta.refuse_run_directory(args.dst, f"jaxtune convert {args.direction}")
+    _check_destination(args)
     tokenizer_src = args.src
     if args.direction == "hf-to-orbax":
         stored = read_config(args.src).get("torch_dtype") or read_config(args.src).get("dtype") or "float32"
@@ -80,7 +107,7 @@ def run(args) -> int:
         params, cfg, _ = load_model(ModelSource(checkpoint=args.src))
         if not adapter_leaves(params) and not any(k in params for k in ADDED_KEYS):
             raise ValueError(f"{args.src} carries no PEFT adapter (train with a peft: section)")
-        save_adapter(params, cfg, args.dst, overwrite=args.overwrite)
+        save_adapter(params, cfg, args.dst, overwrite=args.overwrite, use_rslora=_rslora(args.src))
     else:
         if args.base is None:
             raise ValueError("peft-to-hf needs --base, the model the adapter was trained on")

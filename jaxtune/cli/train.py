@@ -12,7 +12,7 @@ from jaxtune.eval.report import format_table
 from jaxtune.job import TrainJobConfig, run_eval_job, run_training
 from jaxtune.job.evaluate import write_results
 from jaxtune.parallel.distributed import maybe_initialize
-from jaxtune.train.loop import PREEMPTED_EXIT_CODE
+from jaxtune.train.loop import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 
 
 def add_parsers(sub) -> None:
@@ -54,6 +54,11 @@ def run_train(args) -> int:
         print(f"jaxtune train: preempted (SIGTERM) at step {step}; state saved{where}. Run the same command to resume.",
               flush=True)
         return PREEMPTED_EXIT_CODE
+    if result.status == "interrupted":
+        saved = (f"state saved in {job.checkpoint.directory}. Run the same command to resume." if job.checkpoint.directory
+                 else "no checkpoint.directory was set, so nothing was saved.")
+        print(f"jaxtune train: interrupted (Ctrl-C) at step {step}; {saved}", flush=True)
+        return INTERRUPTED_EXIT_CODE
     summary = f"step {step}{resumed}"
     if done:
         summary += f", last loss {done['loss']:.4f}, skipped {int(done['skipped'])}"

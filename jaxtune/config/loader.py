@@ -24,6 +24,42 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key repeated in one mapping is an error (the safe loader
+    keeps the last value silently). Keys brought in by a ``<<`` merge may still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {first + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text -> data (safe types only, duplicate keys refused); an error is one line
+    ``SOURCE:LINE:COLUMN: problem``."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        context = f" ({err.context}, line {err.context_mark.line + 1})" if err.context and err.context_mark else ""
+        raise ConfigError(f"{where}: {err.problem or err.context}{context}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
 def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Iterable[str] = ()) -> T:
     """Read ``path`` (YAML mapping, optional), apply ``key=value`` overrides, build ``cls``."""
     data: dict[str, Any] = {}
@@ -31,7 +67,13 @@ def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Iter
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text())
+        if not path.is_file():
+            raise ConfigError(f"config file {path} is not a file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+        loaded = parse_yaml(text, str(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
         data = loaded or {}
@@ -81,7 +123,7 @@ def _parse_override_value(tp, raw: str):
     if typing.get_origin(tp) is tuple and typing.get_args(tp)[:1] == (str,):
         # BaseLoader keeps every scalar a string: '[0123, yes]' -> ['0123', 'yes']
         return yaml.load(raw, Loader=yaml.BaseLoader) if raw.lstrip().startswith("[") else [raw]
-    return yaml.safe_load(raw) if raw.strip() else ""
+    return yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else ""
 
 
 def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:

@@ -85,6 +85,7 @@ class ShardReader:
             self.ids = ids
         self.epoch, self.cursor, self.offset = 0, 0, 0
         self.skipped: Counter = Counter()
+        self._reset_bad_count()
         self._reset_cache()
 
     def _special(self, which: str) -> int:
@@ -196,9 +197,30 @@ class ShardReader:
             cursor, epoch, tokens = self._docs[0]
             self.cursor, self.epoch = cursor, epoch
             if not isinstance(tokens, BadRow):
+                self.good_epoch = epoch
                 return tokens
             self._skip(tokens)
             self._advance()
+            self._check_not_all_bad(epoch)
+
+    def _reset_bad_count(self) -> None:
+        self.good_epoch, self.bad_epoch, self.bad_count = None, None, 0  # bad rows skipped in bad_epoch
+
+    def _check_not_all_bad(self, epoch: int) -> None:
+        """A reader whose every document of an epoch is a skipped bad row has nothing to give: a
+        finite one would end empty (an evaluation of nothing), an endless one would spin forever."""
+        if self.bad_epoch != epoch:
+            self.bad_epoch, self.bad_count = epoch, 0
+        self.bad_count += 1
+        if not self.source.random_access or self.good_epoch == epoch:
+            return
+        per_epoch = len(self.ids[self.shard::self.num_shards])
+        if self.bad_count >= per_epoch:
+            which = {"train": "training ", "eval": "held-out "}.get(self.split, "")
+            shard = f" of shard {self.shard}" if self.num_shards > 1 else ""
+            counts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.skipped.items()))
+            raise ValueError(f"data source {self.source.name}: all {per_epoch} {which}documents{shard} are bad rows "
+                             f"(skipped: {counts}); it holds nothing to read")
 
     def _skip(self, bad: BadRow) -> None:
         if self.options.on_bad_row != "skip":
@@ -239,6 +261,7 @@ class ShardReader:
     def set_state(self, state: dict) -> None:
         self.epoch, self.cursor, self.offset = int(state["epoch"]), int(state["cursor"]), int(state["offset"])
         self.skipped = Counter(state.get("skipped", {}))
+        self._reset_bad_count()
         self._reset_cache()
 
 
@@ -318,6 +341,13 @@ class DocumentStream:
         if not any_real:
             raise StopIteration
         return concat_rows(parts)
+
+    def check_documents(self) -> None:
+        """Read ahead to every reader's first usable document, so that a source with none in this
+        split (every row a skipped bad row) raises now, naming it, and not at its first use."""
+        for readers in self.readers.values():
+            for reader in readers:
+                reader.exhausted  # noqa: B018 (reads ahead; raises for a source of bad rows only)
 
     def empty_batch(self) -> dict[str, np.ndarray]:
         """This process's share of a batch with no real token (for collective end-of-data)."""

@@ -195,15 +195,16 @@ class TokenRowStream:
         self.position = int(state["position"])
 
 
-def text_tokens(path: str | Path, tokenizer) -> np.ndarray:
-    """Tokenize a UTF-8 text file in one pass (no BOS/EOS: it is one continuous document)."""
+def text_tokens(path: str | Path, tokenizer, key: str = "data.path") -> np.ndarray:
+    """Tokenize a UTF-8 text file in one pass (no BOS/EOS: it is one continuous document).
+    ``key``: the config key that named the file, for errors."""
     path = resolve_path(path)
     if not path.exists():
-        raise FileNotFoundError(f"data.path: {path} does not exist")
+        raise FileNotFoundError(f"{key}: {path} does not exist")
     try:
         text = read_text(path)
     except UnicodeDecodeError as err:
-        raise ValueError(f"data.path: {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+        raise ValueError(f"{key}: {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
     if not text.strip():
-        raise ValueError(f"data.path: {path} is empty")
+        raise ValueError(f"{key}: {path} is empty")
     return np.asarray(tokenizer.encode(text), dtype=np.int32)

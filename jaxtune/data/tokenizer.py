@@ -5,7 +5,9 @@
 character-level setup); it is saved as ``jaxtune_tokenizer.json`` beside checkpoints.
 `load_tokenizer(dir)` returns, from local files only (never the network): a transformers
 tokenizer when the directory has one, the tokenizer described by ``jaxtune_tokenizer.json``
-when it has that, else the byte tokenizer.
+when it has that, else the byte tokenizer. It never runs code from a model directory: a
+directory whose tokenizer_config.json or config.json maps classes to its own Python files
+(``auto_map``) is refused, and transformers is called with ``trust_remote_code=False``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Optional, Sequence
 
 BYTE_TOKENIZER_FILE = "jaxtune_tokenizer.json"
 _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+_CODE_CONFIGS = ("tokenizer_config.json", "config.json")  # where transformers finds custom-code class maps
 
 
 class ByteTokenizer:
@@ -110,6 +113,37 @@ def has_hf_tokenizer(directory: str | Path) -> bool:
     return any((Path(directory) / f).exists() for f in _HF_TOKENIZER_FILES)
 
 
+def refuse_custom_code(directory: str | Path) -> None:
+    """Raise (naming the file and the key) if ``directory``'s tokenizer_config.json or config.json
+    has an ``auto_map``: classes defined by Python files shipped with the model, which jaxtune
+    never imports or runs."""
+    for name in _CODE_CONFIGS:
+        path = Path(directory) / name
+        if not path.is_file():
+            continue
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        auto_map = config.get("auto_map") if isinstance(config, dict) else None
+        if auto_map:
+            raise ValueError(f"{path}: auto_map names custom code ({', '.join(_code_files(auto_map)) or auto_map}); "
+                             "jaxtune never runs code from a model directory (delete the auto_map entry to use "
+                             "transformers' built-in classes)")
+
+
+def _code_files(auto_map) -> list[str]:
+    """The Python files an auto_map refers to: {"AutoTokenizer": ["tokenization_x.XTokenizer", null]} ->
+    ["tokenization_x.py"] (a "repo--module.Class" reference keeps its repo)."""
+    refs = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+    names = []
+    for ref in refs:
+        for item in ref if isinstance(ref, (list, tuple)) else [ref]:
+            if isinstance(item, str) and "." in item:
+                names.append(item.rsplit(".", 1)[0] + ".py")
+    return sorted(set(names))
+
+
 def _saved_builtin(directory: Optional[str | Path]):
     path = None if directory is None else Path(directory) / BYTE_TOKENIZER_FILE
     if path is None or not path.exists():
@@ -139,9 +173,10 @@ def load_tokenizer(directory: Optional[str | Path] = None, kind: str = "auto"):
         if saved is not None:
             return saved
     if directory is not None and has_hf_tokenizer(directory):
+        refuse_custom_code(directory)
         from transformers import AutoTokenizer
 
-        return HFTokenizer(AutoTokenizer.from_pretrained(str(directory), local_files_only=True))
+        return HFTokenizer(AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False))
     if kind == "hf":
         raise FileNotFoundError(f"tokenizer.kind=hf but {directory} holds no tokenizer files ({', '.join(_HF_TOKENIZER_FILES)})")
     return ByteTokenizer()

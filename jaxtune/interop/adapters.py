@@ -22,6 +22,11 @@ from jaxtune.peft.core import ADDED_KEYS, adapter_leaves
 
 def adapter_type(directory: str | os.PathLike) -> str:
     """The ``peft_type`` of a PEFT adapter directory (raises naming the file if it is not one)."""
+    return str(adapter_config(directory)["peft_type"])
+
+
+def adapter_config(directory: str | os.PathLike) -> dict:
+    """``adapter_config.json`` of a PEFT adapter directory (raises naming the file if it is not one)."""
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {ADAPTER_CONFIG} (not a PEFT adapter directory)")
@@ -31,7 +36,7 @@ def adapter_type(directory: str | os.PathLike) -> str:
         raise ValueError(f"{path}: invalid JSON ({err})") from err
     if not isinstance(config, dict) or "peft_type" not in config:
         raise ValueError(f"{path}: no 'peft_type' field")
-    return str(config["peft_type"])
+    return config
 
 
 def load_adapter(params: Any, cfg: ModelConfig, directory: str | os.PathLike, *, dtype: Optional[str] = None) -> Any:
@@ -42,9 +47,10 @@ def load_adapter(params: Any, cfg: ModelConfig, directory: str | os.PathLike, *,
 
 
 def save_adapter(params: Any, cfg: ModelConfig, directory: str | os.PathLike, *, overwrite: bool = False,
-                 base_model_name_or_path: Optional[str] = None) -> Path:
+                 base_model_name_or_path: Optional[str] = None, use_rslora: bool = False) -> Path:
     """Write the adapter ``params`` carries (LoRA / DoRA / IA3 leaves, or a prompt / prefix
-    subtree, not both) as a PEFT adapter directory."""
+    subtree, not both) as a PEFT adapter directory. ``use_rslora``: the LoRA leaves were made
+    with rsLoRA scaling (alpha / sqrt(r)); the adapter says so and keeps that alpha."""
     added = [k for k in ADDED_KEYS if isinstance(params, dict) and k in params]
     if added and adapter_leaves(params):
         raise ValueError(f"params carry both {added} and adapter leaves; PEFT stores one method per adapter "
@@ -53,4 +59,4 @@ def save_adapter(params: Any, cfg: ModelConfig, directory: str | os.PathLike, *,
         return save_peft_prompt(params, cfg, directory, base_model_name_or_path=base_model_name_or_path,
                                 overwrite=overwrite)
     return save_peft_adapter(params, cfg, directory, base_model_name_or_path=base_model_name_or_path,
-                             overwrite=overwrite)
+                             overwrite=overwrite, use_rslora=use_rslora)

@@ -17,11 +17,11 @@ from typing import Any, Callable, Iterable, Optional
 
 import jax
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxtune.interop.hf_config import check_expressible, from_hf_config
 from jaxtune.interop.hf_quant import companion_names, read_quantized_kernel
+from jaxtune.interop.safe_files import inside_directory, read_tensor, tensor_names
 from jaxtune.models import Model, ModelConfig
 from jaxtune.utils.tree import get_path, path_str, set_path
 
@@ -126,8 +126,7 @@ class SafetensorsReader:
         self.directory = Path(directory)
         index = self.directory / SAFE_INDEX
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: self.directory / f for name, f in weight_map.items()}
+            self.files = {name: self._shard(index, name, entry) for name, entry in read_index(index).items()}
         else:
             files = sorted(self.directory.glob("*.safetensors"))
             if not files:
@@ -136,21 +135,41 @@ class SafetensorsReader:
                 raise FileNotFoundError(f"{self.directory}: no *.safetensors files{hint}")
             self.files = {}
             for f in files:
-                with safe_open(f, framework="numpy") as handle:
-                    for name in handle.keys():
-                        if name in self.files:
-                            raise CheckpointMismatchError(f"tensor {name!r} appears in both {self.files[name].name} and {f.name}")
-                        self.files[name] = f
-        missing_files = sorted({str(f) for f in self.files.values() if not f.exists()})
-        if missing_files:
-            raise FileNotFoundError(f"{index}: shard files listed but absent: {missing_files}")
+                if not inside_directory(self.directory, f):
+                    raise ValueError(f"{f}: a link to {f.resolve()}, outside {self.directory}; jaxtune loads only "
+                                     "files inside the model directory")
+                for name in tensor_names(f):
+                    if name in self.files:
+                        raise CheckpointMismatchError(f"tensor {name!r} appears in both {self.files[name].name} and {f.name}")
+                    self.files[name] = f
+
+    def _shard(self, index: Path, name: str, entry: str) -> Path:
+        """The file an index's weight_map entry names: a relative path inside the directory."""
+        path = self.directory / entry
+        if Path(entry).is_absolute() or ".." in Path(entry).parts or not inside_directory(self.directory, path):
+            raise ValueError(f"{index}: weight_map entry {name!r}: {entry!r} lies outside {self.directory}; jaxtune "
+                             "loads only files inside the model directory")
+        if not path.is_file():
+            raise FileNotFoundError(f"{index}: weight_map entry {name!r}: no file {entry!r} in {self.directory}")
+        return path
 
     def names(self) -> set[str]:
         return set(self.files)
 
     def get(self, name: str) -> np.ndarray:
-        with safe_open(self.files[name], framework="numpy") as handle:
-            return handle.get_tensor(name)
+        """One tensor, checked to be finite (NaN / inf raise naming the file and the tensor)."""
+        return read_tensor(self.files[name], name)
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """``weight_map`` of a ``model.safetensors.index.json``: {tensor name: shard file}."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{index}: not a safetensors index ({err})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    return weight_map
 
 
 def _bare_model_prefix(names: set[str], maps: list[TensorMap]) -> str:
@@ -165,7 +184,13 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face model directory)")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got {type(config).__name__}")
+    return config
 
 
 def load_hf(directory: str | os.PathLike, *, param_dtype: str = "float32", dtype: Optional[str] = None,
@@ -244,7 +269,8 @@ def save_hf(params: dict, cfg: ModelConfig, directory: str | os.PathLike, *, dty
     """Write config.json + safetensors (sharded above max_shard_bytes) that transformers loads."""
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace its files)")
+        raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace its files; "
+                              "the CLI's flag is --overwrite)")
     tensors = hf_tensors(params, cfg, dtype)
     directory.mkdir(parents=True, exist_ok=True)
     for stale in [*directory.glob("*.safetensors"), directory / SAFE_INDEX, directory / "config.json"]:

@@ -47,7 +47,6 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 
 from jaxtune.interop.peft_modules import (
     AdapterFormatError,
@@ -56,6 +55,7 @@ from jaxtune.interop.peft_modules import (
     pattern_value,
     peft_targets,
 )
+from jaxtune.interop.safe_files import read_all
 from jaxtune.models import ModelConfig
 from jaxtune.peft.core import is_adapter
 from jaxtune.peft.dora import DoraWeight
@@ -103,8 +103,7 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
         pickled = [p.name for p in directory.glob("adapter_model.bin")]
         hint = f" (found {pickled}: pickle files are refused; re-save with safe_serialization=True)" if pickled else ""
         raise FileNotFoundError(f"{directory}: no {ADAPTER_WEIGHTS}{hint}")
-    with safe_open(path, framework="numpy") as handle:
-        return {name: handle.get_tensor(name) for name in handle.keys()}
+    return read_all(path)
 
 
 def _check_options(config: dict, allowed: set[str], source: str) -> None:

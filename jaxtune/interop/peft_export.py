@@ -151,7 +151,8 @@ def save_peft_adapter(params: Any, cfg: ModelConfig, directory: str | os.PathLik
         tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in tensors.items()}
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace its files)")
+        raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace its files; "
+                              "the CLI's flag is --overwrite)")
     directory.mkdir(parents=True, exist_ok=True)
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(directory / ADAPTER_WEIGHTS),

@@ -27,9 +27,9 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jaxtune.interop.safe_files import read_all
 from jaxtune.models import Model, ModelConfig
 from jaxtune.models.decoder import prompt_embeddings
 from jaxtune.peft.prompt import (
@@ -62,9 +62,11 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, np.ndarr
         pickled = " (found adapter_model.bin: pickle files are refused; re-save with safe_serialization)" \
             if (directory / "adapter_model.bin").exists() else ""
         raise FileNotFoundError(f"{directory}: no {WEIGHTS_FILE}{pickled}")
-    with safe_open(weights, framework="numpy") as handle:
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    return json.loads(config_path.read_text()), tensors
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path}: not valid JSON ({err})") from None
+    return config, read_all(weights)
 
 
 def _expect(config: dict, key: str, want: Any, source: str) -> None:
@@ -157,7 +159,8 @@ def save_peft_prompt(params: dict, cfg: ModelConfig, directory: str | os.PathLik
     (reparameterised forms are saved as their output, exactly as PEFT saves them)."""
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace its files)")
+        raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace its files; "
+                              "the CLI's flag is --overwrite)")
     config, tensors = peft_prompt_tensors(params, cfg)
     config["base_model_name_or_path"] = base_model_name_or_path
     directory.mkdir(parents=True, exist_ok=True)

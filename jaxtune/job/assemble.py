@@ -107,7 +107,12 @@ def restore_run(directory: Path, cfg: ModelConfig, numerics: dict) -> Any:
 
 
 def save_model(directory: str | Path, params: Any, cfg: ModelConfig, *, overwrite: bool = False) -> Path:
-    """A params checkpoint: ``params/`` (Orbax) beside model_config.json."""
+    """A params checkpoint: ``params/`` (Orbax) beside model_config.json. Refused in a directory
+    that holds anything (unless ``overwrite``) and always in a training run's directory."""
+    runmeta.refuse_run_directory(directory, "saving a params checkpoint")
+    if Path(directory).is_dir() and any(Path(directory).iterdir()) and not overwrite:
+        raise FileExistsError(f"{Path(directory).absolute()} exists and is not empty (the CLI replaces it with "
+                              "--overwrite; from Python, overwrite=True)")
     path = save_params(directory, params, overwrite=overwrite)
     runmeta.write_model_config(path, cfg)
     return path

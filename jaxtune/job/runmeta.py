@@ -5,7 +5,8 @@
                         weights come from: the frozen half of a PEFT run is rebuilt from it),
                         ``trainable`` (train.trainable patterns), ``peft`` (the peft section of a
                         PEFT run), ``head`` (``key``, ``num_labels``, ``pooling``, ``kind`` and, for
-                        a separate value network, its ``model_config``)
+                        a separate value network, its ``model_config``), ``base_checksums`` (of
+                        the frozen half: a resumed run must be on the same base weights)
 
 This module writes, reads and validates them; everything else asks it. Writes are atomic (a
 reader on another host never sees a partial file) and happen only once a run really starts.
@@ -28,11 +29,13 @@ from jaxtune.models.config import ModelConfig
 from jaxtune.models.heads import SCORE, VALUE_MODEL, HeadSpec
 from jaxtune.peft.config import PeftConfig, for_restore
 from jaxtune.quant.weight import QuantConfig
+from jaxtune.utils.fingerprint import leaf_checksums, mismatches
 
 MODEL_CONFIG_FILE = "model_config.json"
 TRAIN_META_FILE = "train_meta.json"
 NUMERICS = ("param_dtype", "dtype", "attention_impl", "remat")  # may change between runs of one model
 MATCH_ON_RESUME = ("trainable", "peft", "head")  # train_meta keys a resumed run must keep
+BASE_CHECKSUMS = "base_checksums"  # train_meta key: the frozen half's checksums when the run started
 
 
 def _path(directory: str | os.PathLike) -> epath.Path:
@@ -67,21 +70,60 @@ def run_meta(job: TrainJobConfig, head: Optional[HeadSpec]) -> dict:
 
 def check_resumable(directory: str | os.PathLike, cfg: ModelConfig, meta: dict) -> None:
     """Refuse (before anything is written) to resume a run of another model or another
-    trainable/frozen split: its steps would fail to restore and its config would be lost."""
+    trainable/frozen split: its steps would fail to restore and its config would be lost. Steps
+    without the model_config.json that says what they are are refused too."""
     directory = _path(directory)
     path = directory / MODEL_CONFIG_FILE
-    if path.exists():
-        old, new = json.loads(path.read_text()), to_dict(cfg)
-        changed = sorted(k for k in set(old) | set(new) if k not in NUMERICS and old.get(k) != new.get(k))
-        if changed:
-            detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
-            raise ValueError(f"checkpoint.directory {directory} holds a run of another model ({detail}); "
-                             "use a new directory or the same model")
+    if not path.exists():
+        raise ValueError(f"checkpoint.directory {directory} holds checkpoint steps but no {MODEL_CONFIG_FILE}, so "
+                         "what they are a run of is unknown; restore that file or use a new directory")
+    old, new = json.loads(path.read_text()), to_dict(cfg)
+    changed = sorted(k for k in set(old) | set(new) if k not in NUMERICS and old.get(k) != new.get(k))
+    if changed:
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        raise ValueError(f"checkpoint.directory {directory} holds a run of another model ({detail}); "
+                         "use a new directory or the same model")
     old_meta = read_train_meta(directory)
     for key in MATCH_ON_RESUME:
         if key in old_meta and key in meta and old_meta[key] != meta[key]:
             raise ValueError(f"checkpoint.directory {directory} was trained with {key}={old_meta[key]!r}; "
                              f"this run asks for {meta[key]!r}. Resume with the same {key} or use a new directory")
+
+
+def check_same_base(directory: str | os.PathLike, meta: dict, frozen) -> dict:
+    """A run that froze part of its tree resumes only on the base it trained on: the frozen half's
+    checksums (`jaxtune.utils.fingerprint`) must equal those recorded when it started (a leaf
+    whose dtype changed, e.g. another ``model.param_dtype``, is not compared). Returns ``meta``
+    with this run's checksums under ``base_checksums`` (None for a run that trains everything)."""
+    checksums = leaf_checksums(frozen) if froze_part(meta) else None
+    old_meta = read_train_meta(directory) if has_steps(directory) else {}
+    recorded = old_meta.get(BASE_CHECKSUMS)
+    if checksums is not None and recorded:
+        bad = mismatches(recorded, checksums)
+        if bad:
+            raise ValueError(f"checkpoint.directory {_path(directory)} was trained on the base model "
+                             f"{_source_text(old_meta.get('base'))}; this run's base {_source_text(meta.get('base'))} "
+                             f"has other weights ({bad[0]} differs{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}"
+                             "). Resume on the run's own base or use a new directory")
+    return {**meta, BASE_CHECKSUMS: checksums}
+
+
+def _source_text(base: Optional[dict]) -> str:
+    if not base:
+        return "(unrecorded)"
+    given = {k: v for k, v in base.items() if k in ("hf_dir", "checkpoint", "preset", "init_seed") and v is not None}
+    if "config" in base and base["config"] is not None and "preset" not in given:
+        given["config"] = "inline"
+    return ", ".join(f"{k}={v}" for k, v in given.items()) or "(unrecorded)"
+
+
+def refuse_run_directory(directory: str | os.PathLike, command: str) -> None:
+    """``command`` (an export, a conversion) never writes into a training run's directory: it would
+    replace the files that say what the run is, and the run could no longer resume."""
+    directory = _path(directory)
+    if (directory / TRAIN_META_FILE).exists() or has_steps(directory):
+        raise ValueError(f"{directory} holds a training run ({TRAIN_META_FILE} / checkpoint steps); {command} never "
+                         "writes into a run: choose a new destination")
 
 
 def has_steps(directory: str | os.PathLike) -> bool:
@@ -90,9 +132,10 @@ def has_steps(directory: str | os.PathLike) -> bool:
 
 
 def start_run(directory: str | os.PathLike, cfg: ModelConfig, meta: dict) -> None:
-    """A run starts in ``directory``: a run already there must be resumable by this one
-    (`check_resumable`, checked on every process so all fail alike); process 0 then writes
-    model_config.json and train_meta.json."""
+    """A run starts in ``directory`` (called once its state is built or restored, right before its
+    first step): a run already there must be resumable by this one (`check_resumable`, checked on
+    every process so all fail alike); process 0 then writes model_config.json and
+    train_meta.json, each atomically."""
     if has_steps(directory):
         check_resumable(directory, cfg, meta)
     if jax.process_index() == 0:

@@ -55,7 +55,7 @@ def _text_streams(job: TrainJobConfig, cfg: ModelConfig, tokenizer) -> Streams:
         raise ValueError("data.path: required when data.kind is 'text'")
     tokens = text_tokens(d.path, tokenizer)
     if d.eval_path is not None:
-        held_out = text_tokens(d.eval_path, tokenizer)
+        held_out = text_tokens(d.eval_path, tokenizer, key="data.eval_path")
     else:
         cut = int(len(tokens) * (1.0 - d.eval_fraction))
         tokens, held_out = tokens[:cut], tokens[cut:]
@@ -145,7 +145,7 @@ def document_streams(d: DataConfig, batch_size: int, seq_len: int, seed: int, to
         return DocumentStream(eval_sources, eval_weights, tokenizer, split=eval_split, seed=seed, shuffle=False,
                               epochs=1, name="data.eval_sources" if d.eval_sources else "held-out documents", **common)
 
-    eval_streams()  # validate now (enough held-out documents per shard), not at the first evaluation
+    eval_streams().check_documents()  # validate now (usable held-out documents per shard), not at the first evaluation
     if not train:
         return None, eval_streams
     train_stream = DocumentStream(train_sources, [c.weight for c in d.sources], tokenizer, split=train_split,

@@ -2,8 +2,9 @@
 
 `setup_training(job)` assembles everything the loop needs from the job and its objective (model,
 tokenizer, PEFT, head, optimizer, loss, streams, mesh) and validates it, writing nothing;
-`run_training(job)` then records the run's metadata (`jaxtune.job.runmeta`, once, when the run
-really starts), saves the tokenizer beside the checkpoints and runs `jaxtune.train.loop.train`.
+`run_training(job)` then takes the run directory's lock (`jaxtune.job.runlock`), runs
+`jaxtune.train.loop.train`, and records the run's metadata (`jaxtune.job.runmeta`) and tokenizer
+once the state is built or restored, right before the first step.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from jaxtune.checkpoint.manager import TrainCheckpointer
 from jaxtune.job import runmeta
 from jaxtune.job.assemble import job_tokenizer, model_for_training, with_head, with_peft
 from jaxtune.job.objectives import Context, Objective, get_objective
+from jaxtune.job.runlock import RunLock
 from jaxtune.job.schema import TrainJobConfig
 from jaxtune.job.streams import report_skipped
 from jaxtune.models import ModelConfig
 from jaxtune.models.heads import HeadSpec
 from jaxtune.parallel.mesh import make_mesh
-from jaxtune.train.loop import TrainResult, check_batch_layout, train
+from jaxtune.train.loop import TrainResult, check_batch_layout, check_steps_per_call, train
 from jaxtune.train.losses import LossFn
 from jaxtune.train.optim import build_optimizer
 
@@ -61,6 +63,7 @@ def setup_training(job: TrainJobConfig) -> TrainingSetup:
     mesh = make_mesh(job.mesh)
     check_batch_layout(job.train, mesh)
     stream, eval_streams = objective.streams(ctx)
+    check_steps_per_call(job.train, stream)
     optimizer, schedule = build_optimizer(job.optim, job.train.steps)
     params, mask, optimizer = with_peft(job, start, cfg, tokenizer, optimizer)
     head = objective.head(ctx)
@@ -73,26 +76,45 @@ def setup_training(job: TrainJobConfig) -> TrainingSetup:
 def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict], None]] = (),
                  checkpointer: Optional[TrainCheckpointer] = None) -> TrainResult:
     """Train ``job`` (resuming from ``checkpoint.directory`` when it holds the same run). A given
-    ``checkpointer`` replaces the job's own (the caller closes it)."""
+    ``checkpointer`` replaces the job's own (the caller closes it).
+
+    Nothing is written before the run is known to start: the job is validated (`setup_training`),
+    a run already in the directory must be resumable by this one, the directory's lock is taken
+    (a second run into it is refused), the state is restored, and a resumed PEFT run's base must be
+    the one it trained on; only then are the metadata and tokenizer written (`on_start`)."""
     s = setup_training(job)
     own_checkpointer = checkpointer is None
     directory = job.checkpoint.directory if own_checkpointer else checkpointer.directory
+    if directory and runmeta.has_steps(directory):
+        runmeta.check_resumable(directory, s.cfg, s.meta)
+
+    def on_start(state, frozen) -> None:
+        if not directory:
+            return
+        meta = runmeta.check_same_base(directory, s.meta, frozen)
+        runmeta.start_run(directory, s.cfg, meta)  # the run's metadata goes where its steps go
+        if s.tokenizer is not None and jax.process_index() == 0:
+            s.tokenizer.save(str(directory))  # so generate / eval on the checkpoint need no tokenizer flags
+
+    lock = RunLock(directory)
+    interrupted = False
     try:
-        if directory:  # the run's metadata goes where its steps go
-            runmeta.start_run(directory, s.cfg, s.meta)
+        lock.acquire()
         if own_checkpointer:
             checkpointer = TrainCheckpointer(job.checkpoint)
-        if s.tokenizer is not None and directory and jax.process_index() == 0:
-            s.tokenizer.save(str(directory))  # so generate / eval on the checkpoint need no tokenizer flags
         return train(
             loss_fn=s.loss_fn, params=s.params, model_cfg=s.cfg, optimizer=s.optimizer, schedule=s.schedule,
             cfg=job.train, batches=s.stream, mesh=s.mesh, eval_batches=s.eval_streams, checkpointer=checkpointer,
             trainable_mask=s.trainable_mask, logging=job.logging, log_dir=job.logging.directory or directory,
-            callbacks=callbacks,
+            callbacks=callbacks, on_start=on_start,
         )
+    except KeyboardInterrupt:  # a second Ctrl-C: exit at once, without waiting for a save in flight
+        interrupted = True
+        raise
     finally:
         if hasattr(s.stream, "close"):
             s.stream.close()
         report_skipped(s.stream)
-        if own_checkpointer and checkpointer is not None:
+        if own_checkpointer and checkpointer is not None and not interrupted:
             checkpointer.close()
+        lock.release()

@@ -5,7 +5,7 @@ optimizer and a batch stream, and owns everything around them: the mesh and
 declared shardings, the jitted step with gradient accumulation and the
 non-finite guard, evaluation on a held-out stream, logging (progress bar,
 JSONL, TensorBoard, MFU), Orbax checkpoints (resume exactly, keep-N, keep-best)
-and preemption (SIGTERM: save, then stop). Pretraining, SFT, reward models and
+and stopping on request (SIGTERM, Ctrl-C: save, then stop). Pretraining, SFT, reward models and
 preference losses are only different ``loss_fn`` + stream pairs; RL methods
 add a rollout phase that produces the stream.
 
@@ -15,6 +15,7 @@ It must not know what the loss computes or where batches come from.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
@@ -25,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import jax
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxtune.checkpoint.manager import CheckpointConfig, TrainCheckpointer
 from jaxtune.models import ModelConfig
@@ -40,6 +41,8 @@ from jaxtune.train.step import TrainState, abstract_layout, make_eval_step, make
 
 STEP_KEYS = frozenset({"loss", "grad_norm", "tokens", "finite", "skipped", "streak", "lr"})  # set by the step itself
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the state was saved; schedulers should requeue the job
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: stopped by Ctrl-C (the state was saved, unless it was the second)
+EXIT_GRACE_S = 3.0  # after a second Ctrl-C, how long the interpreter's own shutdown may take
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,7 +55,7 @@ class TrainResult:
     frozen: Any  # the frozen half of the params (None leaves where trainable)
     history: list[dict] = field(default_factory=list)  # one dict per step: step, loss, grad_norm, lr, ...
     evals: list[dict] = field(default_factory=list)
-    status: str = "completed"  # completed | preempted
+    status: str = "completed"  # completed | preempted (SIGTERM) | interrupted (Ctrl-C)
     first_step_s: Optional[float] = None  # wall time of this session's first step, compilation included
     resumed_from: Optional[int] = None
     trainable_params: int = 0  # scalars in the trainable half
@@ -64,34 +67,91 @@ class TrainResult:
 
 
 class _Preemption:
-    """SIGTERM -> stop at a step boundary. Single process: a Python signal handler sets a flag.
+    """SIGTERM or Ctrl-C -> stop at a step boundary (the loop then saves); `reached(step)` gives the
+    status to stop with ("preempted" / "interrupted"), or None. Handlers are put back on exit.
+
+    Single process, main thread: Python handlers set a flag. SIGTERM -> "preempted". The first
+    Ctrl-C (SIGINT) -> "interrupted", and a line on stderr says so; the second gives Ctrl-C back to
+    the handler it replaced and raises KeyboardInterrupt where the program is (finally blocks run;
+    closing the metrics logger is bounded), and should the interpreter's shutdown then hang, the
+    process ends after EXIT_GRACE_S (`_end_if_exit_hangs`). Ctrl-C is taken over only from Python's
+    default handler: an ignored SIGINT (a background job) or a caller's own handler is left alone.
+
     Several processes: JAX's preemption sync point (jax.distributed's preemption service, which
     watches SIGTERM itself), so every host stops after the same step; no handler is installed
-    there, since it would replace the service's."""
+    there, since it would replace the service's. Ctrl-C keeps its default (KeyboardInterrupt)
+    there: it reaches only the processes started from the terminal it was typed in, and a flag set
+    on those would stop them after a step the others do not stop at (those would then wait in its
+    collectives for ever); only SIGTERM goes through the sync point, so send SIGTERM to every
+    process to save and stop a multi-process run."""
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
+    def __init__(self, saves: bool = True):
+        self.status: Optional[str] = None  # the first stop requested
+        self._saves = saves
+        self._interrupts = 0
+        self._previous: dict = {}
         self._multi = jax.process_count() > 1
 
     def __enter__(self):
-        if not self._multi and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if self._multi or threading.current_thread() is not threading.main_thread():
+            return self
+        self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._terminate)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         return self
 
-    def _handle(self, signum, frame):
-        self.requested = True
+    def _terminate(self, signum, frame):
+        self.status = self.status or "preempted"
+
+    def _interrupt(self, signum, frame):
+        self._interrupts += 1
+        if self._interrupts > 1:
+            signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
+            _end_if_exit_hangs()
+            raise KeyboardInterrupt
+        self.status = self.status or "interrupted"
+        what = "saving the state after this step, then stopping" if self._saves else \
+            "stopping after this step (no checkpoint directory: nothing is saved)"
+        try:  # os.write: a print could re-enter stderr's buffer if the signal came in the middle of a write
+            os.write(2, f"\njaxtune: Ctrl-C: {what}; press Ctrl-C again to exit at once (unsaved).\n".encode())
+        except OSError:
+            pass
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
 
-    def reached(self, step: int) -> bool:
+    def reached(self, step: int) -> Optional[str]:
         if self._multi:
             from jax.experimental import multihost_utils
 
-            return bool(multihost_utils.reached_preemption_sync_point(step))
-        return self.requested
+            return "preempted" if multihost_utils.reached_preemption_sync_point(step) else None
+        return self.status
+
+
+_exit_watch = threading.Lock()  # held once the watchdog below runs
+
+
+def _end_if_exit_hangs(grace_s: float = EXIT_GRACE_S) -> None:
+    """Once the main thread has finished (the interpreter is shutting down), give the shutdown
+    `grace_s` seconds, then end the process with INTERRUPTED_EXIT_CODE: after a second Ctrl-C
+    nothing (a non-daemon thread, an exit hook waiting on a save or on I/O) may hold exit up. A
+    program that catches the KeyboardInterrupt and carries on (a notebook) is untouched."""
+    if not _exit_watch.acquire(blocking=False):
+        return
+
+    def watch():
+        threading.main_thread().join()  # returns when the interpreter starts shutting down
+        time.sleep(grace_s)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(INTERRUPTED_EXIT_CODE)
+
+    threading.Thread(target=watch, name="jaxtune-exit-watchdog", daemon=True).start()
 
 
 HOST_MEMORY = "pinned_host"
@@ -110,12 +170,15 @@ def host_shardings(shardings: Any, mesh: Mesh) -> Any:
                         is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
-def place_batch(batch: dict, mesh: Mesh, local: bool = False) -> dict:
+def place_batch(batch: dict, mesh: Mesh, local: bool = False, stacked: bool = False) -> dict:
     """Host numpy batch -> global jax arrays split over data x fsdp. ``local``: the batch holds
     only this process's rows (a host-sharded stream) and the processes' rows, in process
     order, make the global batch; otherwise every process holds the whole global batch and
-    each fills its own devices' shards from it."""
+    each fills its own devices' shards from it. ``stacked``: several batches on a leading axis
+    (train.steps_per_call), which is not split."""
     sharding = batch_sharding(mesh)
+    if stacked:
+        sharding = NamedSharding(mesh, P(None, *sharding.spec))
 
     def put(x):
         x = np.asarray(x)
@@ -177,6 +240,29 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Me
     if "nll" in result:
         result["perplexity"] = math.exp(min(result["nll"], 700.0))
     return result
+
+
+def stack_batches(batches: Sequence[dict]) -> dict:
+    """Batches of one stream -> one dict of arrays with a leading axis (one entry per batch)."""
+    return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in batches[0]}
+
+
+def check_steps_per_call(cfg: TrainConfig, batches: Any) -> None:
+    """Several steps per call need their batches up front: a rollout stream (GRPO / PPO), which
+    samples each batch from the policy of the step before, cannot provide them."""
+    if cfg.steps_per_call > 1 and hasattr(batches, "set_policy"):
+        raise ValueError(f"train.steps_per_call={cfg.steps_per_call}: this objective samples each batch from the "
+                         "current policy (a rollout stream), so its steps cannot be stacked; use train.steps_per_call=1")
+
+
+def call_size(step: int, cfg: TrainConfig, checkpointer: TrainCheckpointer) -> int:
+    """Optimizer steps in the next call: up to ``cfg.steps_per_call``, ending at the first step that
+    saves or evaluates, or at the last step (so those happen at call boundaries)."""
+    n = min(cfg.steps_per_call, cfg.steps - step)
+    for i in range(1, n):
+        if checkpointer.should_save(step + i) or (cfg.eval_every and (step + i) % cfg.eval_every == 0):
+            return i
+    return n
 
 
 def check_batch_layout(cfg: TrainConfig, mesh: Mesh) -> None:
@@ -257,6 +343,7 @@ def _set_up(loss_fn: LossFn, params: Any, optimizer: optax.GradientTransformatio
 
     data_sh = batch_sharding(mesh)
     step_fn = make_train_step(loss_fn, optimizer, schedule, grad_accum=cfg.grad_accum, mesh=mesh,
+                              steps_per_call=cfg.steps_per_call,
                               state_shardings=state_sh, frozen_shardings=frozen_sh, batch_shardings=data_sh,
                               opt_device_shardings=opt_device_sh)
     eval_step = None
@@ -287,6 +374,16 @@ class _Bookkeeper:
     def _reset_window(self, compiling: bool) -> None:
         self.window = {"t": time.perf_counter(), "tokens": 0.0, "steps": 0, "loss": 0.0, "finite": 0,
                        "compiling": compiling, "extra": {}}
+
+    def finish_call(self, first: int, stacked: bool, metrics: dict) -> None:
+        """A call's metrics, fetched from the device once: one step's, or ``[n]``-stacked for n
+        steps from ``first`` (train.steps_per_call)."""
+        metrics = jax.device_get(metrics)
+        if not stacked:
+            self.finish_step(first, metrics)
+            return
+        for i in range(len(metrics["loss"])):
+            self.finish_step(first + i, {k: v[i] for k, v in metrics.items()})
 
     def finish_step(self, step: int, metrics: dict) -> None:
         """Host side of a step whose metrics arrived: history, logging, callbacks, NaN policy."""
@@ -356,10 +453,14 @@ class _Bookkeeper:
                                metrics=metrics, force=force)
 
     def evaluate_then_save(self, step: int, state: TrainState, frozen: Any, do_eval: bool, force: bool = False):
-        """Evaluate (for keep-best) then save; if the evaluation fails, the state is saved first."""
+        """Evaluate (for keep-best) then save; if the evaluation fails, the state is saved first
+        (not on KeyboardInterrupt: that is a second Ctrl-C, which means exit now, or a Ctrl-C in a
+        multi-process run, where a save by one process alone would wait for the others for ever)."""
         try:
             if do_eval:
                 self.evaluate(step, state, frozen)
+        except KeyboardInterrupt:
+            raise
         except BaseException:
             self.save(step, state, force=True)
             self.checkpointer.wait()
@@ -384,6 +485,7 @@ def train(
     trainable_mask: Any = None,
     rules: Sequence[Rule] = (),
     callbacks: Sequence[Callable[[int, dict], None]] = (),
+    on_start: Optional[Callable[[TrainState, Any], None]] = None,
 ) -> TrainResult:
     """Run ``cfg.steps`` optimizer steps (resuming from ``checkpointer`` if it holds a state).
 
@@ -392,12 +494,18 @@ def train(
     host arrays); if it has ``get_state``/``set_state`` its position is checkpointed and restored.
     ``trainable_mask``: bools per array leaf (default: `cfg.trainable` regexes, or everything).
     ``callbacks``: ``fn(step, metrics)`` after each step's metrics reach the host.
+    ``on_start``: ``fn(state, frozen)`` once the state is built or restored, before the first step
+    and before anything is logged: the caller's last chance to refuse the run (by raising) and the
+    moment to record it (run metadata is written there, never for a run that did not start).
     """
     check_batch_layout(cfg, mesh)
+    check_steps_per_call(cfg, batches)
     checkpointer = checkpointer or TrainCheckpointer(CheckpointConfig())  # directory None: no-op
     setup = _set_up(loss_fn, params, optimizer, schedule, cfg, batches, mesh, eval_batches, checkpointer,
                     trainable_mask, tuple(rules))
     state, frozen = setup.state, setup.frozen
+    if on_start is not None:
+        on_start(state, frozen)
     start = int(jax.device_get(state.step))
     result = TrainResult(state=state, frozen=frozen, resumed_from=setup.resumed_from,
                          trainable_params=setup.trainable_params, total_params=setup.total_params)
@@ -410,32 +518,38 @@ def train(
                         callbacks, logging.peak_flops, start)
     local_batches = is_process_local(batches)
     status = "completed"
-    pending: Optional[tuple[int, dict]] = None  # the last step's metrics, fetched after the next step is queued
+    stacked = cfg.steps_per_call > 1
+    pending: Optional[tuple] = None  # the last call's (first step, stacked, metrics), fetched after the next is queued
     try:
-        with _Preemption() as preemption:
+        with _Preemption(saves=getattr(checkpointer, "directory", None) is not None) as preemption:
             step = start
             while step < cfg.steps:
                 if hasattr(batches, "set_policy"):  # a rollout stream (GRPO / PPO) samples from the current policy
                     batches.set_policy(state.params, frozen)
-                batch = place_batch(next(batches), mesh, local_batches)
+                if stacked:
+                    n = call_size(step, cfg, checkpointer)
+                    batch = place_batch(stack_batches([next(batches) for _ in range(n)]), mesh, local_batches, True)
+                else:
+                    n, batch = 1, place_batch(next(batches), mesh, local_batches)
                 state, metrics = setup.step_fn(state, frozen, batch)
-                step += 1
+                step += n
                 if pending is not None:
-                    books.finish_step(*jax.device_get(pending))
-                pending = (step, metrics)
+                    books.finish_call(*pending)
+                pending = (step - n + 1, stacked, metrics)
                 if checkpointer.should_save(step):
-                    books.finish_step(*jax.device_get(pending))  # never save past an unchecked step
+                    books.finish_call(*pending)  # never save past an unchecked step
                     pending = None
                     books.evaluate_then_save(step, state, frozen, cfg.eval_every and step % cfg.eval_every == 0)
                 elif cfg.eval_every and step % cfg.eval_every == 0:
                     books.evaluate(step, state, frozen)
-                if preemption.reached(step):
-                    status, books.preempting = "preempted", True  # the last step's window is logged too
+                stop = preemption.reached(step)
+                if stop:
+                    status, books.preempting = stop, True  # the last step's window is logged too
                     break
             if pending is not None:
-                books.finish_step(*jax.device_get(pending))
+                books.finish_call(*pending)
                 pending = None
-            if step > start or status == "preempted":
+            if step > start or status != "completed":
                 books.evaluate_then_save(step, state, frozen, status == "completed" and books.last_eval_step != step,
                                          force=True)
             checkpointer.wait()

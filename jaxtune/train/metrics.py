@@ -1,7 +1,8 @@
 """Training throughput accounting (model FLOPs, peak FLOP/s, MFU) and metric logging.
 
 `model_flops_per_token` and `device_peak_flops` give the two halves of model FLOPs utilization;
-`MetricsLogger` writes scalars to ``metrics.jsonl``, TensorBoard and a tqdm bar, on process 0 only.
+`MetricsLogger` writes scalars to ``metrics.jsonl``, TensorBoard and a tqdm bar, on process 0 only,
+and closing it never blocks exit for longer than its ``close_timeout_s``.
 This module only reports numbers it is handed: it must not compute losses, touch parameters,
 or block on device work by itself (the caller chooses when a metric is fetched from the device).
 """
@@ -13,8 +14,10 @@ import math
 import os
 import re
 import sys
+import threading
 import time
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +139,64 @@ def _postfix(values: dict[str, int | float]) -> str:
     return ", ".join(shown)
 
 
+class TensorBoardWriter:
+    """Scalars to a TensorBoard event file in `log_dir`, written and flushed by the calling thread.
+
+    tensorboardX's SummaryWriter hands each event to a writer thread through a multiprocessing
+    queue, and its close() joins that thread (and interpreter exit joins the queue's feeder thread):
+    a KeyboardInterrupt landing inside the queue's put() can leave it locked, and closing then waits
+    for ever (issue 22). This writer has no thread and no queue; it uses tensorboardX's record
+    format (the same ``events.out.tfevents.*`` files), one record per scalar.
+    """
+
+    def __init__(self, log_dir: str):
+        from tensorboardX.event_file_writer import EventsWriter  # only when TensorBoard output is asked for
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        self._event, self._scalar = Event, scalar
+        self._file = EventsWriter(os.path.join(log_dir, "events"))
+
+    def add_scalar(self, tag: str, value: int | float, step: int) -> None:
+        self._file.write_event(self._event(wall_time=time.time(), step=int(step), summary=self._scalar(tag, value)))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+CLOSE_TIMEOUT_S = 5.0  # MetricsLogger.close waits this long for its sinks, all together
+
+
+def close_within(closers: dict[str, Callable[[], None]], timeout_s: float) -> None:
+    """Run each ``closers[name]()`` in its own daemon thread and wait for them all up to `timeout_s`
+    seconds in total. A closer still running then is left behind (a daemon thread never holds up
+    exit) with a RuntimeWarning naming it; one that raised is reported the same way: closing
+    must not turn a finished or interrupted run into a crash or a hang."""
+    outcome: dict[str, BaseException] = {}
+
+    def run(name: str, close: Callable[[], None]) -> None:
+        try:
+            close()
+        except BaseException as err:  # reported by the waiting thread
+            outcome[name] = err
+
+    threads = {name: threading.Thread(target=run, args=(name, close), name=f"jaxtune-close-{name}", daemon=True)
+               for name, close in closers.items()}
+    for thread in threads.values():
+        thread.start()
+    deadline = time.monotonic() + timeout_s
+    for name, thread in threads.items():
+        thread.join(max(deadline - time.monotonic(), 0.0))
+        if thread.is_alive():
+            warnings.warn(f"closing the {name} did not finish within {timeout_s:g} s; left behind (its "
+                          "last records may be missing)", RuntimeWarning, stacklevel=3)
+        elif name in outcome:
+            warnings.warn(f"closing the {name} failed: {outcome[name]!r}", RuntimeWarning, stacklevel=3)
+
+
 class MetricsLogger:
     """Scalar metrics to ``{log_dir}/metrics.jsonl``, TensorBoard and a progress bar.
 
@@ -144,6 +205,7 @@ class MetricsLogger:
     Each `log` call writes one JSON line ``{"step", "time", "<prefix>/<name>": value, ...}`` with
     NaN and infinities as the strings "nan", "inf", "-inf". The bar's postfix shows loss, lr,
     tokens/s and step time from "train" metrics; every call advances the bar to `step`.
+    `close` gives the sinks `close_timeout_s` seconds in all, then moves on (see `close_within`).
     """
 
     def __init__(
@@ -155,8 +217,10 @@ class MetricsLogger:
         jsonl: bool = True,
         progress: bool = True,
         start_step: int = 0,
+        close_timeout_s: float = CLOSE_TIMEOUT_S,
     ):
         self._active = jax.process_index() == 0
+        self._close_timeout_s = close_timeout_s
         self._jsonl = None
         self._tensorboard = None
         self._bar = None
@@ -167,9 +231,7 @@ class MetricsLogger:
             if jsonl:
                 self._jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a", encoding="utf-8")
             if tensorboard:
-                from tensorboardX import SummaryWriter  # only when TensorBoard output is asked for
-
-                self._tensorboard = SummaryWriter(log_dir)
+                self._tensorboard = TensorBoardWriter(log_dir)
         if progress:
             self._bar = tqdm.tqdm(
                 total=total_steps, initial=start_step, file=sys.stderr, unit="step", dynamic_ncols=True
@@ -188,7 +250,7 @@ class MetricsLogger:
             self._jsonl.flush()
         if self._tensorboard is not None:
             for tag, value in tagged.items():
-                self._tensorboard.add_scalar(tag, value, global_step=int(step))
+                self._tensorboard.add_scalar(tag, value, int(step))
             self._tensorboard.flush()
         if self._bar is not None:
             if prefix == "train":
@@ -199,16 +261,13 @@ class MetricsLogger:
                 self._bar.refresh()
 
     def close(self) -> None:
-        """Flush and close every sink; safe to call twice."""
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-            self._tensorboard = None
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        """Flush and close every sink, waiting at most `close_timeout_s` seconds in all; safe to call
+        twice (a sink is forgotten before it is closed, so a stuck one is never waited for again)."""
+        sinks = {"metrics.jsonl": self._jsonl, "TensorBoard events": self._tensorboard, "progress bar": self._bar}
+        self._jsonl = self._tensorboard = self._bar = None
+        closers = {name: sink.close for name, sink in sinks.items() if sink is not None}
+        if closers:
+            close_within(closers, self._close_timeout_s)
 
     def __enter__(self) -> MetricsLogger:
         return self

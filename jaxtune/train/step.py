@@ -134,11 +134,18 @@ def make_train_step(
     frozen_shardings: Any = None,
     batch_shardings: Any = None,
     opt_device_shardings: Any = None,
+    steps_per_call: int = 1,
 ) -> Callable[[TrainState, Any, dict], tuple[TrainState, dict]]:
     """Build the jitted step. Without a mesh the shardings are left to jit (single device).
 
     ``opt_device_shardings``: the optimizer state is offloaded (``state_shardings.opt_state`` in
-    host memory); the step streams it to these device shardings for the update and back."""
+    host memory); the step streams it to these device shardings for the update and back.
+    ``steps_per_call > 1``: the returned function takes batches stacked on a new leading axis
+    (``[n, batch, ...]``, any n) and runs n optimizer steps in one call (a `lax.scan` of the same
+    step), returning the final state and every step's metrics stacked (``[n]``). ``batch_shardings``
+    then describes one batch (the stack axis is added, unsharded)."""
+    if steps_per_call < 1:
+        raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
 
@@ -179,11 +186,19 @@ def make_train_step(
                 new_state = new_state.replace(opt_state=jax.device_put(new_state.opt_state, state_shardings.opt_state))
             return new_state, metrics
 
+    def several(state: TrainState, frozen: Any, batches: dict):
+        return jax.lax.scan(lambda s, batch: step(s, frozen, batch), state, batches)
+
+    fn = step if steps_per_call == 1 else several
+    if steps_per_call > 1:
+        if batch_shardings is not None:
+            batch_shardings = jax.tree.map(lambda s: NamedSharding(s.mesh, P(None, *s.spec)), batch_shardings,
+                                           is_leaf=lambda x: isinstance(x, NamedSharding))
     if mesh is None:
-        return jax.jit(step, donate_argnums=(0,))
+        return jax.jit(fn, donate_argnums=(0,))
     replicated = NamedSharding(mesh, P())
     return jax.jit(
-        step,
+        fn,
         in_shardings=(state_shardings, frozen_shardings, batch_shardings),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),

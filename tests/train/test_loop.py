@@ -1,6 +1,7 @@
 """The loop end to end: exact resume after SIGKILL, SIGTERM save, corrupt-checkpoint fallback,
 the non-finite stop, logs, and `jaxtune train` / `jaxtune eval`."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -56,6 +57,25 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     # Resuming a finished run does no more steps.
     again = run_training(job(str(ckpt)))
     assert again.resumed_from == 20 and again.history == []
+
+
+def test_several_steps_per_call_equal_single_steps(tmp_path):
+    """train.steps_per_call=4: the same losses, metrics and final state as one step per call, with
+    calls cut at evaluations (every 7 steps), the save at step 10 and the last step: 4+3, 3, 1, 2."""
+    def with_calls(cfg, n):
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps_per_call=n, eval_every=7,
+                                                                  eval_batches=1))
+
+    single = run_training(with_calls(job(str(tmp_path / "single"), steps=12), 1))
+    multi = run_training(with_calls(job(str(tmp_path / "multi"), steps=12), 4))
+    assert [h["step"] for h in multi.history] == list(range(1, 13))
+    for a, b in zip(single.history, multi.history):
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)], rtol=2e-6, atol=1e-7)
+    assert [e["step"] for e in multi.evals] == [e["step"] for e in single.evals] == [7, 12]
+    for a, b in zip(jax.tree.leaves(single.state), jax.tree.leaves(multi.state)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=1e-6)
+    assert sorted(int(p.name) for p in (tmp_path / "multi").iterdir() if p.name.isdigit()) == [10, 12]
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
