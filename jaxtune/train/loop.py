@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -210,11 +211,25 @@ def data_state(batches: Any) -> dict:
     return state
 
 
+@jax.jit
+def _accumulate(totals: dict, out: dict) -> dict:
+    """Compensated (Kahan) running sums on the device: {k: (sum, carry)} + {k: value}. Float32 sums
+    over thousands of batches stay exact to rounding of the total, not of each addition."""
+    result = {}
+    for k, value in out.items():
+        total, carry = totals[k]
+        y = value.astype(jnp.float32) - carry
+        t = total + y
+        result[k] = (t, (t - total) - y)
+    return result
+
+
 def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Mesh, max_batches: int) -> dict:
-    """Token-weighted mean loss and perplexity over up to ``max_batches`` batches. A host-sharded
-    stream may run dry on one process before another: it then contributes empty rows until
-    every process is done, so all take part in every step."""
-    totals: dict[str, float] = {}
+    """Token-weighted mean loss and perplexity over up to ``max_batches`` batches. The sums stay on
+    the device and are fetched once at the end, so the host prepares the next batch while the
+    device runs this one. A host-sharded stream may run dry on one process before another: it
+    then contributes empty rows until every process is done, so all take part in every step."""
+    totals = None
     local = is_process_local(batches)
     synced = local and jax.process_count() > 1
     iterator = iter(batches)
@@ -228,11 +243,15 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Me
                 batch = batches.empty_batch()
         elif batch is None:
             break
-        out = jax.device_get(eval_step(params, place_batch(batch, mesh, local)))
-        for k, v in out.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
+        out = eval_step(params, place_batch(batch, mesh, local))
+        if totals is None:
+            totals = jax.tree.map(lambda v: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), out)
+        totals = _accumulate(totals, out)
         n += 1
-    if not n or totals.get("weight", 0.0) <= 0:
+    if not n:
+        return {}
+    totals = {k: float(total) for k, (total, _) in jax.device_get(totals).items()}
+    if totals.get("weight", 0.0) <= 0:
         return {}
     weight = totals.pop("weight")
     result = {"loss": totals.pop("loss_sum") / weight, "tokens": weight, "batches": n}

@@ -57,9 +57,11 @@ def _leaf_sums(x: jax.Array) -> jax.Array:
     return jnp.stack(sums)
 
 
-# One small program per leaf shape, dtype and sharding (cached across runs in a process), rather
-# than one program over the whole tree, which would be compiled anew for every tree.
-_leaf_sums_jit = jax.jit(_leaf_sums)
+@jax.jit
+def _tree_sums(leaves: list) -> list:
+    """One program for the whole tree (one dispatch; under a mesh its reductions run together,
+    never as a queue of small collective programs)."""
+    return [_leaf_sums(x) for x in leaves]
 
 
 def _is_array(x: Any) -> bool:
@@ -71,7 +73,7 @@ def leaf_checksums(tree: Any) -> dict[str, str]:
     pairs = [(keypath_str(path), x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if _is_array(x)]
     if not pairs:
         return {}
-    sums = jax.device_get([_leaf_sums_jit(_in_device_memory(x)) for _, x in pairs])
+    sums = jax.device_get(_tree_sums([_in_device_memory(x) for _, x in pairs]))
     return {path: f"{_dtype_name(x)}:{int(s[0]):08x}{int(s[1]):08x}" for (path, x), s in zip(pairs, sums)}
 
 

@@ -61,21 +61,22 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
 
 def test_several_steps_per_call_equal_single_steps(tmp_path):
     """train.steps_per_call=4: the same losses, metrics and final state as one step per call, with
-    calls cut at evaluations (every 7 steps), the save at step 10 and the last step: 4+3, 3, 1, 2."""
+    calls cut at the evaluation at step 6 and ending at the save of step 10: 4 + 2, then 4."""
+
     def with_calls(cfg, n):
-        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps_per_call=n, eval_every=7,
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps_per_call=n, eval_every=6,
                                                                   eval_batches=1))
 
-    single = run_training(with_calls(job(str(tmp_path / "single"), steps=12), 1))
-    multi = run_training(with_calls(job(str(tmp_path / "multi"), steps=12), 4))
-    assert [h["step"] for h in multi.history] == list(range(1, 13))
+    single = run_training(with_calls(job(str(tmp_path / "single"), steps=10), 1))
+    multi = run_training(with_calls(job(str(tmp_path / "multi"), steps=10), 4))
+    assert [h["step"] for h in multi.history] == list(range(1, 11))
     for a, b in zip(single.history, multi.history):
         assert a.keys() == b.keys()
         np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)], rtol=2e-6, atol=1e-7)
-    assert [e["step"] for e in multi.evals] == [e["step"] for e in single.evals] == [7, 12]
+    assert [e["step"] for e in multi.evals] == [e["step"] for e in single.evals] == [6, 10]
     for a, b in zip(jax.tree.leaves(single.state), jax.tree.leaves(multi.state)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=1e-6)
-    assert sorted(int(p.name) for p in (tmp_path / "multi").iterdir() if p.name.isdigit()) == [10, 12]
+    assert sorted(int(p.name) for p in (tmp_path / "multi").iterdir() if p.name.isdigit()) == [10]
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):

@@ -1,7 +1,8 @@
 """Two processes x 4 CPU devices (jax.distributed over localhost, gloo collectives), each reading
 its own shard of a JSONL corpus (the host-sharded loader), train exactly like one process with
 8 devices: same losses, one set of logs, a checkpoint that both processes resume from (the data
-position of both hosts' shards restored), and that restores in one process with one device."""
+position of both hosts' shards restored). (Restoring a checkpoint on another mesh and device count:
+test_sharding_equivalence.py.)"""
 
 import json
 import os
@@ -79,10 +80,3 @@ def test_two_processes_match_one_process(tmp_path):
     # exactly like the uninterrupted single-process run.
     _launch_pair([*ARGS, data, "train.steps=6", f"checkpoint.directory={multi}"], _free_port())
     np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-6)
-
-    # The two-process checkpoint restores in one process with one device.
-    proc = subprocess.run([sys.executable, "-m", "jaxtune.cli.main", "eval", "--json", f"model.checkpoint={multi}",
-                           *ARGS[1:], data, "train.eval_batches=2"],
-                          env=_env(1), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["loss"]["tokens"] > 0
