@@ -3,7 +3,8 @@
 Each leaf's bits are read as unsigned integers and summed with position-dependent odd multipliers
 in uint32 arithmetic, twice with different multipliers (64 bits per leaf). Integer sums wrap and
 are associative, so the result is the same for any reduction order, device count or sharding: a
-checkpoint saved on 8 devices verifies on 1. It detects changed bits (a flipped byte changes
+checkpoint saved on 8 devices verifies on 1. Trees up to HOST_BYTES that this process holds whole
+are summed by numpy with the same arithmetic (no program to compile). It detects changed bits (a flipped byte changes
 the sum unless the change is a multiple of 2**32 in both sums); it is not a cryptographic hash.
 
     leaf_checksums(tree) -> {"path/to/leaf": "dtype:hex16", ...}
@@ -68,13 +69,42 @@ def _is_array(x: Any) -> bool:
     return hasattr(x, "dtype") and hasattr(x, "shape")
 
 
+HOST_BYTES = 64 * 2**20  # trees up to this size are summed on the host (no program to compile)
+
+
+def _host_sums(x: Any) -> np.ndarray:
+    """`_leaf_sums` in numpy (the same uint32 arithmetic, so the same result) for a small leaf."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    a = np.asarray(x)
+    words = a.astype(np.uint32) if a.dtype == np.bool_ else \
+        a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize]).astype(np.uint32)
+    position = np.arange(words.size, dtype=np.uint32)
+    with np.errstate(over="ignore"):
+        return np.array([np.sum(words.reshape(-1) * ((position * m + o) | np.uint32(1)), dtype=np.uint32)
+                         for m, o in zip(_MULTIPLIERS, _OFFSETS)], np.uint32)
+
+
+def _addressable(x: Any) -> bool:
+    return getattr(x, "is_fully_addressable", True)
+
+
 def leaf_checksums(tree: Any) -> dict[str, str]:
-    """{leaf path: "dtype:checksum"} for every array leaf of ``tree`` (None leaves skipped)."""
+    """{leaf path: "dtype:checksum"} for every array leaf of ``tree`` (None leaves skipped). A small
+    tree that this process holds whole is summed on the host; any other in one device program."""
     pairs = [(keypath_str(path), x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if _is_array(x)]
     if not pairs:
         return {}
-    sums = jax.device_get(_tree_sums([_in_device_memory(x) for _, x in pairs]))
+    nbytes = sum(int(np.prod(x.shape)) * _itemsize(x) for _, x in pairs)
+    if nbytes <= HOST_BYTES and all(_addressable(x) for _, x in pairs):
+        sums = [_host_sums(x) for _, x in pairs]
+    else:
+        sums = jax.device_get(_tree_sums([_in_device_memory(x) for _, x in pairs]))
     return {path: f"{_dtype_name(x)}:{int(s[0]):08x}{int(s[1]):08x}" for (path, x), s in zip(pairs, sums)}
+
+
+def _itemsize(x: Any) -> int:
+    return 8 if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else np.dtype(x.dtype).itemsize
 
 
 def _in_device_memory(x: Any) -> jax.Array:
