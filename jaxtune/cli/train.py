@@ -12,7 +12,7 @@ from jaxtune.eval.report import format_table
 from jaxtune.job import TrainJobConfig, run_eval_job, run_training
 from jaxtune.job.evaluate import write_results
 from jaxtune.parallel.distributed import maybe_initialize
-from jaxtune.train.loop import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
+from jaxtune.train.stopping import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 
 
 def add_parsers(sub) -> None:

@@ -5,7 +5,7 @@ optimizer and a batch stream, and owns everything around them: the mesh and
 declared shardings, the jitted step with gradient accumulation and the
 non-finite guard, evaluation on a held-out stream, logging (progress bar,
 JSONL, TensorBoard, MFU), Orbax checkpoints (resume exactly, keep-N, keep-best)
-and stopping on request (SIGTERM, Ctrl-C: save, then stop). Pretraining, SFT, reward models and
+and stopping on request (SIGTERM, Ctrl-C: save, then stop; `jaxtune.train.stopping`). Pretraining, SFT, reward models and
 preference losses are only different ``loss_fn`` + stream pairs; RL methods
 add a rollout phase that produces the stream.
 
@@ -15,10 +15,7 @@ It must not know what the loss computes or where batches come from.
 from __future__ import annotations
 
 import math
-import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -39,11 +36,9 @@ from jaxtune.train.losses import LossFn
 from jaxtune.train.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
 from jaxtune.utils.partition import count, join, mask_by_regex, split
 from jaxtune.train.step import TrainState, abstract_layout, make_eval_step, make_train_step, named
+from jaxtune.train.stopping import StopSignals
 
 STEP_KEYS = frozenset({"loss", "grad_norm", "tokens", "finite", "skipped", "streak", "lr"})  # set by the step itself
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the state was saved; schedulers should requeue the job
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: stopped by Ctrl-C (the state was saved, unless it was the second)
-EXIT_GRACE_S = 3.0  # after a second Ctrl-C, how long the interpreter's own shutdown may take
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -65,94 +60,6 @@ class TrainResult:
     @property
     def params(self) -> Any:
         return join(self.state.params, self.frozen)
-
-
-class _Preemption:
-    """SIGTERM or Ctrl-C -> stop at a step boundary (the loop then saves); `reached(step)` gives the
-    status to stop with ("preempted" / "interrupted"), or None. Handlers are put back on exit.
-
-    Single process, main thread: Python handlers set a flag. SIGTERM -> "preempted". The first
-    Ctrl-C (SIGINT) -> "interrupted", and a line on stderr says so; the second gives Ctrl-C back to
-    the handler it replaced and raises KeyboardInterrupt where the program is (finally blocks run;
-    closing the metrics logger is bounded), and should the interpreter's shutdown then hang, the
-    process ends after EXIT_GRACE_S (`_end_if_exit_hangs`). Ctrl-C is taken over only from Python's
-    default handler: an ignored SIGINT (a background job) or a caller's own handler is left alone.
-
-    Several processes: JAX's preemption sync point (jax.distributed's preemption service, which
-    watches SIGTERM itself), so every host stops after the same step; no handler is installed
-    there, since it would replace the service's. Ctrl-C keeps its default (KeyboardInterrupt)
-    there: it reaches only the processes started from the terminal it was typed in, and a flag set
-    on those would stop them after a step the others do not stop at (those would then wait in its
-    collectives for ever); only SIGTERM goes through the sync point, so send SIGTERM to every
-    process to save and stop a multi-process run."""
-
-    def __init__(self, saves: bool = True):
-        self.status: Optional[str] = None  # the first stop requested
-        self._saves = saves
-        self._interrupts = 0
-        self._previous: dict = {}
-        self._multi = jax.process_count() > 1
-
-    def __enter__(self):
-        if self._multi or threading.current_thread() is not threading.main_thread():
-            return self
-        self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._terminate)
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
-        return self
-
-    def _terminate(self, signum, frame):
-        self.status = self.status or "preempted"
-
-    def _interrupt(self, signum, frame):
-        self._interrupts += 1
-        if self._interrupts > 1:
-            signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
-            _end_if_exit_hangs()
-            raise KeyboardInterrupt
-        self.status = self.status or "interrupted"
-        what = "saving the state after this step, then stopping" if self._saves else \
-            "stopping after this step (no checkpoint directory: nothing is saved)"
-        try:  # os.write: a print could re-enter stderr's buffer if the signal came in the middle of a write
-            os.write(2, f"\njaxtune: Ctrl-C: {what}; press Ctrl-C again to exit at once (unsaved).\n".encode())
-        except OSError:
-            pass
-
-    def __exit__(self, *exc):
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        self._previous.clear()
-
-    def reached(self, step: int) -> Optional[str]:
-        if self._multi:
-            from jax.experimental import multihost_utils
-
-            return "preempted" if multihost_utils.reached_preemption_sync_point(step) else None
-        return self.status
-
-
-_exit_watch = threading.Lock()  # held once the watchdog below runs
-
-
-def _end_if_exit_hangs(grace_s: float = EXIT_GRACE_S) -> None:
-    """Once the main thread has finished (the interpreter is shutting down), give the shutdown
-    `grace_s` seconds, then end the process with INTERRUPTED_EXIT_CODE: after a second Ctrl-C
-    nothing (a non-daemon thread, an exit hook waiting on a save or on I/O) may hold exit up. A
-    program that catches the KeyboardInterrupt and carries on (a notebook) is untouched."""
-    if not _exit_watch.acquire(blocking=False):
-        return
-
-    def watch():
-        threading.main_thread().join()  # returns when the interpreter starts shutting down
-        time.sleep(grace_s)
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
-        os._exit(INTERRUPTED_EXIT_CODE)
-
-    threading.Thread(target=watch, name="jaxtune-exit-watchdog", daemon=True).start()
 
 
 HOST_MEMORY = "pinned_host"
@@ -540,7 +447,7 @@ def train(
     stacked = cfg.steps_per_call > 1
     pending: Optional[tuple] = None  # the last call's (first step, stacked, metrics), fetched after the next is queued
     try:
-        with _Preemption(saves=getattr(checkpointer, "directory", None) is not None) as preemption:
+        with StopSignals(saves=getattr(checkpointer, "directory", None) is not None) as preemption:
             step = start
             while step < cfg.steps:
                 if hasattr(batches, "set_policy"):  # a rollout stream (GRPO / PPO) samples from the current policy

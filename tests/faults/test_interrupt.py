@@ -21,7 +21,8 @@ from jaxtune.parallel import MeshConfig, make_mesh
 from jaxtune.data.streams import SyntheticStream
 from jaxtune.train import metrics
 from jaxtune.train.config import TrainConfig
-from jaxtune.train.loop import INTERRUPTED_EXIT_CODE, train
+from jaxtune.train.loop import train
+from jaxtune.train.stopping import INTERRUPTED_EXIT_CODE
 from jaxtune.train.losses import causal_lm_loss
 from jaxtune.train.metrics import MetricsLogger
 from jaxtune.train.optim import OptimConfig, build_optimizer

@@ -23,7 +23,8 @@ from jaxtune.models import Model
 from jaxtune.models.presets import preset
 from jaxtune.parallel import MeshConfig, make_mesh
 from jaxtune.train.config import TrainConfig
-from jaxtune.train.loop import PREEMPTED_EXIT_CODE, NonFiniteLossError, train
+from jaxtune.train.loop import NonFiniteLossError, train
+from jaxtune.train.stopping import PREEMPTED_EXIT_CODE
 from jaxtune.train.losses import causal_lm_loss
 from jaxtune.train.optim import OptimConfig, build_optimizer
 from tests.train.resume_worker import job
