@@ -109,9 +109,7 @@ def test_resuming_a_lora_run_on_another_base_is_refused(lora_run, tmp_path, caps
     assert train(run, "train.steps=6", "model.init_seed=1", *LORA) == 1
     line = error_line(capsys)
     assert "init_seed=0" in line and "init_seed=1" in line and "other weights" in line
-    assert snapshot(run) == before
-    assert train(run, "train.steps=6", *LORA) == 0  # its own base resumes
-    assert "resumed from step 4" in capsys.readouterr().out
+    assert snapshot(run) == before  # (its own base resumes: test_convert_never_writes_into_a_training_run)
 
 
 def test_steps_without_model_config_are_refused(lora_run, tmp_path, capsys):
