@@ -22,6 +22,10 @@ Implementations (``ModelConfig.attention_impl``), numerically equivalent:
 A kernel that cannot express a call's mask (a prefix, a KV cache, a sliding window on GPU,
 packed documents for cuDNN) falls back to ``blockwise`` with one warning naming what it lacked.
 Softmax runs in float32 in all of them.
+
+Under a mesh with a ``context`` axis (context parallelism) every implementation gives way to
+context-parallel blockwise attention (`jaxtune.models.context_attention`; one warning for an
+implementation other than ``auto`` / ``blockwise``), except with a KV cache.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxtune.kernels.flash_attention import gpu_flash_attention, splash_attention, unsupported_by
 from jaxtune.models.blockwise import blockwise_attention
+from jaxtune.models.context_attention import context_attention, context_mesh
 from jaxtune.models.masks import MaskInfo, attention_mask  # noqa: F401  (attention_mask: also importable here)
 from jaxtune.parallel.mesh import BATCH_AXES
 from jaxtune.parallel.rules import current_mesh
@@ -93,6 +98,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo, impl: str =
            block_kv: int = 0) -> jax.Array:
     """q: [batch, q_len, heads, head_dim]; k, v: [batch, num_prefix + kv_len, kv_heads, head_dim]
     (prefix columns first) -> [batch, q_len, heads, head_dim]."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention_impl: unknown implementation {impl!r} ({' | '.join(IMPLEMENTATIONS)})")
+    mesh = context_mesh(mask)
+    if mesh is not None:
+        if impl not in ("auto", "blockwise"):
+            _warn_once(f"{impl}:context", f"attention_impl={impl} has no context-parallel form; under mesh.context > 1 "
+                                          "attention runs context-parallel blockwise attention")
+        return context_attention(q, k, v, mask, mesh, block_q=block_q, block_kv=block_kv)
     blockwise = lambda: blockwise_attention(q, k, v, mask, block_q=block_q, block_kv=block_kv)  # noqa: E731
     if impl == "blockwise":
         return blockwise()
@@ -112,9 +125,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo, impl: str =
         return _cudnn(q, k, v, mask, block_q, block_kv)
     if impl == "dpa":
         return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), scale=_scale(q))
-    if impl == "xla":
-        return _grouped_attention(q, k, v, mask.dense(), _scale(q))
-    raise ValueError(f"attention_impl: unknown implementation {impl!r} ({' | '.join(IMPLEMENTATIONS)})")
+    return _grouped_attention(q, k, v, mask.dense(), _scale(q))  # xla
 
 
 def _scale(q: jax.Array) -> float:

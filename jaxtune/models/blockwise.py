@@ -15,6 +15,11 @@ matmul is a batched GEMM over (batch, kv_heads) contracting the last dimension o
 
 Lengths that no block size divides are padded (padding queries and keys are masked) and cut
 back. A query that sees no key at all (a padding row) gets a zero output and zero gradients.
+
+`gathered_attention` is the same computation for one device's block of a sequence split over a
+mesh axis (context parallelism, `jaxtune.models.context_attention`): its keys / values are
+all-gathered over the axis in the forward pass and gathered again in the backward pass (only the
+local block is kept in between), and dK / dV are reduce-scattered back to their blocks.
 """
 
 from __future__ import annotations
@@ -56,9 +61,58 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo
     kv_heads, kv_len = k.shape[2], max(k.shape[1] - mask.num_prefix, 1)
     if heads % kv_heads:
         raise ValueError(f"attention: {heads} query heads do not divide into {kv_heads} key/value heads")
+    return _attention(q, k, v, mask, *_blocks(batch, heads, q_len, kv_len, block_q, block_kv))
+
+
+def _blocks(batch: int, heads: int, q_len: int, kv_len: int, block_q: int, block_kv: int) -> tuple[int, int]:
     auto_q, auto_kv = choose_blocks(batch, heads, q_len, kv_len)
-    bq, bk = min(block_q or auto_q, q_len), min(block_kv or auto_kv, kv_len)
-    return _attention(q, k, v, mask, bq, bk)
+    return min(block_q or auto_q, q_len), min(block_kv or auto_kv, kv_len)
+
+
+def gathered_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array, k: jax.Array, v: jax.Array,
+                       mask: MaskInfo, axis_name: str, *, block_q: int = 0, block_kv: int = 0) -> jax.Array:
+    """Blockwise attention of this device's queries against the whole sequence's keys, inside
+    ``shard_map`` over ``axis_name``. q: [batch, q_len, heads, head_dim], this device's block;
+    prefix_k, prefix_v: [batch, num_prefix, kv_heads, head_dim] (num_prefix may be 0), the same on
+    every device of the axis; k, v: [batch, kv_len / axis size, kv_heads, head_dim], this device's
+    block, all-gathered (tiled, in axis order) after the prefix. ``mask`` holds this device's
+    queries (q_segments, q_index: their global slots) and every key (k_segments, k_index).
+
+    The gathered K/V are not kept for the backward pass: it gathers them again, and the gradients
+    of the local blocks are the reduce-scatter (``psum_scatter``) of the gathered ones. The prefix's
+    gradient is this device's share (``shard_map``'s transpose sums it over the axis)."""
+    batch, q_len, heads, _ = q.shape
+    if heads % k.shape[2]:
+        raise ValueError(f"attention: {heads} query heads do not divide into {k.shape[2]} key/value heads")
+    kv_len = max(mask.k_segments.shape[1], 1)
+    return _gathered(q, prefix_k, prefix_v, k, v, mask, *_blocks(batch, heads, q_len, kv_len, block_q, block_kv),
+                     axis_name)
+
+
+def _gather(prefix_k, prefix_v, k, v, axis_name):
+    whole = lambda x: jax.lax.all_gather(x, axis_name, axis=1, tiled=True)  # noqa: E731
+    return jnp.concatenate([prefix_k, whole(k)], axis=1), jnp.concatenate([prefix_v, whole(v)], axis=1)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _gathered(q, prefix_k, prefix_v, k, v, mask, bq, bk, axis_name):
+    return _forward(q, *_gather(prefix_k, prefix_v, k, v, axis_name), mask, bq, bk)[0]
+
+
+def _gathered_fwd(q, prefix_k, prefix_v, k, v, mask, bq, bk, axis_name):
+    result, (_, lse) = _forward(q, *_gather(prefix_k, prefix_v, k, v, axis_name), mask, bq, bk)
+    return result, (q, prefix_k, prefix_v, k, v, mask, result, lse)
+
+
+def _gathered_bwd(bq, bk, axis_name, residuals, d_out):
+    q, prefix_k, prefix_v, k, v, mask, result, lse = residuals
+    k_all, v_all = _gather(prefix_k, prefix_v, k, v, axis_name)
+    dq, dk, dv, d_mask = _backward(_Tiles.of(q, k_all, v_all, mask, bq, bk), result, lse, d_out)
+    n = prefix_k.shape[1]
+    # Summed over the axis in float32 (each device's share is a partial sum over its queries).
+    scatter = lambda x: jax.lax.psum_scatter(x, axis_name, scatter_dimension=1, tiled=True)  # noqa: E731
+    return (dq, dk[:, :n].astype(prefix_k.dtype), dv[:, :n].astype(prefix_v.dtype),
+            scatter(dk[:, n:]).astype(k.dtype), scatter(dv[:, n:]).astype(v.dtype), d_mask)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -84,27 +138,35 @@ def _pad_to(x, axis, size, mode="constant"):
 
 
 class _Tiles:
-    """The padded, heads-major operands and the per-token mask inputs, cut into tiles."""
+    """The padded, heads-major operands and the per-token mask inputs, cut into tiles. Built from
+    the attention's inputs (`_Tiles.of`) or from its own operands (``operands``, what the forward
+    pass keeps for the backward: the backward then transposes and pads nothing of its own, so no
+    second heads-major copy of Q / K / V is live between the passes)."""
 
-    def __init__(self, q, k, v, mask: MaskInfo, bq: int, bk: int):
+    def __init__(self, qh, kh, vh, prefix_k, prefix_v, mask: MaskInfo, bq: int, bk: int):
         self.mask, self.bq, self.bk = mask, bq, bk
-        n = mask.num_prefix
-        self.n = n
-        batch, q_len = q.shape[:2]
-        kv_len = k.shape[1] - n
-        self.q_len, self.kv_len = q_len, kv_len
-        self.nq, self.nk = -(-q_len // bq), -(-max(kv_len, 1) // bk)
-        qh, kh, vh = _heads_major(q, k, v, k.shape[2])
-        self.qh = _pad_to(qh, 3, self.nq * bq)
-        self.prefix_k, self.prefix_v = kh[:, :, :n], vh[:, :, :n]
-        self.kh = _pad_to(kh[:, :, n:], 2, self.nk * bk)
-        self.vh = _pad_to(vh[:, :, n:], 2, self.nk * bk)
+        self.n = mask.num_prefix
+        self.q_len, self.kv_len = mask.q_segments.shape[1], mask.k_segments.shape[1]
+        self.nq, self.nk = qh.shape[3] // bq, kh.shape[2] // bk
+        self.qh, self.kh, self.vh, self.prefix_k, self.prefix_v = qh, kh, vh, prefix_k, prefix_v
         self.q_seg = _pad_to(mask.q_segments, 1, self.nq * bq)
         self.k_seg = _pad_to(mask.k_segments, 1, self.nk * bk)
         self.q_idx = _pad_to(mask.q_index, 0, self.nq * bq, "edge")  # padding slots: segment 0, any index
         self.k_idx = _pad_to(mask.k_index, 0, self.nk * bk, "edge")
         self.q_pos = None if mask.q_positions is None else _pad_to(mask.q_positions, 1, self.nq * bq)
-        self.scale = 1.0 / math.sqrt(q.shape[-1])
+        self.scale = 1.0 / math.sqrt(qh.shape[-1])
+
+    @classmethod
+    def of(cls, q, k, v, mask: MaskInfo, bq: int, bk: int) -> "_Tiles":
+        n = mask.num_prefix
+        nq, nk = -(-q.shape[1] // bq), -(-max(k.shape[1] - n, 1) // bk)
+        qh, kh, vh = _heads_major(q, k, v, k.shape[2])
+        return cls(_pad_to(qh, 3, nq * bq), _pad_to(kh[:, :, n:], 2, nk * bk), _pad_to(vh[:, :, n:], 2, nk * bk),
+                   kh[:, :, :n], vh[:, :, :n], mask, bq, bk)
+
+    @property
+    def operands(self) -> tuple:
+        return self.qh, self.kh, self.vh, self.prefix_k, self.prefix_v
 
     def q_tile(self, x, i):
         """Rows ``i*bq .. (i+1)*bq`` of a [B, KVH, G, Lq, ...] array."""
@@ -183,8 +245,13 @@ def _scores(tiles: _Tiles, qb, kb, visible):
 
 
 def _forward(q, k, v, mask, bq, bk):
-    tiles = _Tiles(q, k, v, mask, bq, bk)
+    return _forward_tiles(_Tiles.of(q, k, v, mask, bq, bk))
+
+
+def _forward_tiles(tiles: _Tiles):
+    """-> (result [B, Lq, H, D] in Q's dtype, (out heads-major, lse [B, KVH, G, nq*bq]))."""
     batch, kvh, groups, _, d = tiles.qh.shape
+    bq, dtype = tiles.bq, tiles.qh.dtype
 
     def online(carry, kb, vb, visible, qb):
         m, l, acc = carry
@@ -217,24 +284,33 @@ def _forward(q, k, v, mask, bq, bk):
         seen = l > 0
         out = acc / jnp.where(seen, l, 1.0)[..., None]
         lse = jnp.where(seen, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(jnp.where(seen, l, 1.0)), _BIG)
-        return None, (out.astype(q.dtype), lse)
+        return None, (out.astype(dtype), lse)
 
     out, lse = _scan(q_block, tiles.nq)
     # [nq, B, KVH, G, bq, ...] -> [B, KVH, G, nq*bq, ...]
     out = jnp.moveaxis(out, 0, 3).reshape(batch, kvh, groups, tiles.nq * bq, d)
     lse = jnp.moveaxis(lse, 0, 3).reshape(batch, kvh, groups, tiles.nq * bq)
-    result = out[:, :, :, : tiles.q_len].transpose(0, 3, 1, 2, 4).reshape(q.shape)
+    result = out[:, :, :, : tiles.q_len].transpose(0, 3, 1, 2, 4).reshape(batch, tiles.q_len, kvh * groups, d)
     return result, (out, lse)
 
 
 def _fwd(q, k, v, mask, bq, bk):
-    result, (_, lse) = _forward(q, k, v, mask, bq, bk)
-    return result, (q, k, v, mask, result, lse)  # the output once, in the layout the next layer reads
+    tiles = _Tiles.of(q, k, v, mask, bq, bk)
+    result, (_, lse) = _forward_tiles(tiles)
+    # the heads-major operands the forward pass made (not Q / K / V again) and the output once, in
+    # the layout the next layer reads
+    return result, (tiles.operands, mask, result, lse)
 
 
 def _bwd(bq, bk, residuals, d_out):
-    q, k, v, mask, result, lse = residuals
-    tiles = _Tiles(q, k, v, mask, bq, bk)
+    operands, mask, result, lse = residuals
+    dq, dk, dv, d_mask = _backward(_Tiles(*operands, mask, bq, bk), result, lse, d_out)
+    return dq, dk.astype(operands[1].dtype), dv.astype(operands[2].dtype), d_mask
+
+
+def _backward(tiles: _Tiles, result, lse, d_out):
+    """dQ (in Q's dtype), dK and dV (float32, as accumulated), the mask's zero cotangent."""
+    mask, bq, bk = tiles.mask, tiles.bq, tiles.bk
     batch, kvh, groups, _, d = tiles.qh.shape
     do = _pad_to(d_out.reshape(batch, tiles.q_len, kvh, groups, d).transpose(0, 2, 3, 1, 4), 3, tiles.nq * bq)
     delta = jnp.sum(d_out.astype(jnp.float32) * result.astype(jnp.float32), axis=-1)  # [B, Lq, H]
@@ -292,9 +368,9 @@ def _bwd(bq, bk, residuals, d_out):
     if tiles.n:
         dkt_p, dvt_p, dq = accumulate(tiles.prefix_k, tiles.prefix_v, tiles.prefix_visible, lambda i: None, dq)
         dkt, dvt = jnp.concatenate([dkt_p, dkt], axis=-1), jnp.concatenate([dvt_p, dvt], axis=-1)
-    dq = dq[:, :, :, : tiles.q_len].transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype)
-    dk = dkt.transpose(0, 3, 1, 2).astype(k.dtype)  # [B, KVH, D, L] -> [B, L, KVH, D]
-    dv = dvt.transpose(0, 3, 1, 2).astype(v.dtype)
+    dq = dq[:, :, :, : tiles.q_len].transpose(0, 3, 1, 2, 4).reshape(d_out.shape).astype(tiles.qh.dtype)
+    dk = dkt.transpose(0, 3, 1, 2)  # [B, KVH, D, L] -> [B, L, KVH, D]
+    dv = dvt.transpose(0, 3, 1, 2)
     return dq, dk, dv, jax.tree.map(_zero_cotangent, mask)
 
 
@@ -303,3 +379,4 @@ def _zero_cotangent(x):
 
 
 _attention.defvjp(_fwd, _bwd)
+_gathered.defvjp(_gathered_fwd, _gathered_bwd)

@@ -12,7 +12,9 @@ dependency pointing one way.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -80,12 +82,30 @@ def dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+_KEEP_LEADING_DIMS: contextvars.ContextVar[bool] = contextvars.ContextVar("linear_keep_leading_dims", default=False)
+
+
+@contextlib.contextmanager
+def keep_leading_dims(keep: bool = True) -> Iterator[None]:
+    """Within the block (while tracing), a plain kernel's matmul contracts ``x [..., in]`` as it is
+    instead of flattening the leading dimensions into one: a sequence split over devices (context
+    parallelism, `jaxtune.parallel.rules.activation_mesh`) cannot be merged with the batch
+    dimension without gathering it whenever a device holds more than one row."""
+    token = _KEEP_LEADING_DIMS.set(keep)
+    try:
+        yield
+    finally:
+        _KEEP_LEADING_DIMS.reset(token)
+
+
 def _dense(x: jax.Array, w: jax.Array, *, dtype: Any, rng: Optional[jax.Array] = None) -> jax.Array:
     dtype = x.dtype if dtype is None else dtype
     if w.ndim != 2:
         raise ValueError(f"linear expects a 2-D kernel [in, out], got shape {w.shape}")
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"linear: x has {x.shape[-1]} input features, kernel expects {w.shape[0]}")
+    if _KEEP_LEADING_DIMS.get():
+        return jax.lax.dot_general(x.astype(dtype), jnp.asarray(w).astype(dtype), (((x.ndim - 1,), (0,)), ((), ())))
     # One 2-D GEMM over every leading dimension: its gradients are 2-D GEMMs too (dW contracts the
     # tokens), which XLA:CPU runs without the transposing copies it inserts for a 3-D contraction.
     y = jnp.matmul(x.reshape(-1, x.shape[-1]).astype(dtype), jnp.asarray(w).astype(dtype))

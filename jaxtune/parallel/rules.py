@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxtune.parallel.mesh import BATCH_AXES
+from jaxtune.ops.linear import keep_leading_dims
+from jaxtune.parallel.mesh import BATCH_AXES, CONTEXT_AXIS, axis_size
 from jaxtune.utils.tree import keypath_str
 
 Rule = tuple[str, P]
@@ -153,10 +154,13 @@ _ACTIVATION_MESH: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVa
 
 @contextlib.contextmanager
 def activation_mesh(mesh: Optional[Mesh]) -> Iterator[None]:
-    """While tracing inside this context, `constrain` pins activations to ``mesh``."""
+    """While tracing inside this context, `constrain` pins activations to ``mesh``. With a
+    ``context`` axis, projections also keep the [batch, seq] dimensions apart
+    (`jaxtune.ops.keep_leading_dims`), so the split sequence is never gathered for a matmul."""
     token = _ACTIVATION_MESH.set(mesh)
     try:
-        yield
+        with keep_leading_dims(mesh is not None and dict(mesh.shape).get(CONTEXT_AXIS, 1) > 1):
+            yield
     finally:
         _ACTIVATION_MESH.reset(token)
 
@@ -166,21 +170,32 @@ def current_mesh() -> Optional[Mesh]:
     return _ACTIVATION_MESH.get()
 
 
-def constrain(x: jax.Array, *rest: Any) -> jax.Array:
-    """Sharding constraint for an activation ``[batch, *rest]``: batch over data x fsdp.
+def context_size() -> int:
+    """How many devices split the sequence while tracing (the activation mesh's ``context`` axis;
+    1 without a mesh or the axis)."""
+    mesh = current_mesh()
+    return 1 if mesh is None else axis_size(mesh, CONTEXT_AXIS)
 
-    ``rest`` names the mesh axis (or None) of each further dimension (default
-    replicated). A no-op outside `activation_mesh`, so models stay usable
-    without any mesh.
+
+def constrain(x: jax.Array, *rest: Any) -> jax.Array:
+    """Sharding constraint for an activation ``[batch, seq, *more]``: batch over data x fsdp, the
+    sequence over ``context`` (context parallelism; where the mesh has that axis and it divides).
+
+    ``rest`` names the mesh axis (or None) of each dimension after the batch, replacing that
+    default (further dimensions replicated); an axis that does not divide its dimension is dropped.
+    A no-op outside `activation_mesh`, so models stay usable without any mesh.
     """
     mesh = _ACTIVATION_MESH.get()
     if mesh is None:
         return x
-    rest = tuple(rest) + (None,) * (x.ndim - 1 - len(rest))
-    batch_size = mesh.shape["data"] * mesh.shape["fsdp"]
+    mesh_shape = dict(mesh.shape)
+    batch_size = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
     if x.shape[0] % batch_size:
         return x  # e.g. a batch of one while decoding: leave placement to XLA
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES, *rest)))
+    if not rest and x.ndim > 1 and mesh_shape.get(CONTEXT_AXIS, 1) > 1:
+        rest = (CONTEXT_AXIS,)
+    fitted = fit_spec(P(None, *rest), tuple(x.shape), mesh_shape)  # e.g. one token while decoding: no split
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES, *tuple(fitted)[1:])))
 
 
 def constrain_weight(w: jax.Array, *spec: Any) -> jax.Array:

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtune.checkpoint.manager import CheckpointConfig, TrainCheckpointer
 from jaxtune.models import ModelConfig
 from jaxtune.parallel.collectives import allgather_json, any_process
-from jaxtune.parallel.mesh import batch_sharding
+from jaxtune.parallel.mesh import CONTEXT_AXIS, axis_size, batch_sharding
 from jaxtune.parallel.rules import Rule, param_specs
 from jaxtune.train.config import LoggingConfig, TrainConfig
 from jaxtune.train.losses import LossFn
@@ -192,13 +192,20 @@ def call_size(step: int, cfg: TrainConfig, checkpointer: TrainCheckpointer) -> i
 
 
 def check_batch_layout(cfg: TrainConfig, mesh: Mesh) -> None:
-    """Every micro-batch is split over the data-parallel devices: the batch must divide."""
+    """Every micro-batch is split over the data-parallel devices: the batch must divide; and the
+    sequence over the context-parallel devices: the sequence length must divide."""
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.batch_size % (cfg.grad_accum * batch_devices):
         raise ValueError(
             f"train.batch_size ({cfg.batch_size}) must divide by train.grad_accum ({cfg.grad_accum}) x "
             f"mesh.data ({mesh.shape['data']}) x mesh.fsdp ({mesh.shape['fsdp']}): every micro-batch is split "
             "over the data-parallel devices"
+        )
+    contexts = axis_size(mesh, CONTEXT_AXIS)
+    if cfg.seq_len % contexts:
+        raise ValueError(
+            f"train.seq_len ({cfg.seq_len}) must divide by mesh.context ({contexts}): every sequence is split "
+            "into equal blocks over the context-parallel devices"
         )
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from jaxtune.data.masking import check_mask_token_id, check_masking_rates, mask_tokens
 from jaxtune.models import Model
 from jaxtune.models.decoder import lm_head
+from jaxtune.parallel.rules import context_size
 from jaxtune.utils.moved import moved_names
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
@@ -101,11 +102,10 @@ def token_cross_entropy(
     target, as a third float32 sum ``(nll, z, correct)``.
     """
     embed = hidden.shape[-1]
-    h = hidden.reshape(-1, embed)
-    t = targets.reshape(-1)
-    m = mask.reshape(-1).astype(jnp.float32)
+    batch, seq = targets.shape
 
     def chunk_sums(h, t, m):
+        h, t, m = h.reshape(-1, embed), t.reshape(-1), m.reshape(-1)
         logits = lm_head(params, h, model.cfg)  # [n, vocab] float32
         sums = nll_and_z_sums(logits, t, m)
         if count_correct:
@@ -113,13 +113,22 @@ def token_cross_entropy(
             sums = (*sums, jnp.sum(hit.astype(jnp.float32) * m))
         return sums
 
-    n = h.shape[0]
-    if chunk_tokens <= 0 or n <= chunk_tokens:
-        return chunk_sums(h, t, m)
-    pad = -n % chunk_tokens
-    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk_tokens, embed)
-    t = jnp.pad(t, (0, pad)).reshape(-1, chunk_tokens)
-    m = jnp.pad(m, (0, pad)).reshape(-1, chunk_tokens)
+    m = mask.astype(jnp.float32)
+    if chunk_tokens <= 0 or batch * seq <= chunk_tokens:
+        return chunk_sums(hidden, targets, m)
+    if context_size() > 1:
+        # The sequence is split over devices: chunk i takes every n-th position of each row (each
+        # device's share of a chunk stays its own; flattening [batch, seq] would gather it).
+        n = min(seq, -(-batch * seq // chunk_tokens))
+        pad = -seq % n
+        split = lambda x: jnp.moveaxis(jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)).reshape(  # noqa: E731
+            (batch, (seq + pad) // n, n) + x.shape[2:]), 2, 0)
+        h, t, m = split(hidden), split(targets), split(m)
+    else:
+        pad = -(batch * seq) % chunk_tokens
+        h = jnp.pad(hidden.reshape(-1, embed), ((0, pad), (0, 0))).reshape(-1, chunk_tokens, embed)
+        t = jnp.pad(targets.reshape(-1), (0, pad)).reshape(-1, chunk_tokens)
+        m = jnp.pad(m.reshape(-1), (0, pad)).reshape(-1, chunk_tokens)
     body = jax.checkpoint(lambda carry, xs: (jax.tree.map(jnp.add, carry, chunk_sums(*xs)), None))
     zeros = tuple(jnp.zeros((), jnp.float32) for _ in range(3 if count_correct else 2))
     sums, _ = jax.lax.scan(body, zeros, (h, t, m))

@@ -95,8 +95,12 @@ def test_typed_leaf_specs_derive_from_the_base_weight():
 
 
 def test_mesh_config_resolves_and_names_bad_sizes():
-    assert MeshConfig(data=-1, fsdp=2, tensor=2).resolve(8) == (2, 2, 2)
-    assert MeshConfig(data=1, fsdp=-1).resolve(8) == (1, 8, 1)
+    # (data, fsdp, context, tensor): AXES order
+    assert MeshConfig(data=-1, fsdp=2, tensor=2).resolve(8) == (2, 2, 1, 2)
+    assert MeshConfig(data=1, fsdp=-1).resolve(8) == (1, 8, 1, 1)
+    assert MeshConfig(data=2, fsdp=1, context=-1).resolve(8) == (2, 1, 4, 1)
+    with pytest.raises(ValueError, match="mesh.context: size must be positive or -1, got 0"):
+        MeshConfig(context=0).resolve(8)
     with pytest.raises(ValueError, match="at most one axis may be -1"):
         MeshConfig(data=-1, fsdp=-1).resolve(8)
     with pytest.raises(ValueError, match="needs 4 devices, 8 available"):
@@ -104,7 +108,7 @@ def test_mesh_config_resolves_and_names_bad_sizes():
     with pytest.raises(ValueError, match="do not divide"):
         MeshConfig(data=-1, fsdp=3).resolve(8)
     mesh = make_mesh(MeshConfig())
-    assert dict(mesh.shape) == {"data": len(jax.devices()), "fsdp": 1, "tensor": 1}
+    assert dict(mesh.shape) == {"data": len(jax.devices()), "fsdp": 1, "context": 1, "tensor": 1}
 
 
 def test_constrain_is_a_no_op_without_a_mesh():

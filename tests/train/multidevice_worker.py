@@ -2,11 +2,15 @@
 
 Trains the same tiny model for a few steps on a single device and on several
 meshes, checks where every leaf landed, saves a checkpoint on one mesh and
-restores its params on others; writes everything the test asserts as JSON.
+restores its params on others; computes one loss and its gradients under
+context parallelism (causal with padding, packed documents, a sliding window,
+a prefix) on several meshes and records the step's collectives; writes
+everything the test asserts as JSON.
 """
 
 import json
 import os
+import re
 import sys
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -20,7 +24,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from jaxtune.checkpoint.manager import CheckpointConfig, TrainCheckpointer, restore_params  # noqa: E402
 from jaxtune.data.streams import SyntheticStream  # noqa: E402
 from jaxtune.models import Model, ModelConfig  # noqa: E402
-from jaxtune.parallel import MeshConfig, make_mesh, param_shardings, param_specs  # noqa: E402
+from jaxtune.parallel import MeshConfig, activation_mesh, batch_sharding, make_mesh, param_shardings, param_specs  # noqa: E402
 from jaxtune.train.config import TrainConfig  # noqa: E402
 from jaxtune.train.losses import causal_lm_loss  # noqa: E402
 from jaxtune.train.loop import train  # noqa: E402
@@ -30,13 +34,23 @@ CFG = ModelConfig(
     family="llama", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
     intermediate_size=128, max_position_embeddings=128,
 )
-MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1)]
+# Meshes by their axis sizes (the others 1). Each axis is trained on, with the others: data=2
+# context=4 also stands for pure data parallelism (its params are replicated); the params are
+# restored onto pure fsdp and pure data meshes below.
+MESHES = ["data=1", "data=2 fsdp=4", "data=2 fsdp=2 tensor=2", "data=2 context=4"]
+CHECKPOINTED = "data=2 fsdp=2 tensor=2"
+RESTORED_ON = ["fsdp=8", "data=8", "data=1"]
 STEPS = 3
 
 
-def run(mesh_shape, checkpoint_dir=None):
-    devices = jax.devices()[: int(np.prod(mesh_shape))]
-    mesh = make_mesh(MeshConfig(*mesh_shape), devices)
+def mesh_of(name: str):
+    sizes = {k: int(v) for k, v in (item.split("=") for item in name.split())}
+    cfg = MeshConfig(**{"data": 1, **sizes})
+    return make_mesh(cfg, jax.devices()[: int(np.prod(list(sizes.values())))])
+
+
+def run(mesh_name, checkpoint_dir=None):
+    mesh = mesh_of(mesh_name)
     tc = TrainConfig(steps=STEPS, batch_size=16, seq_len=32, grad_accum=2, log_every=1)
     opt, sched = build_optimizer(OptimConfig(lr=1e-3, warmup_steps=1, weight_decay=0.1), tc.steps)
     model = Model(CFG)
@@ -66,28 +80,110 @@ def run(mesh_shape, checkpoint_dir=None):
     return {"losses": [h["loss"] for h in result.history], "params": params, "placement": placement}
 
 
+# Context parallelism: one loss and its gradients. Layer 0 slides (window 8), layer 1 attends to
+# the whole causal past; key tiles of 8 so that tiles are skipped by global slot indices.
+CONTEXT_CFG = CFG.replace(sliding_window=8, layer_types=("sliding", "full"), attention_impl="blockwise",
+                          attention_block_kv=8)
+CONTEXT_CASES = {  # variant -> meshes; each variant also runs on one device
+    "plain": ["fsdp=2 context=4", "context=8"],
+    "prefix": ["tensor=2 context=4"],  # prefix-tuning columns; heads split over tensor
+}
+
+
+def context_batch():
+    """Four rows of 32: one document then padding; three packed documents then padding; left
+    padding; two packed documents (segment ids 0 = padding)."""
+    seg = np.zeros((4, 32), np.int32)
+    seg[0, :20] = 1
+    seg[1, :7], seg[1, 7:18], seg[1, 18:30] = 1, 2, 3
+    seg[2, 5:] = 1
+    seg[3, :16], seg[3, 16:] = 1, 2
+    tokens = np.random.default_rng(0).integers(1, CFG.vocab_size, (4, 32)).astype(np.int32) * (seg != 0)
+    targets = np.concatenate([tokens[:, 1:], np.zeros((4, 1), np.int32)], axis=1)
+    loss_mask = ((seg != 0) & (np.concatenate([seg[:, 1:], np.zeros((4, 1), np.int32)], axis=1) == seg))
+    return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask.astype(np.float32), "segment_ids": seg}
+
+
+def context_params(variant):
+    cfg = CONTEXT_CFG
+    model = Model(cfg)
+    params = model.init(jax.random.key(0))
+    if variant == "prefix":
+        keys = jax.random.split(jax.random.key(1), 2)
+        shape = (cfg.num_layers, 3, cfg.num_kv_heads, cfg.head_dim)
+        params["prefix"] = {"keys": jax.random.normal(keys[0], shape), "values": jax.random.normal(keys[1], shape)}
+    return model, params
+
+
+def collectives(hlo: str) -> list[list[str]]:
+    """[kind, shape, op_name] of every collective in the compiled program."""
+    found = []
+    for line in hlo.splitlines():
+        m = re.search(r"= (\S+) (all-gather|reduce-scatter|all-reduce|collective-permute|all-to-all)(-start)?\(", line)
+        if m:
+            op = re.search(r'op_name="(.*?)"', line)
+            found.append([m.group(2), m.group(1), op.group(1) if op else ""])
+    return found
+
+
+def context_run(variant, mesh_name):
+    model, params = context_params(variant)
+    loss_fn = causal_lm_loss(model)
+    batch = context_batch()
+    mesh = mesh_of(mesh_name)
+
+    def loss_and_grads(params, batch):
+        def mean_loss(p):
+            total, weight, _ = loss_fn(p, batch, None)
+            return total / weight
+
+        with activation_mesh(mesh):
+            return jax.value_and_grad(mean_loss)(params)
+
+    step = jax.jit(loss_and_grads, in_shardings=(param_shardings(params, mesh, warn=False), batch_sharding(mesh)))
+    compiled = step.lower(params, batch).compile()
+    loss, grads = compiled(params, batch)
+    return {"loss": float(loss), "collectives": collectives(compiled.as_text()),
+            "grads": {jax.tree_util.keystr(p): np.asarray(g).tolist() for p, g in jax.tree_util.tree_leaves_with_path(grads)}}
+
+
+def context_error():
+    """The message when the sequence does not split over mesh.context (the whole model, traced)."""
+    model, params = context_params("plain")
+    batch = {k: v[:, :30] for k, v in context_batch().items()}
+    try:
+        with activation_mesh(mesh_of("context=4")):
+            jax.eval_shape(lambda p: causal_lm_loss(model)(p, batch, None), params)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def main(out_path, tmp_dir):
     assert len(jax.devices()) == 8, jax.devices()
     out = {"runs": {}}
-    for shape in MESHES:
-        ckpt = os.path.join(tmp_dir, "ckpt") if shape == (2, 2, 2) else None
-        out["runs"][str(shape)] = run(shape, ckpt)
-    # Restore the (2, 2, 2) run's params onto other meshes / device counts.
+    for name in MESHES:
+        ckpt = os.path.join(tmp_dir, "ckpt") if name == CHECKPOINTED else None
+        out["runs"][name] = run(name, ckpt)
+    # Restore the checkpointed run's params onto other meshes / device counts.
     restored = {}
-    for shape in [(1, 8, 1), (8, 1, 1), (1, 1, 1)]:
-        mesh = make_mesh(MeshConfig(*shape), jax.devices()[: int(np.prod(shape))])
+    for name in RESTORED_ON:
+        mesh = mesh_of(name)
         abstract = jax.eval_shape(Model(CFG).init, jax.random.key(0))
         shardings = param_shardings(abstract, mesh, warn=False)
         params, step = restore_params(os.path.join(tmp_dir, "ckpt"), jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings))
         kernel = params["layers_0"]["mlp"]["up_proj"]["kernel"]
-        restored[str(shape)] = {
+        restored[name] = {
             "step": step,
             "params": {jax.tree_util.keystr(p): np.asarray(x).tolist() for p, x in jax.tree_util.tree_leaves_with_path(params)},
             "up_proj_spec": str(kernel.sharding.spec),
             "up_proj_devices": len(kernel.sharding.device_set),
         }
     out["restored"] = restored
+    out["context"] = {variant: {name: context_run(variant, name) for name in ["data=1"] + meshes}
+                      for variant, meshes in CONTEXT_CASES.items()}
+    out["context_error"] = context_error()
     with open(out_path, "w") as f:
         json.dump(out, f)
 

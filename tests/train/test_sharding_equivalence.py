@@ -1,8 +1,11 @@
 """Sharded training equals single-device training (8 fake CPU devices, in a subprocess).
 
-The worker trains 3 AdamW steps (grad accumulation 2, uneven padding) on meshes
-(data, fsdp, tensor) = (1,1,1), (8,1,1), (2,4,1), (2,2,2), (1,8,1); saves a checkpoint
-on (2,2,2) and restores its params on (1,8,1), (8,1,1) and one device.
+The worker trains 3 AdamW steps (grad accumulation 2, uneven padding) on one device and on meshes
+data=2 fsdp=4, data=2 fsdp=2 tensor=2, data=2 context=4; saves a checkpoint on the
+data x fsdp x tensor one and restores its params on fsdp=8, data=8 and one device. Under context
+parallelism it also computes one loss and its gradients (padding, packed documents, a sliding
+window; a prefix with heads split over tensor) on fsdp=2 context=4, context=8, tensor=2 context=4
+and on one device.
 """
 
 import json
@@ -39,9 +42,19 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in a)
 
 
-@pytest.mark.parametrize("mesh", ["(8, 1, 1)", "(2, 4, 1)", "(2, 2, 2)", "(1, 8, 1)"])
+SHARDED = ["data=2 fsdp=4", "data=2 fsdp=2 tensor=2", "data=2 context=4"]
+CONTEXT = [("plain", "fsdp=2 context=4"), ("plain", "context=8"), ("prefix", "tensor=2 context=4")]
+
+
+def _sizes(mesh: str) -> dict:
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1, "context": 1}
+    sizes.update({k: int(v) for k, v in (item.split("=") for item in mesh.split())})
+    return sizes
+
+
+@pytest.mark.parametrize("mesh", SHARDED)
 def test_losses_and_params_match_single_device(results, mesh):
-    single = results["runs"]["(1, 1, 1)"]
+    single = results["runs"]["data=1"]
     run = results["runs"][mesh]
     np.testing.assert_allclose(run["losses"], single["losses"], rtol=1e-6, atol=0)
     assert _max_diff(run["params"], single["params"]) < 2e-6
@@ -49,9 +62,9 @@ def test_losses_and_params_match_single_device(results, mesh):
     assert len(set(round(x, 6) for x in single["losses"])) == len(single["losses"])
 
 
-@pytest.mark.parametrize("mesh,axes", [("(8, 1, 1)", (8, 1, 1)), ("(2, 4, 1)", (2, 4, 1)), ("(2, 2, 2)", (2, 2, 2)), ("(1, 8, 1)", (1, 8, 1))])
-def test_params_are_sharded_as_declared(results, mesh, axes):
-    sizes = dict(zip(("data", "fsdp", "tensor"), axes))
+@pytest.mark.parametrize("mesh", SHARDED)
+def test_params_are_sharded_as_declared(results, mesh):
+    sizes = _sizes(mesh)
     placement = results["runs"][mesh]["placement"]
     sharded = 0
     for path, leaf in placement.items():
@@ -74,17 +87,50 @@ def test_params_are_sharded_as_declared(results, mesh, axes):
 
 
 def test_projection_specs(results):
-    placement = results["runs"]["(2, 2, 2)"]["placement"]
+    placement = results["runs"]["data=2 fsdp=2 tensor=2"]["placement"]
     assert placement["['layers_0']['attn']['q_proj']['kernel']"]["declared"] == "P('fsdp', 'tensor')"
     assert placement["['layers_0']['attn']['o_proj']['kernel']"]["declared"] == "P('tensor', 'fsdp')"
     assert placement["['layers_0']['mlp']['down_proj']['kernel']"]["declared"] == "P('tensor', 'fsdp')"
     assert placement["['final_norm']['scale']"]["declared"] == "P()"
 
 
-@pytest.mark.parametrize("mesh,devices", [("(1, 8, 1)", 8), ("(8, 1, 1)", 8), ("(1, 1, 1)", 1)])
+@pytest.mark.parametrize("mesh,devices", [("fsdp=8", 8), ("data=8", 8), ("data=1", 1)])
 def test_restore_params_on_another_mesh(results, mesh, devices):
-    trained = results["runs"]["(2, 2, 2)"]["params"]
+    trained = results["runs"]["data=2 fsdp=2 tensor=2"]["params"]
     restored = results["restored"][mesh]
     assert restored["step"] == 3
     assert _max_diff(restored["params"], trained) == 0.0
     assert restored["up_proj_devices"] == devices
+
+
+@pytest.mark.parametrize("variant,mesh", CONTEXT)
+def test_context_parallel_loss_and_gradients_match_single_device(results, variant, mesh):
+    single, run = results["context"][variant]["data=1"], results["context"][variant][mesh]
+    assert run["loss"] == pytest.approx(single["loss"], rel=1e-6)
+    assert run["grads"].keys() == single["grads"].keys()
+    if variant == "prefix":
+        assert "['prefix']['keys']" in run["grads"]
+    for path, want in single["grads"].items():
+        want, got = np.asarray(want), np.asarray(run["grads"][path])
+        assert np.max(np.abs(want)) > 0, path  # every parameter gets a gradient
+        assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want)), path
+
+
+@pytest.mark.parametrize("variant,mesh", CONTEXT)
+def test_context_parallel_attention_runs_on_sequence_blocks(results, variant, mesh):
+    """The compiled step gathers K/V (and reduce-scatters dK/dV) over the context axis inside the
+    attention's shard_map; where params are replicated (no fsdp / tensor), nothing else inside the
+    decoder is gathered: every projection, norm and MLP runs on the device's block of the sequence."""
+    found = results["context"][variant][mesh]["collectives"]
+    in_attention = [(kind, op) for kind, _, op in found if "attn/shard_map" in op]
+    layers = 2  # the worker's CONTEXT_CFG
+    assert sum(kind == "all-gather" for kind, _ in in_attention) >= 2 * layers  # K, V of every layer
+    assert sum(kind == "reduce-scatter" for kind, _ in in_attention) >= 2 * layers  # dK, dV
+    if _sizes(mesh)["fsdp"] == 1 and _sizes(mesh)["tensor"] == 1:
+        decoder_gathers = [op for kind, _, op in found if kind == "all-gather" and "(Decoder)" in op]
+        assert all("attn/shard_map" in op for op in decoder_gathers), decoder_gathers
+
+
+def test_sequence_not_split_by_context_is_refused(results):
+    message = results["context_error"]
+    assert message is not None and "mesh.context=4" in message and "train.seq_len" in message
