@@ -12,7 +12,7 @@ import numpy as np
 from jaxtune.cli.args import split_config_args
 from jaxtune.config import load_config
 from jaxtune.job import TrainJobConfig, plan_step
-from jaxtune.train.memory import compiled, estimate
+from jaxtune.train.memory import compiled, estimate, longest_context
 from jaxtune.utils.partition import count
 
 
@@ -22,6 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--devices", type=int, default=None,
                    help="devices the mesh spans (default: this machine's); --compiled needs that many")
     p.add_argument("--compiled", action="store_true", help="also compile the step abstractly and print XLA's memory analysis")
+    p.add_argument("--max-context", type=float, nargs="+", metavar="GIB", default=None,
+                   help="also the longest train.seq_len whose estimated peak fits each budget (GiB per device)")
     p.add_argument("--batch", type=int, default=1, help="KV cache line: generation batch")
     p.add_argument("--seq", type=int, default=None, help="KV cache line: tokens (default train.seq_len)")
     p.set_defaults(func=run)
@@ -51,6 +53,8 @@ def run(args) -> int:
     seq = args.seq or t.seq_len
     kv = 2 * cfg.num_layers * args.batch * seq * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.dtype).itemsize
     print(f"KV cache (generation, batch {args.batch} x {seq} tokens, {cfg.dtype}): {_gib(kv).strip()}")
+    if args.max_context:
+        _print_max_context(plan, args.max_context, job)
     if args.compiled:
         xla = compiled(plan)
         print(f"per device (XLA memory_analysis of the compiled step, {jax.devices()[0].platform}):")
@@ -58,3 +62,25 @@ def run(args) -> int:
             print(f"  {name:34s}{_gib(xla[name])}")
         print(f"  estimate / compiler peak          {est.peak / xla['peak']:10.3f}")
     return 0
+
+
+def _print_max_context(plan, budgets: list[float], job) -> None:
+    t, cfg = job.train, plan.cfg
+    multiple = 128 * plan.mesh_shape.get("context", 1)
+    # learned positions have no row past the table; rotary ones run on (quality is the model's business)
+    limit = cfg.max_position_embeddings if cfg.position == "learned" else 1 << 24
+    print(f"longest context (train.seq_len, a multiple of {multiple}) whose estimated peak fits; batch {t.batch_size}, "
+          f"remat {t.remat}, mlp_chunk_tokens {t.mlp_chunk_tokens}, loss_chunk_tokens {t.loss_chunk_tokens}, "
+          f"attention {cfg.attention_impl}:")
+    print(f"  {'budget':>12s} {'tokens':>11s} {'peak':>14s} {'host (offload)':>16s}")
+    found = longest_context(plan, [int(b * 2**30) for b in budgets], multiple, limit)
+    for budget, (length, est) in zip(budgets, found):
+        if est is None:
+            print(f"  {budget:8g} GiB {'none':>11s}   (not even {multiple} tokens fit)")
+            continue
+        note = ""
+        if length > cfg.max_position_embeddings:
+            note = f"  (past max_position_embeddings {cfg.max_position_embeddings})"
+        if length == limit // multiple * multiple:
+            note += "  (the search's limit)"
+        print(f"  {budget:8g} GiB {length:>11,d} {_gib(est.peak)} {_gib(est.host):>16s}{note}")

@@ -5,6 +5,7 @@ traced with its loss -> a `jaxtune.train.memory.StepPlan` that `estimate` / `com
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import jax
@@ -42,7 +43,7 @@ def abstract_model(job: TrainJobConfig) -> tuple[Any, ModelConfig]:
         cfg = runmeta.read_model_config(source.checkpoint).replace(**numerics)
     else:
         cfg = (preset(source.preset) if source.preset is not None else source.config).replace(**numerics)
-    cfg = cfg.replace(remat=job.train.remat)
+    cfg = cfg.replace(**job.train.model_numerics)
     init = Model(cfg).init
     return (init if quant is None else (lambda rng: quantize(init(rng), quant))), cfg
 
@@ -56,7 +57,7 @@ def plan_step(job: TrainJobConfig, devices: Optional[int] = None) -> StepPlan:
     network_cfg = objective.network_config(job)
     network = None
     if network_cfg is not None:
-        network = Network(value_network_template(network_cfg), network_cfg.replace(remat=job.train.remat))
+        network = Network(value_network_template(network_cfg), network_cfg.replace(**job.train.model_numerics))
     ctx = Context(job, cfg, network=network)
     optimizer, schedule = build_optimizer(job.optim, job.train.steps)
     init, mask, optimizer = with_peft(job, init, cfg, None, optimizer)
@@ -70,10 +71,11 @@ def plan_step(job: TrainJobConfig, devices: Optional[int] = None) -> StepPlan:
     spec_mesh = mesh if mesh is not None else AbstractMesh(shape, AXES)
     trainable, frozen, state, state_specs, frozen_specs = abstract_layout(params, mask, optimizer, spec_mesh)
 
-    def with_layers(layers: int) -> StepPlan:
-        small = cfg.replace(num_layers=layers, remat="none", layer_types=cfg.layer_types[:layers])
+    @functools.lru_cache(maxsize=None)
+    def with_layers(layers: int, remat: str = "none") -> StepPlan:
+        small = cfg.replace(num_layers=layers, remat=remat, layer_types=cfg.layer_types[:layers])
         model = dataclasses.replace(job.model, hf_dir=None, checkpoint=None, preset=None, config=small)
-        return plan_step(dataclasses.replace(job, model=model, train=dataclasses.replace(job.train, remat="none")),
+        return plan_step(dataclasses.replace(job, model=model, train=dataclasses.replace(job.train, remat=remat)),
                          devices=n)
 
     return StepPlan(train=job.train, cfg=cfg, params=params, trainable=trainable, frozen=frozen, state=state,

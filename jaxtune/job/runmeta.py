@@ -33,7 +33,7 @@ from jaxtune.utils.fingerprint import leaf_checksums, mismatches
 
 MODEL_CONFIG_FILE = "model_config.json"
 TRAIN_META_FILE = "train_meta.json"
-NUMERICS = ("param_dtype", "dtype", "attention_impl", "remat")  # may change between runs of one model
+NUMERICS = ("param_dtype", "dtype", "attention_impl", "remat", "mlp_chunk_tokens")  # may change between runs of one model
 MATCH_ON_RESUME = ("trainable", "peft", "head")  # train_meta keys a resumed run must keep
 BASE_CHECKSUMS = "base_checksums"  # train_meta key: the frozen half's checksums when the run started
 

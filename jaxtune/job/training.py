@@ -57,7 +57,7 @@ class TrainingSetup:
 def setup_training(job: TrainJobConfig) -> TrainingSetup:
     objective = get_objective(job.objective.kind)
     start, cfg, model_dir = model_for_training(job.model)
-    cfg = objective.model_config(cfg.replace(remat=job.train.remat))
+    cfg = objective.model_config(cfg.replace(**job.train.model_numerics))
     tokenizer = job_tokenizer(job, model_dir)
     ctx = Context(job, cfg, tokenizer, start=start, network=objective.network(job))
     mesh = make_mesh(job.mesh)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 
 
-REMAT_POLICIES = ("none", "full", "save_dots", "save_layer_inputs")
+REMAT_POLICIES = ("none", "full", "offload", "save_dots", "save_layer_inputs")
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,12 @@ class ModelConfig:
     attention_block_q: int = 0
     attention_block_kv: int = 0
     # Rematerialisation of each block in the backward pass (jax.checkpoint):
-    # none | full (keep block inputs only) | save_dots (keep matmul outputs) |
-    # save_layer_inputs (keep the normed inputs of attention and MLP).
-    remat: Literal["none", "full", "save_dots", "save_layer_inputs"] = "none"
+    # none | full (keep block inputs only) | offload (block inputs in pinned host memory) |
+    # save_dots (keep matmul outputs) | save_layer_inputs (keep the normed inputs of attention and MLP).
+    remat: Literal["none", "full", "offload", "save_dots", "save_layer_inputs"] = "none"
+    # >0: the MLP runs this many tokens at a time, each chunk recomputed in the backward pass (no
+    # [tokens, intermediate] tensor of the whole sequence; `jaxtune.models.layers.mlp_by_chunks`)
+    mlp_chunk_tokens: int = 0
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -97,6 +100,8 @@ class ModelConfig:
             )
         if self.attention_block_q < 0 or self.attention_block_kv < 0:
             raise ValueError("ModelConfig.attention_block_q / attention_block_kv must be >= 0 (0: chosen per call)")
+        if self.mlp_chunk_tokens < 0:
+            raise ValueError(f"ModelConfig.mlp_chunk_tokens must be >= 0 (0: the whole sequence at once), got {self.mlp_chunk_tokens}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"ModelConfig.remat: unknown policy {self.remat!r} ({' | '.join(REMAT_POLICIES)})")
         for t in self.layer_types:

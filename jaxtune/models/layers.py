@@ -9,6 +9,8 @@ Norms and softmax compute in float32; matmuls in ``cfg.dtype``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,9 +18,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.models.attention import attend
 from jaxtune.models.config import ModelConfig
+from jaxtune.models.norms import layer_norm, rms_norm
 from jaxtune.models.rope import apply_rotary
 from jaxtune.ops import linear
-from jaxtune.parallel.rules import constrain_weight
+from jaxtune.parallel.rules import constrain_weight, context_size
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -72,7 +75,8 @@ class Embed(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * scale over the last axis, computed in float32."""
+    """x / rms(x) * scale over the last axis, computed in float32 (`jaxtune.models.norms`: a
+    backward pass that keeps only the input and one number per row)."""
 
     eps: float
     cfg: ModelConfig
@@ -80,9 +84,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.cfg.weight_dtype)
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+        return rms_norm(x, scale, self.eps, self.cfg.compute_dtype)
 
 
 class LayerNorm(nn.Module):
@@ -96,11 +98,7 @@ class LayerNorm(nn.Module):
         dim = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (dim,), self.cfg.weight_dtype)
         bias = self.param("bias", nn.initializers.zeros, (dim,), self.cfg.weight_dtype)
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+        return layer_norm(x, scale, bias, self.eps, self.cfg.compute_dtype)
 
 
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
@@ -156,17 +154,47 @@ class MLP(nn.Module):
 
     cfg: ModelConfig
 
-    @nn.compact
-    def __call__(self, x):
+    def setup(self):
         cfg = self.cfg
-        act = ACTIVATIONS[cfg.activation]
-        up = Linear(cfg.intermediate_size, cfg.mlp_bias, cfg, name="up_proj")(x)
+        self.up_proj = Linear(cfg.intermediate_size, cfg.mlp_bias, cfg)
         if cfg.mlp == "gated":
-            gate = Linear(cfg.intermediate_size, cfg.mlp_bias, cfg, name="gate_proj")(x)
-            h = act(gate) * up
-        else:
-            h = act(up)
-        return Linear(cfg.hidden_size, cfg.mlp_bias, cfg, name="down_proj")(h)
+            self.gate_proj = Linear(cfg.intermediate_size, cfg.mlp_bias, cfg)
+        self.down_proj = Linear(cfg.hidden_size, cfg.mlp_bias, cfg)
+
+    def __call__(self, x):
+        act = ACTIVATIONS[self.cfg.activation]
+        up = self.up_proj(x)
+        h = act(self.gate_proj(x)) * up if self.cfg.mlp == "gated" else act(up)
+        return self.down_proj(h)
+
+
+def _mlp_chunk(mlp: MLP, carry, x):
+    return carry, mlp(x)
+
+
+def mlp_by_chunks(mlp: MLP, x: jax.Array, chunk_tokens: int) -> jax.Array:
+    """``mlp(x)`` for x [batch, seq, embed] about ``chunk_tokens`` tokens at a time (`lax.scan`,
+    each chunk re-run in the backward pass), so no [tokens, intermediate] tensor of the whole
+    sequence exists: the backward pass keeps the chunks' inputs only. Chunks are runs of
+    consecutive positions (for one row a free reshape of x); under a mesh whose ``context`` axis
+    splits the sequence they take every n-th position instead, so each device's chunk stays its own."""
+    batch, seq, embed = x.shape
+    n = min(seq, -(-batch * seq // chunk_tokens))
+    if n <= 1:
+        return mlp(x)
+    scan = lambda axis: nn.scan(nn.remat(_mlp_chunk, prevent_cse=False), variable_broadcast="params",  # noqa: E731
+                                split_rngs={"params": False, "dropout": True}, in_axes=axis, out_axes=axis, length=n)
+    if context_size() > 1:  # every n-th position of each row
+        pad = -seq % n
+        xs = (jnp.pad(x, ((0, 0), (0, pad), (0, 0))) if pad else x).reshape(batch, (seq + pad) // n, n, embed)
+        _, ys = scan(2)(mlp, None, xs)
+        return ys.reshape(batch, seq + pad, embed)[:, :seq]
+    tokens = batch * seq  # runs of consecutive tokens of the flattened batch: reshapes, no copies
+    pad = -tokens % n
+    xs = x.reshape(tokens, embed)
+    xs = (jnp.pad(xs, ((0, pad), (0, 0))) if pad else xs).reshape(n, (tokens + pad) // n, embed)
+    _, ys = scan(0)(mlp, None, xs)
+    return ys.reshape(tokens + pad, embed)[:tokens].reshape(batch, seq, embed)
 
 
 class Block(nn.Module):
@@ -176,23 +204,41 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, rotary, mask, kv_cache=None, cache_end=None, prefix=None):
+        x = checkpoint_name(x, "block_input")
         attn_input = checkpoint_name(make_norm(self.cfg, "attn_norm")(x), "attn_input")
         attn_out, new_cache = Attention(self.cfg, name="attn")(attn_input, rotary, mask, kv_cache, cache_end, prefix)
         h = x + attn_out
         mlp_input = checkpoint_name(make_norm(self.cfg, "mlp_norm")(h), "mlp_input")
-        h = h + MLP(self.cfg, name="mlp")(mlp_input)
+        mlp = MLP(self.cfg, name="mlp")
+        h = h + (mlp_by_chunks(mlp, mlp_input, self.cfg.mlp_chunk_tokens) if self.cfg.mlp_chunk_tokens else mlp(mlp_input))
         return h, new_cache
 
 
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
+    # the block's input to pinned host memory, everything else recomputed (`check_host_offload`)
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["block_input"], offload_src="device",
+        offload_dst="pinned_host"),
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_layer_inputs": jax.checkpoint_policies.save_only_these_names("attn_input", "mlp_input"),
 }
+
+
+def check_host_offload(device: Optional[jax.Device] = None) -> None:
+    """Refuse ``remat: offload`` where the device has no pinned host memory to offload to."""
+    device = device or jax.devices()[0]
+    kinds = {m.kind for m in device.addressable_memories()}
+    if "pinned_host" not in kinds:
+        raise ValueError(f"remat=offload (train.remat) keeps block inputs in pinned host memory, which this backend's "
+                         f"device {device.device_kind!r} ({device.platform}) does not have (memory kinds: "
+                         f"{', '.join(sorted(kinds))}); use train.remat=full")
 
 
 def block_class(cfg: ModelConfig) -> type[nn.Module]:
     """`Block`, wrapped in ``jax.checkpoint`` with the policy ``cfg.remat`` names."""
     if cfg.remat == "none":
         return Block
+    if cfg.remat == "offload":
+        check_host_offload()
     return nn.remat(Block, policy=REMAT[cfg.remat])

@@ -12,9 +12,12 @@ class TrainConfig:
     batch_size: int = 8  # global rows per optimizer step, summed over devices and micro-batches
     seq_len: int = 256
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
-    remat: Literal["none", "full", "save_dots", "save_layer_inputs"] = "none"
+    # rematerialisation of each block: none | full | offload (block inputs in pinned host memory, brought
+    # back for the backward; GPUs / TPUs, and CPU) | save_dots | save_layer_inputs (jaxtune.models.layers.REMAT)
+    remat: Literal["none", "full", "offload", "save_dots", "save_layer_inputs"] = "none"
     z_loss: float = 0.0  # PaLM z-loss coefficient on logsumexp^2
     loss_chunk_tokens: int = 0  # >0: logits for the loss are built this many tokens at a time
+    mlp_chunk_tokens: int = 0  # >0: each block's MLP runs this many tokens at a time (recomputed per chunk)
     trainable: Optional[tuple[str, ...]] = None  # regexes over param paths; None = every parameter
     max_nonfinite_in_row: int = 10  # stop after this many consecutive skipped (NaN/inf) steps
     log_every: int = 10
@@ -35,11 +38,16 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size ({self.batch_size}) must divide by train.grad_accum ({self.grad_accum})")
-        for name in ("eval_every", "eval_batches", "loss_chunk_tokens"):
+        for name in ("eval_every", "eval_batches", "loss_chunk_tokens", "mlp_chunk_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.z_loss < 0:
             raise ValueError(f"train.z_loss must be >= 0, got {self.z_loss}")
+
+    @property
+    def model_numerics(self) -> dict:
+        """The ModelConfig fields this section sets for the trained model (``cfg.replace(**...)``)."""
+        return dict(remat=self.remat, mlp_chunk_tokens=self.mlp_chunk_tokens)
 
 
 @dataclass(frozen=True)

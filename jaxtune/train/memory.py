@@ -34,6 +34,7 @@ This module must not allocate device buffers for the model, nor change what the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -72,11 +73,18 @@ class StepPlan:
     loss_fn: Any
     mesh_shape: dict[str, int]
     mesh: Optional[Mesh]  # real devices, when this process has enough of them (needed to compile)
-    with_layers: Callable[[int], "StepPlan"]  # the same step with n blocks and no remat (one block's residuals)
+    with_layers: Callable[..., "StepPlan"]  # (n, remat="none"): the same step with n blocks under that remat policy
 
     @property
     def micro_batch(self) -> int:
         return self.train.batch_size // self.train.grad_accum
+
+    def at_length(self, seq_len: int) -> "StepPlan":
+        """The same step at another sequence length (nothing re-planned: the params and the
+        optimizer state do not depend on it)."""
+        layers = self.with_layers
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, seq_len=seq_len),
+                                   with_layers=lambda *a: layers(*a).at_length(seq_len))
 
     def batch(self, rows: int) -> dict:
         shape = (rows, self.train.seq_len)
@@ -111,8 +119,9 @@ _FUSIBLE = frozenset({
 _VIEWS = frozenset({"reshape", "squeeze", "expand_dims"})  # a view of a kept buffer shares it (a bitcast)
 
 
-def saved_activations(fn, *args) -> list[tuple[tuple[int, ...], Any, str]]:
-    """(shape, dtype, producing op) of every value ``fn``'s backward pass keeps in memory.
+def saved_activations(fn, *args) -> list[tuple[tuple[int, ...], Any, str, bool]]:
+    """(shape, dtype, producing op, on host) of every value ``fn``'s backward pass keeps in memory;
+    on host: offloaded to host memory by the remat policy (``remat: offload``).
 
     The residuals are those of ``jax.vjp(fn, *args)`` under whatever remat policy ``fn`` uses
     (traced, no compilation). Left out: the arguments themselves, and residuals XLA does not
@@ -165,13 +174,17 @@ def saved_activations(fn, *args) -> list[tuple[tuple[int, ...], Any, str]]:
         if available(v):
             continue
         eqn = producer.get(v)
-        out.append((tuple(v.aval.shape), v.aval.dtype, eqn.primitive.name if eqn is not None else "?"))
+        out.append((tuple(v.aval.shape), v.aval.dtype, eqn.primitive.name if eqn is not None else "?", _on_host(v.aval)))
     return out
+
+
+def _on_host(aval) -> bool:
+    return getattr(getattr(aval, "memory_space", None), "name", "Device") == "Host"
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per device."""
+    """Bytes per device (``host``: per device's share of host memory, for ``remat: offload``)."""
 
     params: int
     trainable: int
@@ -183,13 +196,15 @@ class MemoryEstimate:
     logits: int
     batch: int
     peak: int
+    host: int = 0
 
     def rows(self) -> list[tuple[str, int]]:
         return [("params (all)", self.params), ("  trainable", self.trainable), ("  frozen", self.frozen),
                 ("gradients", self.gradients), ("optimizer state", self.optimizer),
                 ("activations (saved for backward)", self.activations),
                 ("one block re-run (remat)", self.recompute), ("logits (float32, for the loss)", self.logits),
-                ("batch", self.batch), ("peak", self.peak)]
+                ("batch", self.batch), ("peak", self.peak),
+                ("host memory (offloaded activations)", self.host)]
 
 
 def estimate(plan: StepPlan) -> MemoryEstimate:
@@ -199,37 +214,58 @@ def estimate(plan: StepPlan) -> MemoryEstimate:
     frozen = _per_device(plan.frozen, plan.frozen_specs, ms)
     optimizer = _per_device(plan.state.opt_state, plan.state_specs.opt_state, ms)
     batch_split = ms["data"] * ms["fsdp"]
+    token_split = batch_split * ms.get("context", 1)
     gradients = trainable * (2 if t.grad_accum > 1 else 1)
-    activations = _activations(plan, plan.loss_fn)
+    activations, host = _model_activations(plan)
     # Under a remat policy the backward pass re-runs one block at a time: its residuals (those of
-    # the block without remat) are live on top of what the policy keeps.
+    # the block without remat) are live on top of what the policy keeps. A chunked MLP re-runs one
+    # chunk at a time inside it: its [chunk, intermediate] values (up, gate, their product, the
+    # activation's input gradient) and the chunk's input and output.
     working = _block_residuals(plan) if cfg.remat != "none" else 0
-    tokens = math.ceil(plan.micro_batch * t.seq_len / batch_split)
+    if cfg.mlp_chunk_tokens:
+        chunk = min(cfg.mlp_chunk_tokens, math.ceil(plan.micro_batch * t.seq_len / token_split))
+        width = math.ceil(cfg.intermediate_size / ms["tensor"])
+        working += chunk * (4 * width + 2 * cfg.hidden_size) * jnp.dtype(cfg.dtype).itemsize
+    tokens = math.ceil(plan.micro_batch * t.seq_len / token_split)
     vocab = math.ceil(cfg.vocab_size / ms["tensor"])
     # d(logits) in float32 (the softmax itself is a residual); a chunked loss holds one chunk's
     # logits and their gradient at a time.
     logits = 2 * min(tokens, t.loss_chunk_tokens) * vocab * 4 if t.loss_chunk_tokens else tokens * vocab * 4
-    batch = math.ceil(t.batch_size * t.seq_len * 4 * 5 / batch_split)
+    batch = math.ceil(t.batch_size * t.seq_len * 4 * 5 / token_split)
     params = trainable + frozen
     peak = params + optimizer + batch + max(activations + working + logits, gradients + trainable)
     return MemoryEstimate(params=params, trainable=trainable, frozen=frozen, gradients=gradients, optimizer=optimizer,
-                          activations=activations, recompute=working, logits=logits, batch=batch, peak=peak)
+                          activations=activations, recompute=working, logits=logits, batch=batch, peak=peak, host=host)
+
+
+def _model_activations(plan: StepPlan, exact: bool = False) -> tuple[int, int]:
+    """`_activations` of the whole model. Blocks are alike, so what n blocks keep is what one block
+    keeps plus (n - 1) times what a second one adds: traced with 1 and 2 blocks under the same remat
+    policy (seconds for an 8B model instead of a minute), or the whole model with ``exact``."""
+    layers = plan.cfg.num_layers
+    if exact or layers <= 2:
+        return _activations(plan, plan.loss_fn)
+    one, two = (plan.with_layers(n, plan.cfg.remat) for n in (1, 2))
+    (d1, h1), (d2, h2) = _activations(one, one.loss_fn), _activations(two, two.loss_fn)
+    return d1 + (layers - 1) * (d2 - d1), h1 + (layers - 1) * (h2 - h1)
 
 
 def _block_residuals(plan: StepPlan) -> int:
-    """Per-device residuals of one block without remat: the same job with 2 blocks minus 1 block."""
+    """Per-device residuals of one block without remat: the same job with 2 blocks minus 1 block
+    (all of them on the device: a block being re-run has its input back)."""
     def with_layers(n: int) -> int:
         small = plan.with_layers(n)
-        return _activations(small, small.loss_fn)
+        return sum(_activations(small, small.loss_fn))
 
     return max(with_layers(2) - with_layers(1), 0)
 
 
-def _activations(plan: StepPlan, loss_fn) -> int:
-    """Per-device bytes of what ``loss_fn``'s backward keeps for one micro-batch (`saved_activations`).
-    A residual whose size doubles with the micro-batch (traced a second time at twice the rows)
-    is split over the batch axes (``data`` x ``fsdp``), whatever its layout; one with a head /
-    feed-forward dimension also over ``tensor``; the rest (e.g. from weights) is not split."""
+def _activations(plan: StepPlan, loss_fn) -> tuple[int, int]:
+    """Per-device bytes of what ``loss_fn``'s backward keeps for one micro-batch (`saved_activations`),
+    as (on the device, offloaded to host). A residual whose size doubles with the micro-batch
+    (traced a second time at twice the rows) is split over the batch axes (``data`` x ``fsdp``)
+    and the sequence axis (``context``), whatever its layout; one with a head / feed-forward
+    dimension also over ``tensor``; the rest (e.g. from weights) is not split."""
     ms, cfg = plan.mesh_shape, plan.cfg
 
     def trace(rows):
@@ -241,15 +277,68 @@ def _activations(plan: StepPlan, loss_fn) -> int:
     tensor_dims = {cfg.intermediate_size, cfg.num_heads, cfg.num_heads * cfg.head_dim}
     if cfg.num_kv_heads > 1:
         tensor_dims |= {cfg.num_kv_heads, cfg.num_kv_heads * cfg.head_dim}
-    total = 0
-    for i, (shape, dtype, _) in enumerate(one):
+    device = host = 0
+    for i, (shape, dtype, _, on_host) in enumerate(one):
         size = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
         if not paired or int(np.prod(two[i][0])) != int(np.prod(shape)):  # grows with the batch
-            size = math.ceil(size / (ms["data"] * ms["fsdp"]))
+            size = math.ceil(size / (ms["data"] * ms["fsdp"] * ms.get("context", 1)))
             if ms["tensor"] > 1 and any(d in tensor_dims for d in shape):
                 size = math.ceil(size / ms["tensor"])
-        total += size
-    return total
+        if on_host:
+            host += size
+        else:
+            device += size
+    return device, host
+
+
+def longest_context(plan: StepPlan, budgets: list[int], multiple: int = 128,
+                    limit: int = 1 << 24) -> list[tuple[int, Optional[MemoryEstimate]]]:
+    """For each budget (bytes per device), the longest ``train.seq_len`` (a multiple of ``multiple``,
+    at most ``limit``) whose estimated peak fits, and that estimate; (0, None) where not even
+    ``multiple`` tokens fit. A search over the estimate: peaks at two lengths give an affine guess,
+    the estimate is then evaluated around it and the bracket bisected (each length estimated once
+    for all budgets)."""
+    peaks: dict[int, MemoryEstimate] = {}
+
+    def at(length: int) -> MemoryEstimate:
+        if length not in peaks:
+            peaks[length] = estimate(plan.at_length(length))
+        return peaks[length]
+
+    fits = lambda length, budget: at(length).peak <= budget  # noqa: E731
+    # peak = fixed + batch(L) + max(forward(L), update) (`estimate`): both branches affine in L once L
+    # passes the chunk sizes, so the guess is where the first of them reaches the budget
+    l1, l2 = 32 * multiple, 64 * multiple
+    branches = lambda e: (e.batch + e.activations + e.recompute + e.logits, e.batch + e.gradients + e.trainable)  # noqa: E731
+    fixed = at(l1).params + at(l1).optimizer
+    slopes = [(b2 - b1) / (l2 - l1) for b1, b2 in zip(branches(at(l1)), branches(at(l2)))]
+    limit = limit // multiple * multiple
+    out = []
+    for budget in budgets:
+        if not fits(multiple, budget):
+            out.append((0, None))
+            continue
+        guesses = [(budget - fixed - b1) / slope + l1 if slope > 0 else limit
+                   for b1, slope in zip(branches(at(l1)), slopes)]
+        guess = max(multiple, min(limit, int(min(guesses))) // multiple * multiple)
+        lo, hi, step = multiple, None, multiple
+        if fits(guess, budget):  # search up from the guess for a length that does not fit
+            lo = guess
+            while hi is None:
+                if lo + step > limit or not fits(lo + step, budget):
+                    hi = min(lo + step, limit + multiple)
+                else:
+                    lo, step = lo + step, step * 2
+        else:  # down from the guess for one that fits
+            hi = guess
+            while guess - step > multiple and not fits(guess - step, budget):
+                hi, step = guess - step, step * 2
+            lo = max(multiple, guess - step)
+        while hi - lo > multiple:  # fits(lo), not fits(hi)
+            mid = (lo + hi) // 2 // multiple * multiple
+            lo, hi = (mid, hi) if fits(mid, budget) else (lo, mid)
+        out.append((lo, at(lo)))
+    return out
 
 
 def compiled(plan: StepPlan) -> dict[str, int]:

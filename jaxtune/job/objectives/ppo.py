@@ -40,7 +40,7 @@ class PPO(Objective):
             return None
         loaded, cfg, _ = load_model(ModelSource(checkpoint=directory, **job.model.numerics))
         params = value_network(loaded, cfg, jax.random.key(job.model.init_seed + 1))
-        return Network(params, cfg.replace(remat=job.train.remat))
+        return Network(params, cfg.replace(**job.train.model_numerics))
 
     def network_config(self, job: TrainJobConfig) -> Optional[ModelConfig]:
         directory = job.objective.ppo.value_model
