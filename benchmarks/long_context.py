@@ -10,8 +10,8 @@ budget (GPU memory taken as GiB: an "80 GB" H100 has 79.6 GiB, a "24 GB" card 24
 ``jaxtune estimate configs/qlora_llama3_8b.yaml model.hf_dir=null model.preset=llama-3.1-8b
 peft.lora.rank=32 train.batch_size=1 train.grad_accum=1 train.remat=offload
 train.mlp_chunk_tokens=1024 train.loss_chunk_tokens=256 --max-context 8 12 16 24 40 48 80``.
-Also the 8,192-token peak of the recipe's settings before this work (remat full, loss chunk 2048,
-no MLP chunking) and after.
+Also the 8,192-token peak under the recipe's own settings (remat full, loss chunk 2048, no MLP
+chunking) and under the long-context ones.
 
 --check also compiles the step of a small Llama (2 layers x 256, QLoRA, float32) at 8,192 and
 16,384 tokens on this CPU and prints the estimate next to XLA's memory analysis (remat none: XLA:CPU
@@ -67,8 +67,8 @@ def table(budgets: list[int]) -> None:
 
 def peak_at_8192() -> None:
     before = ["train.remat=full", "train.loss_chunk_tokens=2048"]
-    for name, overrides in (("before (remat full, loss chunk 2048)", before),
-                            ("after (remat offload, MLP chunk 1024, loss chunk 256)", SETTINGS["jaxtune, remat offload"])):
+    for name, overrides in (("the recipe's settings (remat full, loss chunk 2048)", before),
+                            ("remat offload, MLP chunk 1024, loss chunk 256", SETTINGS["jaxtune, remat offload"])):
         est = estimate(_plan(overrides + ["train.seq_len=8192"]))
         print(f"8,192 tokens, {name}: peak {est.peak / GiB:.2f} GiB (host {est.host / GiB:.2f} GiB)")
 

@@ -10,10 +10,13 @@ trainable split, optimizer, shardings, loss) as abstract values (``jax.eval_shap
 - gradients: the trainable half's bytes (plus the accumulator when ``grad_accum > 1``);
 - optimizer state: the state's leaves, split like their parameters (exact);
 - activations: the residuals JAX saves for the backward pass of one micro-batch under the
-  configured remat policy (traced, not modelled by hand), divided over the batch axes
-  (``data`` x ``fsdp``) and, for tensors with a head / feed-forward dimension, ``tensor``;
+  configured remat policy (traced, not modelled by hand; blocks are alike, so one block and a
+  second one are traced and the rest extrapolated), divided over the batch and sequence axes
+  (``data`` x ``fsdp`` x ``context``) and, for tensors with a head / feed-forward dimension, ``tensor``;
 - one block re-run: under a remat policy, the residuals of one block without remat, live while
-  the backward pass recomputes it;
+  the backward pass recomputes it; with a chunked MLP, one chunk's working set; under context
+  parallelism, one layer's gathered K/V and their float32 gradients;
+- host: what ``remat: offload`` keeps in pinned host memory (the blocks' inputs);
 - logits: the float32 gradient of the logits at the turn from forward to backward (the softmax
   is among the residuals), or one chunk's logits and gradient with ``train.loss_chunk_tokens``;
 - peak: arguments (params, optimizer state, batch) + the larger of (activations + block re-run
@@ -22,8 +25,13 @@ trainable split, optimizer, shardings, loss) as abstract values (``jax.eval_shap
 Measured against XLA on this CPU (tests/train/test_memory.py, README): within 10% for full,
 LoRA and QLoRA with float32 compute and remat none. XLA:CPU runs bf16 arithmetic in float32
 (its float-normalization pass keeps f32 temporaries, so its figure is higher than the program's)
-and its scheduler does not realise rematerialisation's savings (remat full compiles to about
-the same peak as none there), so those are compared on accelerators, not here.
+and it does not realise rematerialisation's savings (its pipeline expands the optimization
+barriers before common-subexpression elimination, which then merges the backward pass's
+recomputation with the forward pass: remat full compiles to about the same peak as none there),
+so those are compared on accelerators, not here. At long context XLA:CPU also keeps float32
+copies the program does not ask for (per-row broadcasts materialised by its YNN fusions, 2-D
+copies of the norms' outputs for its GEMMs): at 8,192 and 16,384 tokens the estimate is 0.60 /
+0.57 of its figure, and both grow linearly with the length (README, benchmarks/long_context.py).
 
 `compiled(plan)` lowers and compiles the step with abstract inputs and returns XLA's
 ``memory_analysis()`` (arguments + outputs - aliased + temporaries), which works on this CPU
@@ -226,6 +234,12 @@ def estimate(plan: StepPlan) -> MemoryEstimate:
         chunk = min(cfg.mlp_chunk_tokens, math.ceil(plan.micro_batch * t.seq_len / token_split))
         width = math.ceil(cfg.intermediate_size / ms["tensor"])
         working += chunk * (4 * width + 2 * cfg.hidden_size) * jnp.dtype(cfg.dtype).itemsize
+    if ms.get("context", 1) > 1:
+        # context parallelism: one layer's keys / values gathered over the whole sequence (compute
+        # dtype) and, in its backward pass, their float32 gradients before the reduce-scatter
+        rows = math.ceil(plan.micro_batch / batch_split)
+        kv = math.ceil(cfg.num_kv_heads / ms["tensor"]) * cfg.head_dim
+        working += rows * t.seq_len * kv * 2 * (jnp.dtype(cfg.dtype).itemsize + 4)
     tokens = math.ceil(plan.micro_batch * t.seq_len / token_split)
     vocab = math.ceil(cfg.vocab_size / ms["tensor"])
     # d(logits) in float32 (the softmax itself is a residual); a chunked loss holds one chunk's

@@ -127,3 +127,12 @@ def test_long_context_compiled_memory_grows_linearly_as_the_estimate_does():
     (e1, x1), (e2, x2) = peaks[4096], peaks[8192]
     assert 1.5 < x2 / x1 < 2.0 and 1.5 < e2 / e1 < 2.0, peaks  # measured 1.86 and 1.69
     assert 0.5 < e1 / x1 < 1.05 and 0.5 < e2 / x2 < 1.05 and abs(e1 / x1 - e2 / x2) < 0.1, peaks
+
+
+def test_context_axis_splits_activations_and_adds_one_layers_gathered_keys_and_values():
+    one = estimate(plan_step(_job(batch_size=2, seq_len=512)))
+    four = estimate(plan_step(from_dict(TrainJobConfig, {"model": {"config": SMALL}, "train": {"batch_size": 2, "seq_len": 512},
+                                                         "mesh": {"data": 1, "context": 4}}), devices=4))
+    assert four.activations == pytest.approx(one.activations / 4, rel=0.01)
+    kv = SMALL["num_kv_heads"] * SMALL["head_dim"]
+    assert one.recompute == 0 and four.recompute == 2 * 512 * kv * 2 * (4 + 4)  # float32 K/V and their gradients
