@@ -82,3 +82,13 @@ def test_offload_is_refused_where_the_device_has_no_host_memory(monkeypatch):
     monkeypatch.setattr(layers, "check_host_offload", refuse)
     with pytest.raises(ValueError, match="no host memory"):
         Model(CFG.replace(remat="offload")).apply(Model(CFG).init(jax.random.key(0)), TOKENS)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_offload_lowers_for_accelerators_with_one_host_placement_per_block(params, platform):
+    """Lowered from this CPU for a GPU / TPU, every block's input is annotated for pinned host memory
+    (XLA's host-offload passes then schedule the copies, overlapped with compute)."""
+    cfg = CFG.replace(remat="offload", attention_impl="blockwise")
+    grad = jax.jit(jax.grad(lambda p: _loss(p, cfg)))
+    text = grad.trace(params).lower(lowering_platforms=(platform,)).as_text()
+    assert text.count('"pinned_host"') == CFG.num_layers, text.count("pinned_host")
