@@ -1,3 +1,4 @@
+import json
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -52,6 +53,15 @@ def shared_directory(tmp_path_factory, name: str, build):
             done.touch()
     return directory
 
+
+# tiny-llama with two blocks (of its four) at half its width: its byte vocabulary, bos / eos / pad ids and GQA,
+# and still more than one block. For tests of the loop, data, checkpoints, signals, processes or restoring
+# rather than of the model: it compiles in about half the time. A ModelConfig (jaxtune.config.from_dict), a
+# job's model.config, or as `jaxtune` command-line overrides (TWO_BLOCKS_ARGS).
+TWO_BLOCKS = {"vocab_size": 259, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
+             "intermediate_size": 128, "max_position_embeddings": 1024, "bos_token_id": 257, "eos_token_id": [258],
+             "pad_token_id": 256}
+TWO_BLOCKS_ARGS = ["model.preset=null", f"model.config={json.dumps(TWO_BLOCKS)}"]
 
 FINE_TUNE_COMMON = {"tokenizer": {"kind": "byte"},
                     "optim": {"lr": 3e-3, "warmup_steps": 5, "schedule": "constant"},

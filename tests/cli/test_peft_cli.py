@@ -12,7 +12,7 @@ from jaxtune.job import TrainJobConfig, load_model, run_training
 from jaxtune.job.schema import ModelSource
 from jaxtune.models import Model
 from jaxtune.peft.core import base_model
-from tests.conftest import shared_directory
+from tests.conftest import TWO_BLOCKS, shared_directory
 from tests.reference import require
 
 torch = require("torch")
@@ -33,7 +33,7 @@ def lora_run(tmp_path_factory):
 
     def build(directory):
         run_training(from_dict(TrainJobConfig, {
-            "model": {"preset": "tiny-llama"}, "data": {"kind": "synthetic"},
+            "model": {"config": TWO_BLOCKS}, "data": {"kind": "synthetic"},  # a two-block tiny-llama
             "peft": {"lora": {"rank": 4, "alpha": 8, "targets": ["all-linear"]}},
             "train": {"steps": 4, "batch_size": 4, "seq_len": 32, "eval_batches": 0},
             "optim": {"lr": 5e-2, "warmup_steps": 1, "schedule": "constant"},

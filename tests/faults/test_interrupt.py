@@ -15,8 +15,8 @@ import pytest
 
 from jaxtune.checkpoint.manager import CheckpointConfig, TrainCheckpointer
 from jaxtune.cli.main import main
-from jaxtune.models import Model
-from jaxtune.models.presets import preset
+from jaxtune.config import from_dict
+from jaxtune.models import Model, ModelConfig
 from jaxtune.parallel import MeshConfig, make_mesh
 from jaxtune.data.streams import SyntheticStream
 from jaxtune.train import metrics
@@ -26,11 +26,13 @@ from jaxtune.train.stopping import INTERRUPTED_EXIT_CODE
 from jaxtune.train.losses import causal_lm_loss
 from jaxtune.train.metrics import MetricsLogger
 from jaxtune.train.optim import OptimConfig, build_optimizer
+from tests.conftest import TWO_BLOCKS, TWO_BLOCKS_ARGS
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-TINY = ["train.batch_size=2", "train.seq_len=16", "train.log_every=1", "train.eval_every=0", "train.eval_batches=0",
-        "checkpoint.every_steps=1000000", "logging.progress=false"]
+# A two-block tiny-llama (tests/conftest.py): what is interrupted is the loop, not the model.
+TINY = [*TWO_BLOCKS_ARGS, "train.batch_size=2", "train.seq_len=16", "train.log_every=1", "train.eval_every=0",
+        "train.eval_batches=0", "checkpoint.every_steps=1000000", "logging.progress=false"]
 
 
 def _train_lines(log: Path) -> list[dict]:
@@ -78,7 +80,7 @@ def test_ctrl_c_saves_exits_130_and_the_same_command_resumes(tmp_path, capsys):
 
 
 def _tiny_run(steps: int = 1000, **kw):
-    cfg = preset("tiny-llama")
+    cfg = from_dict(ModelConfig, TWO_BLOCKS)
     model = Model(cfg)
     tc = TrainConfig(steps=steps, batch_size=2, seq_len=16, log_every=1)
     opt, sched = build_optimizer(OptimConfig(lr=1e-3), tc.steps)

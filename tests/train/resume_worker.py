@@ -15,11 +15,12 @@ from jaxtune.checkpoint.manager import TrainCheckpointer  # noqa: E402
 from jaxtune.config import from_dict
 from jaxtune.job import TrainJobConfig  # noqa: E402
 from jaxtune.job import run_training  # noqa: E402
+from tests.conftest import TWO_BLOCKS  # noqa: E402
 
 
 def job(checkpoint_dir=None, steps=20) -> TrainJobConfig:
     return from_dict(TrainJobConfig, {
-        "model": {"preset": "tiny-llama"},
+        "model": {"config": TWO_BLOCKS},  # a two-block tiny-llama: what is compared is the loop's resuming
         "data": {"kind": "synthetic", "pad_fraction": 0.3},
         "train": {"steps": steps, "batch_size": 4, "seq_len": 32, "grad_accum": 2, "log_every": 1},
         "optim": {"lr": 3e-3, "warmup_steps": 3, "weight_decay": 0.1},

@@ -19,7 +19,7 @@ from jaxtune.cli.main import main
 from jaxtune.config import from_dict, to_dict
 from jaxtune.data.streams import SyntheticStream
 from jaxtune.job import TrainJobConfig, run_training
-from jaxtune.models import Model
+from jaxtune.models import Model, ModelConfig
 from jaxtune.models.presets import preset
 from jaxtune.parallel import MeshConfig, make_mesh
 from jaxtune.train.config import TrainConfig
@@ -27,6 +27,7 @@ from jaxtune.train.loop import NonFiniteLossError, train
 from jaxtune.train.stopping import PREEMPTED_EXIT_CODE
 from jaxtune.train.losses import causal_lm_loss
 from jaxtune.train.optim import OptimConfig, build_optimizer
+from tests.conftest import TWO_BLOCKS, TWO_BLOCKS_ARGS
 from tests.train.resume_worker import job
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,9 +95,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     ckpt = tmp_path / "run"
-    args = ["train", "train.steps=100000", "train.batch_size=4", "train.seq_len=32", "train.log_every=1",
-            f"checkpoint.directory={ckpt}", "checkpoint.every_steps=1000000", "logging.progress=false",
-            "logging.tensorboard=false"]
+    args = ["train", "train.steps=100000", *TWO_BLOCKS_ARGS, "train.batch_size=4", "train.seq_len=32",
+            "train.log_every=1", f"checkpoint.directory={ckpt}", "checkpoint.every_steps=1000000",
+            "logging.progress=false", "logging.tensorboard=false"]
     proc = subprocess.Popen([sys.executable, "-m", "jaxtune.cli.main", *args], env=ENV, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = ckpt / "metrics.jsonl"
@@ -138,7 +139,7 @@ class PoisonedStream(SyntheticStream):
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
-    cfg = preset("tiny-llama")
+    cfg = from_dict(ModelConfig, TWO_BLOCKS)  # a two-block tiny-llama (tests/conftest.py)
     model = Model(cfg)
     loss_fn = poisonable_loss(model)
 
@@ -191,7 +192,7 @@ def test_bad_train_config_names_the_key(capsys):
 
 
 def test_lr_schedule_does_not_advance_on_skipped_steps():
-    cfg = preset("tiny-llama")
+    cfg = from_dict(ModelConfig, TWO_BLOCKS)  # a two-block tiny-llama (tests/conftest.py)
     model = Model(cfg)
     loss_fn = poisonable_loss(model)
 
@@ -215,7 +216,7 @@ def test_rank_one_batch_fields_and_keep_best_through_the_loop(tmp_path):
     keep-best keeps the step with the best evaluation."""
     from jaxtune.checkpoint.manager import CheckpointConfig, TrainCheckpointer
 
-    cfg = preset("tiny-llama")
+    cfg = from_dict(ModelConfig, TWO_BLOCKS)  # a two-block tiny-llama (tests/conftest.py)
     model = Model(cfg)
     base = causal_lm_loss(model)
 

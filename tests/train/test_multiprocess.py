@@ -13,10 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.conftest import TWO_BLOCKS_ARGS
+
 ROOT = Path(__file__).resolve().parents[2]
-ARGS = ["train", "train.batch_size=8", "train.seq_len=32", "train.log_every=1", "optim.warmup_steps=1",
-        "optim.schedule=constant", "mesh.data=-1", "logging.progress=false", "logging.tensorboard=false",
-        "checkpoint.every_steps=2", "data.kind=documents", "data.shards=2", "data.eval_fraction=0.1"]
+# A two-block tiny-llama (tests/conftest.py): what is compared is how the processes split the data and
+# run the collectives, not the model, and the five processes compile their programs faster.
+ARGS = ["train", *TWO_BLOCKS_ARGS, "train.batch_size=8", "train.seq_len=32", "train.log_every=1",
+        "optim.warmup_steps=1", "optim.schedule=constant", "mesh.data=-1", "logging.progress=false",
+        "logging.tensorboard=false", "checkpoint.every_steps=2", "data.kind=documents", "data.shards=2",
+        "data.eval_fraction=0.1"]
 
 
 def _corpus(path: Path) -> str:
@@ -28,7 +33,10 @@ def _corpus(path: Path) -> str:
 
 
 def _env(devices: int, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    # The session's persistent compilation cache (tests/conftest.py) is kept: the resumed pair
+    # reads the programs the first pair compiled instead of compiling them again.
+    cache = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_")) or k in cache}
     # A long collective timeout: on a busy 2-core machine one process can fall 30 s behind the other.
     env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_cpu_collective_timeout_seconds=600")

@@ -18,11 +18,10 @@ from jaxtune.data.sft import ExampleStream, load_examples
 from jaxtune.data.sources import SourceConfig, build_source
 from jaxtune.data.tokenizer import ByteTokenizer
 from jaxtune.job import TrainJobConfig
-from jaxtune.models import Model
-from jaxtune.models.presets import preset
+from jaxtune.models import Model, ModelConfig
 from jaxtune.train.losses import causal_lm_loss
 from jaxtune.train.step import TrainState, make_train_step
-from tests.conftest import FINE_TUNE_COMMON
+from tests.conftest import FINE_TUNE_COMMON, TWO_BLOCKS
 
 BYTE = ByteTokenizer()
 
@@ -43,7 +42,7 @@ def _token_nll(model, params, batch):
 
 
 def test_packed_batch_gives_each_example_its_unpacked_loss(tmp_path):
-    model = Model(preset("tiny-llama"))
+    model = Model(from_dict(ModelConfig, TWO_BLOCKS))
     params = jax.jit(model.init)(jax.random.key(0))
     examples = _examples(tmp_path)
     packed = next(ExampleStream(examples, 3, 32, shuffle=False, epochs=1))
@@ -57,7 +56,7 @@ def test_packed_batch_gives_each_example_its_unpacked_loss(tmp_path):
 
 
 def test_accumulated_uneven_sft_micro_batches_equal_the_full_batch(tmp_path):
-    model = Model(preset("tiny-llama"))
+    model = Model(from_dict(ModelConfig, TWO_BLOCKS))
     params = jax.jit(model.init)(jax.random.key(1))
     batch = next(ExampleStream(_examples(tmp_path, n=24, seed=3), 4, 32, shuffle=False))
     tokens_per_micro = batch["loss_mask"].reshape(2, 2, -1).swapaxes(0, 1).sum((1, 2))
@@ -75,7 +74,8 @@ def test_accumulated_uneven_sft_micro_batches_equal_the_full_batch(tmp_path):
 
 
 def _sft_job(directory, **extra):
-    job = {**FINE_TUNE_COMMON, "model": {"preset": "tiny-llama"},
+    # a two-block tiny-llama (tests/conftest.py): how a LoRA / QLoRA run restores does not depend on the size
+    job = {**FINE_TUNE_COMMON, "model": {"config": TWO_BLOCKS},
            "data": {"kind": "sft", "sources": [{"path": "builtin:gsm8k_train_slice.jsonl"}], "eval_fraction": 0.1,
                     "sft": {"columns": {"prompt": "question", "completion": "answer"},
                             "prompt_format": "Question: {prompt}\nAnswer: "}},
@@ -92,16 +92,21 @@ def test_peft_sft_checkpoint_evaluates_to_its_training_metrics(tmp_path, method)
 
     extra = {"peft": {"lora": {"rank": 4, "targets": "all-linear"}}}
     if method == "qlora":
-        extra["model"] = {"preset": "tiny-llama", "quant": {"kind": "nf4", "blocksize": 32}}
+        extra["model"] = {"quant": {"kind": "nf4", "blocksize": 32}}
     job = _sft_job(tmp_path / "run", **extra)
     result = run_training(job)
     assert result.trainable_params < result.total_params / 10
     trained_eval = result.evals[-1]
-    evaluated = run_eval_job(_sft_job(tmp_path / "run", model={"preset": None, "checkpoint": str(tmp_path / "run")}))
+    restore = {"model": {"config": None, "checkpoint": str(tmp_path / "run")}}
+    if method == "lora":  # the same evaluation gives the one-device greedy generations the 8-device ones must match
+        restore["eval"] = {"tasks": [{"kind": "loss"}, {"kind": "generate", "name": "gsm8k", "limit": 4,
+                                      "batch_size": 4, "max_new_tokens": 8}]}
+    eval_job = _sft_job(tmp_path / "run", **restore)
+    evaluated = run_eval_job(eval_job)
     assert evaluated["loss"]["loss"] == pytest.approx(trained_eval["loss"], rel=1e-5)
     assert evaluated["loss"]["tokens"] == trained_eval["tokens"]
     if method == "lora":
-        _same_on_eight_devices(tmp_path, job, evaluated)
+        _same_on_eight_devices(tmp_path, eval_job, evaluated)
     else:  # the recipe's own model.quant restores the run as trained; another quantization is refused
         from jaxtune.job import ModelSource, load_model
         from jaxtune.quant.weight import QuantConfig
@@ -115,8 +120,9 @@ def test_peft_sft_checkpoint_evaluates_to_its_training_metrics(tmp_path, method)
 
 
 def _same_on_eight_devices(tmp_path, job, single):
-    """`jaxtune eval` of the run on a (2, 2, 2) mesh of 8 CPU devices (a subprocess) reports the
-    single-device figures: loss, and the same greedy generations."""
+    """`jaxtune eval` of the eval ``job`` (the run, its loss and greedy generations) on a (2, 2, 2) mesh of
+    8 CPU devices (a subprocess) reports ``single``, the same job's figures on one device: loss, and the
+    same greedy generations."""
     import os
     from pathlib import Path
     import subprocess
@@ -127,10 +133,7 @@ def _same_on_eight_devices(tmp_path, job, single):
     from jaxtune.config.loader import to_dict
 
     spec = to_dict(job)
-    spec["model"] = {"checkpoint": str(tmp_path / "run")}
-    spec["mesh"] = {"data": 2, "fsdp": 2, "tensor": 2}
-    spec["eval"] = {"tasks": [{"kind": "loss"}, {"kind": "generate", "name": "gsm8k", "limit": 4, "batch_size": 4,
-                               "max_new_tokens": 8}]}
+    spec["mesh"] = {"data": 2, "fsdp": 2, "tensor": 2}  # the one difference from ``job``
     config = tmp_path / "eval8.yaml"
     config.write_text(yaml.safe_dump(spec))
     root = Path(__file__).resolve().parents[2]
@@ -141,9 +144,6 @@ def _same_on_eight_devices(tmp_path, job, single):
     assert proc.returncode == 0, proc.stderr[-3000:]
     sharded = json.loads(proc.stdout.strip().splitlines()[-1])
     assert sharded["loss"]["loss"] == pytest.approx(single["loss"]["loss"], rel=1e-5)
-    from jaxtune.job import run_eval_job
-
-    spec["mesh"] = {}
-    one = run_eval_job(from_dict(TrainJobConfig, spec))
-    assert [s["prediction"] for s in sharded["gsm8k"]["samples"]] == [s["prediction"] for s in one["gsm8k"]["samples"]]
-
+    assert len(single["gsm8k"]["samples"]) == 4
+    predictions = [[s["prediction"] for s in run["gsm8k"]["samples"]] for run in (sharded, single)]
+    assert predictions[0] == predictions[1]
