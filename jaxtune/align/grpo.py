@@ -4,7 +4,9 @@ and an optional KL penalty to the reference, as a rollout stream plus a loss for
 Rollout (`GroupRolloutStream`, the loop hands it the current policy through ``set_policy`` before
 each step): ``batch_size / group_size`` prompts per step, ``group_size`` sampled completions each
 (the jitted KV-cache sampler), a verifiable reward per completion (`jaxtune.align.rewards`),
-advantages ``(r - mean_group) / (std_group + 1e-4)`` (``scale_rewards=none``: Dr. GRPO, no std),
+advantages ``(r - mean_group) / (std_group + 1e-4)`` with the group's sample standard deviation
+(Bessel's correction, as TRL; ``reward_std=population`` divides by n instead; ``scale_rewards=none``:
+Dr. GRPO, no std),
 and the policy's per-token log-probs at sampling time (``old_logps``). Each rollout batch is used
 for ``iterations`` optimizer steps (the ratio leaves 1 after the first, so the clip matters).
 
@@ -56,6 +58,7 @@ class GRPOConfig:
     kl_coef: float = 0.0  # β
     kl_estimator: Literal["k3", "k1"] = "k3"
     scale_rewards: Literal["group", "none"] = "group"
+    reward_std: Literal["sample", "population"] = "sample"  # the group's std: n - 1 (TRL) or n in the denominator
     length_norm: Literal["sequence", "token", "constant"] = "sequence"
     iterations: int = 1  # optimizer steps per rollout batch
 
@@ -66,11 +69,15 @@ class GRPOConfig:
             raise ValueError("objective.grpo: iterations, max_new_tokens >= 1, clip_eps > 0, kl_coef >= 0")
 
 
-def group_advantages(rewards: np.ndarray, group_size: int, scale: str = "group") -> np.ndarray:
+def group_advantages(rewards: np.ndarray, group_size: int, scale: str = "group", std: str = "sample") -> np.ndarray:
+    """``(r - mean) / (std + 1e-4)`` per group of ``group_size`` (``scale=none``: ``r - mean``); ``std``:
+    sample (n - 1 in the denominator, TRL's) or population (n)."""
+    if std not in ("sample", "population"):
+        raise ValueError(f"objective.grpo.reward_std must be sample or population, got {std!r}")
     r = np.asarray(rewards, np.float64).reshape(-1, group_size)
     centred = r - r.mean(1, keepdims=True)
     if scale == "group":
-        centred = centred / (r.std(1, keepdims=True) + 1e-4)
+        centred = centred / (r.std(1, ddof=1 if std == "sample" else 0, keepdims=True) + 1e-4)
     return centred.reshape(-1).astype(np.float32)
 
 
@@ -156,7 +163,7 @@ class GroupRolloutStream(PolicyStream):
             rewards[row] = float(self.reward_fn(self.tokenizer.decode([t for t in completion if t not in stops]),
                                                 item.reference, item.record))
             write_completion(rows, row, item.ids, completion)
-        batch = {**rows, "rewards": rewards, "advantages": group_advantages(rewards, g, cfg.scale_rewards)}
+        batch = {**rows, "rewards": rewards, "advantages": group_advantages(rewards, g, cfg.scale_rewards, cfg.reward_std)}
         batch["old_logps"] = np.asarray(jitted_token_logps(self.model, self.policy, rows))
         if self.reference_params is not None and cfg.kl_coef:
             batch["ref_logps"] = np.asarray(jitted_token_logps(self.model, self.reference_params, rows))

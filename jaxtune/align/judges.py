@@ -14,6 +14,7 @@ from itertools import combinations
 import jax
 import numpy as np
 
+from jaxtune.data.segments import encode_completions
 from jaxtune.models.heads import SCORE, classification_logits
 from jaxtune.models.scoring import continuation_rows, sequence_logprobs
 
@@ -36,7 +37,8 @@ def reward_judge(model, params, tokenizer, batch_size: int):
     pad = int(model.cfg.pad_token_id or 0)
 
     def score(prompts: list[str], completions: list[str]) -> np.ndarray:
-        ids = [list(tokenizer.encode(p)) + list(tokenizer.encode(c)) for p, c in zip(prompts, completions)]
+        # tokenized as the reward model's training pairs were (jaxtune.data.segments)
+        ids = [p + c for p, (c,) in encode_completions(tokenizer, [(p, [c]) for p, c in zip(prompts, completions)])]
         out = []
         for start in range(0, len(ids), batch_size):
             chunk = ids[start: start + batch_size]

@@ -106,7 +106,8 @@ def reward_loss(model, cfg: PreferenceObjectiveConfig):
 
     def loss_fn(params, batch, rng):
         rc, rr = reward_scores(model, params, batch, rng)
-        losses = bradley_terry(rc, rr, margin=cfg.reward_margin, centering=cfg.reward_centering)
+        margin = batch["margin"] if "margin" in batch else cfg.reward_margin  # per pair from the data (TRL's column)
+        losses = bradley_terry(rc, rr, margin=margin, centering=cfg.reward_centering)
         w = batch["pair_mask"].astype(jnp.float32)
         return jnp.sum(w * losses), jnp.sum(w), {"accuracy": jnp.sum(w * (rc > rr)), "margin": jnp.sum(w * (rc - rr))}
 

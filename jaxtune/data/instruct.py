@@ -14,14 +14,19 @@ whether its tokens are targets. With ``loss="completion"`` only the completion, 
 chat, every assistant turn, is trained; ``loss="all"`` trains every token. Segments are
 tokenized one by one, so the prompt's tokens are exactly what a generation prompt gives.
 
-Assistant spans under a tokenizer's template are found by rendering prefixes of the chat:
-turn ``i`` is the text between ``render(messages[:i], add_generation_prompt=True)`` and
-``render(messages[:i + 1])``. A template whose renderings are not prefixes of each other
-(one that rewrites earlier turns) cannot be split that way and is reported for the row.
+Assistant spans under a tokenizer's template: when the template marks them with
+``{% generation %}`` blocks (TRL's training templates do), the marked text is what is trained,
+exactly as transformers' ``apply_chat_template(..., return_assistant_tokens_mask=True)`` masks
+it. Otherwise they are found by rendering prefixes of the chat: turn ``i`` is the text between
+``render(messages[:i], add_generation_prompt=True)`` and ``render(messages[:i + 1])``. A
+template whose renderings are not prefixes of each other (one that rewrites earlier turns)
+cannot be split that way and is reported for the row. `mask_rule` names the rule a job used.
+The segments of an example are tokenized together (`jaxtune.data.segments`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Optional, Sequence, Union
 
@@ -33,6 +38,7 @@ ALPACA_PROMPT = (
 )
 ALPACA_CONTEXT = ", paired with an input that provides further context"
 FORMATS = ("prompt_completion", "alpaca", "messages")
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")  # transformers' test for {% generation %}
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,34 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(inner, "chat_template", None))
 
 
+def marks_generation(tokenizer) -> bool:
+    """Whether the tokenizer's chat template marks assistant text with ``{% generation %}`` blocks that
+    can be used (transformers finds them through token offsets: a fast tokenizer)."""
+    if not getattr(tokenizer, "has_offsets", False):
+        return False
+    template = getattr(getattr(tokenizer, "tokenizer", None), "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    return isinstance(template, str) and bool(GENERATION_BLOCK.search(template))
+
+
+def mask_rule(templates: set[str], cfg: InstructConfig, tokenizer) -> str:
+    """One line naming how targets were chosen for examples rendered with ``templates``."""
+    if cfg.loss == "all":
+        return "every token is a target (data.sft.loss=all)"
+    parts = []
+    if "tokenizer" in templates:
+        parts.append("assistant turns marked by the chat template's {% generation %} blocks (as transformers' "
+                     "return_assistant_tokens_mask)" if marks_generation(tokenizer) else
+                     "assistant turns found by rendering prefixes of each chat (the template has no "
+                     "{% generation %} blocks): from the generation prompt to the end of the turn")
+    if "chatml" in templates:
+        parts.append("assistant turns of the built-in ChatML template (content, <|im_end|> and EOS)")
+    if "plain" in templates:
+        parts.append("completions (and EOS) after their prompts")
+    return "targets: " + "; ".join(parts)
+
+
 def render(record: dict, where: str, cfg: InstructConfig, tokenizer, *, eos: Optional[int]) -> list[Segment]:
     """The record as segments (``eos``: a token id ending every completion / built-in assistant turn)."""
     fmt = record_format(record, cfg, where)
@@ -215,6 +249,10 @@ def apply_template(tokenizer, messages: Sequence[dict], *, add_generation_prompt
 
 
 def tokenizer_template_segments(messages: Sequence[dict], tokenizer, train_prompt: bool, where: str) -> list[Segment]:
+    if train_prompt:
+        return [Segment(apply_template(tokenizer, messages, add_generation_prompt=False), True)]
+    if marks_generation(tokenizer):
+        return generation_block_segments(messages, tokenizer, where)
     out: list[Segment] = []
     done = ""  # text rendered so far
     for i, m in enumerate(messages):
@@ -234,6 +272,31 @@ def tokenizer_template_segments(messages: Sequence[dict], tokenizer, train_promp
     if full[len(done):]:
         out.append(Segment(full[len(done):], train_prompt))
     return [s for s in out if s.text != ""]
+
+
+def generation_block_segments(messages: Sequence[dict], tokenizer, where: str) -> list[Segment]:
+    """The rendered chat split into the text of its tokens that transformers'
+    ``return_assistant_tokens_mask`` marks (trained) and the rest."""
+    hf = tokenizer.tokenizer
+    text = apply_template(tokenizer, messages, add_generation_prompt=False)
+    marked = hf.apply_chat_template(list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, spans = tokenizer.encode_with_offsets([text])[0]
+    if list(marked["input_ids"]) != ids:
+        raise BadRow(where, "template", "the chat template tokenized by transformers differs from its rendered text "
+                     "tokenized; use data.sft.template=chatml or data.sft.loss=all")
+    chars = [False] * len(text)
+    for (start, end), flag in zip(spans, marked["assistant_masks"]):
+        if flag:
+            chars[start:end] = [True] * (end - start)
+    if not any(chars):
+        raise BadRow(where, "empty", "the chat template's {% generation %} blocks mark no assistant text")
+    out: list[Segment] = []
+    start = 0
+    for i in range(1, len(text) + 1):
+        if i == len(text) or chars[i] != chars[start]:
+            out.append(Segment(text[start:i], chars[start]))
+            start = i
+    return out
 
 
 def generation_prompt(record: dict, where: str, cfg: InstructConfig, tokenizer, *,

@@ -11,10 +11,14 @@ Malformed pairs are counted and left out, with a warning naming the counts: ``id
 == rejected), ``empty`` (a completion with no text), ``no_shared_prefix`` (dialogues that do not
 share a turn ending in the assistant tag). Rows without the fields follow ``data.on_bad_row``.
 Pairs longer than ``seq_len + 1`` tokens have their completions truncated (``on_long``), counted.
+Each ``prompt + completion`` is tokenized once and the completion starts where its ids leave the
+prompt's (TRL's DPO rule, `jaxtune.data.segments.encode_completions`), so a Metaspace tokenizer
+does not prepend ``▁`` to a completion and a BPE merge across the boundary is kept.
 
 A batch holds, for B pairs, ``chosen_*`` and ``rejected_*`` rows in the LM layout (tokens,
 targets, loss_mask over the completion, segment_ids, positions; one pair per row, right-padded)
-and ``pair_mask`` [B] (0 for the empty rows that fill the last batch of a finite pass).
+and ``pair_mask`` [B] (0 for the empty rows that fill the last batch of a finite pass), plus
+``margin`` [B] when the pairs carry reward margins (TRL's ``margin`` column, ``data.preference.margin``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Literal, NamedTuple, Optional, Sequence
 import numpy as np
 
 from jaxtune.data.packing import empty_rows, write_piece
+from jaxtune.data.segments import encode_completions
 from jaxtune.data.sft import ExampleSet, OnePerRowStream, finish_loading, read_records, skip_or_raise
 from jaxtune.data.sources import BadRow, DocumentSource, checked_text
 
@@ -43,12 +48,14 @@ class PreferenceConfig:
     prompt_format: str = "{prompt}"  # pairs: how the prompt is written
     assistant_tag: str = "\n\nAssistant:"  # dialogue: the prompt ends after the last shared one
     on_long: Literal["truncate", "drop", "error"] = "truncate"
+    margin: Optional[str] = "margin"  # field of a per-pair reward margin (TRL's column; all rows or none); null: never read
 
 
 class Pair(NamedTuple):
     prompt: str
     chosen: str
     rejected: str
+    margin: Optional[float] = None  # the row's reward margin, when it has one
 
 
 class TokenPair(NamedTuple):
@@ -56,6 +63,7 @@ class TokenPair(NamedTuple):
     chosen: np.ndarray  # completion ids (EOS included when added)
     rejected: np.ndarray
     where: str
+    margin: Optional[float] = None
 
 
 def split_dialogues(chosen: str, rejected: str, tag: str) -> Optional[Pair]:
@@ -96,7 +104,26 @@ def pair_of(record: dict, where: str, cfg: PreferenceConfig) -> Pair:
             raise Malformed(where, "no_shared_prefix", f"chosen and rejected share no turn ending in {cfg.assistant_tag!r}")
     if not pair.chosen.strip() or not pair.rejected.strip():
         raise Malformed(where, "empty", "a completion is empty after the shared prompt")
-    return pair
+    return pair._replace(margin=margin_of(record, where, cfg.margin))
+
+
+def margin_of(record: dict, where: str, name: Optional[str]) -> Optional[float]:
+    """The row's reward margin (a finite number in field ``name``), None when it has no such field."""
+    if name is None or record.get(name) is None:
+        return None
+    value = record[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise BadRow(where, "not_a_number", f"field {name!r} (the pair's reward margin) must be a finite number, "
+                     f"got {value!r}")
+    return float(value)
+
+
+def check_margins(pairs: Sequence[tuple[Pair, str]], name: Optional[str]) -> None:
+    """Margins come with every pair or with none (one row without a margin would train with 0)."""
+    missing = [where for pair, where in pairs if pair.margin is None]
+    if missing and len(missing) < len(pairs):
+        raise ValueError(f"{missing[0]}: no field {name!r} (the reward margin) while other rows have one; give every "
+                         f"pair a margin ({len(missing)} of {len(pairs)} lack one) or set data.preference.margin=null")
 
 
 class Malformed(BadRow):
@@ -119,11 +146,14 @@ def load_pairs(sources: Sequence[DocumentSource], cfg: PreferenceConfig, tokeniz
             skip_or_raise(bad, on_bad_row, counts)
     eos = getattr(tokenizer, "eos_token_id", None) if add_eos is not False else None
     bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
-    flat = [t for p, _ in pairs for t in p]
-    encoded = iter(tokenizer.encode_batch(flat) if flat else [])
-    for pair, where in pairs:
-        prompt = np.asarray(bos + list(next(encoded)), np.int32)
-        sides = [np.asarray(list(next(encoded)) + ([eos] if eos is not None else []), np.int32) for _ in SIDES]
+    check_margins(pairs, cfg.margin)
+    encoded = encode_completions(tokenizer, [(p.prompt, (p.chosen, p.rejected)) for p, _ in pairs])
+    for (pair, where), (prompt_ids, completions) in zip(pairs, encoded):
+        prompt = np.asarray(bos + prompt_ids, np.int32)
+        sides = [np.asarray(ids + ([eos] if eos is not None else []), np.int32) for ids in completions]
+        if not all(len(ids) for ids in completions):
+            counts["empty"] += 1  # a completion whose text merged into the prompt's last token
+            continue
         if vocab_size is not None and max(int(a.max()) for a in (prompt, *sides) if len(a)) >= vocab_size:
             raise ValueError(f"{where}: a token id >= the model's vocab_size {vocab_size}")
         room = seq_len + 1 - len(prompt)
@@ -136,7 +166,7 @@ def load_pairs(sources: Sequence[DocumentSource], cfg: PreferenceConfig, tokeniz
                 continue
             counts["truncated"] += 1
             sides = [s[:room] for s in sides]
-        result.examples.append(TokenPair(prompt, sides[0], sides[1], where))
+        result.examples.append(TokenPair(prompt, sides[0], sides[1], where, pair.margin))
     return finish_loading(result, name, split, "preference pairs")
 
 
@@ -159,10 +189,14 @@ class PairStream(OnePerRowStream):
         pair_mask = np.zeros((self.batch_size,), np.float32)
         reference = self.reference
         ref = np.zeros((self.batch_size, 2), np.float32)
+        margins = self.examples[0].margin is not None  # all pairs or none (check_margins)
+        margin = np.zeros((self.batch_size,), np.float32)
         for row, index in enumerate(indices):
             pair = self.examples[index]
             if reference is not None:
                 ref[row] = reference[index]
+            if margins:
+                margin[row] = pair.margin
             for side, completion in zip(SIDES, (pair.chosen, pair.rejected)):
                 tokens = np.concatenate([pair.prompt, completion])
                 trained = np.arange(len(tokens)) >= len(pair.prompt)
@@ -170,6 +204,8 @@ class PairStream(OnePerRowStream):
             pair_mask[row] = 1.0
         batch = {f"{side}_{k}": v for side in SIDES for k, v in sides[side].items()}
         batch["pair_mask"] = pair_mask
+        if margins:
+            batch["margin"] = margin
         if reference is not None:
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
         return batch

@@ -23,9 +23,10 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from jaxtune.data.instruct import InstructConfig, Segment, render
+from jaxtune.data.instruct import InstructConfig, Segment, mask_rule, record_format, render, template_of
 from jaxtune.data.packing import empty_rows, write_piece
 from jaxtune.data.pipeline import held_out
+from jaxtune.data.segments import encode_segments
 from jaxtune.data.sources import BadRow, DocumentSource
 
 log = logging.getLogger(__name__)
@@ -75,22 +76,6 @@ def skip_or_raise(bad: BadRow, on_bad_row: str, counts: Counter) -> None:
     counts[bad.kind] += 1
 
 
-def encode_segments(rendered: list[list[Segment]], tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Segments of many examples -> (tokens, trained) per example; texts tokenized in one batch."""
-    texts = [s.text for segments in rendered for s in segments if isinstance(s.text, str)]
-    encoded = iter(tokenizer.encode_batch(texts) if texts else [])
-    out = []
-    for segments in rendered:
-        ids: list[int] = []
-        trained: list[bool] = []
-        for s in segments:
-            piece = [s.text] if isinstance(s.text, int) else list(next(encoded))
-            ids += piece
-            trained += [s.trained] * len(piece)
-        out.append((np.asarray(ids, np.int32), np.asarray(trained, bool)))
-    return out
-
-
 def fit_length(tokens: np.ndarray, trained: np.ndarray, where: str, seq_len: int, on_long: str, counts: Counter):
     """The example cut to ``seq_len + 1`` tokens by ``on_long`` (None: dropped, counted)."""
     if len(tokens) <= seq_len + 1:
@@ -119,11 +104,13 @@ def load_examples(sources: Sequence[DocumentSource], cfg: InstructConfig, tokeni
     bos = getattr(tokenizer, "bos_token_id", None) if add_bos else None
     if add_bos and bos is None:
         raise ValueError("data.add_bos: the tokenizer has no BOS token")
+    templates: set[str] = set()
     for start in range(0, len(records), block):
         chunk = records[start: start + block]
         rendered, kept = [], []
         for record, where in chunk:
             try:
+                templates.add(template_of(cfg, record_format(record, cfg, where), tokenizer))
                 segments = render(record, where, cfg, tokenizer, eos=eos)
             except BadRow as bad:
                 skip_or_raise(bad, on_bad_row, result.counts)
@@ -155,6 +142,8 @@ def load_examples(sources: Sequence[DocumentSource], cfg: InstructConfig, tokeni
                 result.counts["no_target"] += 1
                 continue
             result.examples.append(Example(tokens, trained, where))
+    if templates:
+        log.info("%s (%s split): %s", name, split, mask_rule(templates, cfg, tokenizer))
     return finish_loading(result, name, split)
 
 

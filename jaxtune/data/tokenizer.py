@@ -93,6 +93,7 @@ class HFTokenizer:
         self.bos_token_id = tokenizer.bos_token_id
         self.eos_token_id = tokenizer.eos_token_id
         self.mask_token_id = tokenizer.mask_token_id
+        self._special_text: dict[int, Optional[str]] = {}
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -104,6 +105,26 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def has_offsets(self) -> bool:
+        """Whether tokens come with the character spans they cover (Rust-backed "fast" tokenizers)."""
+        return bool(getattr(self.tokenizer, "is_fast", False))
+
+    def encode_with_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """(ids, character span of each id) per text; needs `has_offsets`."""
+        out = self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return [(list(ids), [tuple(span) for span in spans]) for ids, spans in zip(out["input_ids"], out["offset_mapping"])]
+
+    def special_text(self, token_id: int) -> Optional[str]:
+        """The text of an added (special) token that tokenizes back to exactly ``[token_id]`` inside
+        any text, e.g. ``"</s>"``; None for an ordinary token or one that does not round-trip."""
+        if token_id not in self._special_text:
+            text = self.tokenizer.convert_ids_to_tokens(int(token_id))
+            added = text in self.tokenizer.get_added_vocab() if isinstance(text, str) else False
+            ok = added and self.tokenizer.encode(text, add_special_tokens=False) == [int(token_id)]
+            self._special_text[token_id] = text if ok else None
+        return self._special_text[token_id]
 
     def save(self, directory: str | Path) -> None:
         self.tokenizer.save_pretrained(str(directory))

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from jaxtune.data.instruct import InstructConfig, generation_prompt
+from jaxtune.data.segments import encode_completions
 from jaxtune.data.sources import BadRow
 from jaxtune.eval.config import EvalTaskConfig
 from jaxtune.generate import generate, left_pad
@@ -107,9 +108,11 @@ def multiple_choice(task: EvalTaskConfig, model: Model, params, tokenizer, recor
         for r, w in draw_shots(pool, task.shots, task.seed, i, where):
             shot_context, shot_choices, shot_answer = choice_parts(r, w, task, sft)
             shots.append(shot_context + shot_choices[shot_answer])
-        context_ids = encode_prompt(tokenizer, "\n\n".join(shots + [context]), add_bos)
-        for c in choices:
-            pairs.append((context_ids, list(tokenizer.encode(c))))
+        # each context + choice tokenized once, as its training data was (jaxtune.data.segments)
+        ((context_ids, choice_ids),) = encode_completions(tokenizer, [("\n\n".join(shots + [context]), choices)])
+        bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+        for ids in choice_ids:
+            pairs.append((bos + context_ids, ids))
             owners.append(i)
         items.append((len(choices), answer, [len(c.encode("utf-8")) for c in choices]))
     scores = np.zeros(len(pairs))

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_group_advantages_and_rewards():
     r = np.array([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
     adv = group_advantages(r, 4)
-    np.testing.assert_allclose(adv[:4], (r[:4] - 0.5) / (0.5 + 1e-4), rtol=1e-6)
+    np.testing.assert_allclose(adv[:4], (r[:4] - 0.5) / (np.sqrt(1 / 3) + 1e-4), rtol=1e-6)  # sample std (TRL)
     np.testing.assert_allclose(adv[4:], 0.0)  # a group with one reward teaches nothing
     np.testing.assert_allclose(group_advantages(r, 4, "none")[:4], r[:4] - 0.5)  # Dr. GRPO
     assert exact_number("so it is 72.", "#### 72", {}) == 1.0 and exact_number("#### 7", "#### 72", {}) == 0.0

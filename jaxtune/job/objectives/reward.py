@@ -2,6 +2,7 @@
 
 Pairs (`jaxtune.data.preference`: chosen / rejected, or the HH dialogue layout) are scored by a
 one-output `SCORE` head at each side's last real token; the loss is ``-log σ(r_c - r_r - margin)``
+(the margin per pair from the data's ``margin`` field as TRL's, else ``objective.preference.reward_margin``)
 plus ``objective.preference.reward_centering · (r_c + r_r)²`` (`jaxtune.align.preference`).
 """
 
@@ -44,4 +45,12 @@ class Reward(Objective):
 
     def streams(self, ctx: Context, *, train: bool = True) -> Streams:
         check_data_kind(ctx.job, self.data_kinds)
-        return pair_streams(ctx, train=train)
+        scalar = ctx.job.objective.preference.reward_margin
+
+        def one_margin(examples):
+            if scalar and examples.examples and examples.examples[0].margin is not None:
+                raise ValueError(f"the pairs carry reward margins (field {ctx.job.data.preference.margin!r}) and "
+                                 f"objective.preference.reward_margin={scalar}: set one of them (the field, or "
+                                 "data.preference.margin=null)")
+
+        return pair_streams(ctx, train=train, prepare=one_margin)

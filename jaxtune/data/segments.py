@@ -1,0 +1,150 @@
+"""Rendered examples -> token ids and targets, each example's text tokenized once.
+
+An example is a list of `Segment`\\ s: a text or one special token id, and whether its tokens
+are targets. Tokenizing the segments one by one gives token sequences the model never sees
+at inference: a Metaspace tokenizer (Llama-2, Mistral) prepends ``▁`` at every call, so an
+assistant turn "It" after "assistant\\n" would become ``▁It``, and BPE merges cannot cross a
+call boundary. So `encode_segments` joins an example's text and tokenizes it once, as
+``apply_chat_template`` + the tokenizer and TRL's ``tokenizer(prompt + completion)`` do, and
+a token is a target when the characters it covers overlap a target segment (transformers'
+rule for ``return_assistant_tokens_mask``; a zero-width token, such as a lone prepended
+``▁``, goes with the character that follows it). Special token ids inside an example (EOS
+after a completion or turn) are written as their text (``</s>``, ``<|im_end|>``) when that
+text tokenizes back to exactly that id; ids that open the example (BOS) stay ids, as a
+tokenizer's post-processor adds them, so the first text still counts as the start of the
+input. An id that does not round-trip splits the text around it.
+
+Tokenizers without character offsets tokenize segment by segment: the byte and character
+tokenizers (one token per byte / character, so nothing differs) and Python-only transformers
+tokenizers (`jaxtune.data.tokenizer.HFTokenizer.has_offsets` is False; warned once).
+
+Prompt + completion pairs that share a prompt (preference pairs, multiple-choice scoring,
+reward judges) follow TRL's DPO and SFT trainers: each ``prompt + completion`` is tokenized
+once and the completion starts where its ids leave the prompt's own (`encode_completions`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence, Union
+
+import numpy as np
+
+from jaxtune.data.instruct import Segment
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()  # tokenizer classes already warned about
+
+Run = Union[int, list[Segment]]  # a special token id kept as an id, or text segments tokenized together
+
+
+def tokenizes_once(tokenizer) -> bool:
+    """Whether `encode_segments` tokenizes each example's text in one call (needs offsets)."""
+    has = getattr(tokenizer, "has_offsets", None)
+    kind = type(getattr(tokenizer, "tokenizer", tokenizer)).__name__
+    if has is False and kind not in _warned:
+        _warned.add(kind)
+        log.warning("the tokenizer (%s) gives no character offsets, so examples are tokenized segment by segment: "
+                    "a token never spans a prompt/completion boundary, which may differ from tokenizing the whole "
+                    "text; a fast (tokenizer.json) tokenizer avoids this", kind)
+    return bool(has)
+
+
+def runs_of(segments: Sequence[Segment], tokenizer) -> list[Run]:
+    """The example as runs: leading ids (BOS) alone, then text with round-tripping special ids written
+    as their text; an id without such text ends the run before it."""
+    runs: list[Run] = []
+    text: list[Segment] = []
+    for s in segments:
+        if isinstance(s.text, str):
+            text.append(s)
+            continue
+        spelled = tokenizer.special_text(s.text) if runs or text else None
+        if spelled is not None:
+            text.append(Segment(spelled, s.trained))
+            continue
+        if text:
+            runs.append(text)
+            text = []
+        runs.append(s)
+    if text:
+        runs.append(text)
+    return runs
+
+
+def trained_tokens(segments: Sequence[Segment], spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """Per token (its character span in the joined text), whether it overlaps a trained segment."""
+    chars = np.concatenate([np.full(len(s.text), s.trained, bool) for s in segments] or [np.zeros(0, bool)])
+    out = []
+    for start, end in spans:
+        if end > start:
+            out.append(bool(chars[start:end].any()))
+        else:  # zero-width (a prepended marker): the character it stands before
+            out.append(bool(chars[start]) if start < len(chars) else bool(len(chars) and chars[-1]))
+    return out
+
+
+def encode_segments(rendered: Sequence[Sequence[Segment]], tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Segments of many examples -> (tokens int32, trained bool) per example (module docstring); all
+    texts tokenized in one batch."""
+    if not tokenizes_once(tokenizer):
+        return _segment_by_segment(rendered, tokenizer)
+    runs = [runs_of(segments, tokenizer) for segments in rendered]
+    texts = ["".join(s.text for s in run) for example in runs for run in example if not isinstance(run, Segment)]
+    encoded = iter(tokenizer.encode_with_offsets(texts) if texts else [])
+    out = []
+    for example in runs:
+        ids: list[int] = []
+        trained: list[bool] = []
+        for run in example:
+            if isinstance(run, Segment):
+                ids.append(int(run.text))
+                trained.append(run.trained)
+                continue
+            piece, spans = next(encoded)
+            ids += piece
+            trained += trained_tokens(run, spans)
+        out.append((np.asarray(ids, np.int32), np.asarray(trained, bool)))
+    return out
+
+
+def _segment_by_segment(rendered, tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
+    texts = [s.text for segments in rendered for s in segments if isinstance(s.text, str)]
+    encoded = iter(tokenizer.encode_batch(texts) if texts else [])
+    out = []
+    for segments in rendered:
+        ids: list[int] = []
+        trained: list[bool] = []
+        for s in segments:
+            piece = [s.text] if isinstance(s.text, int) else list(next(encoded))
+            ids += piece
+            trained += [s.trained] * len(piece)
+        out.append((np.asarray(ids, np.int32), np.asarray(trained, bool)))
+    return out
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_completions(tokenizer, items: Sequence[tuple[str, Sequence[str]]]) -> list[tuple[list[int], list[list[int]]]]:
+    """(prompt, completions) items -> (prompt ids, ids of each completion) by TRL's rule: each
+    ``prompt + completion`` tokenized once, the shared prompt being the ids every one of them has in
+    common with the prompt tokenized alone (module docstring). One batched tokenizer call."""
+    texts = []
+    for prompt, completions in items:
+        texts.append(prompt)
+        texts += [prompt + c for c in completions]
+    encoded = iter(tokenizer.encode_batch(texts) if texts else [])
+    out = []
+    for _, completions in items:
+        alone = list(next(encoded))
+        joint = [list(next(encoded)) for _ in completions]
+        n = min((common_prefix(alone, j) for j in joint), default=len(alone))
+        out.append(((joint[0] if joint else alone)[:n], [j[n:] for j in joint]))
+    return out
