@@ -29,8 +29,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtune.checkpoint.manager import CheckpointConfig, TrainCheckpointer
 from jaxtune.models import ModelConfig
 from jaxtune.parallel.collectives import allgather_json, any_process
-from jaxtune.parallel.mesh import CONTEXT_AXIS, axis_size, batch_sharding
+from jaxtune.parallel.mesh import batch_sharding
 from jaxtune.parallel.rules import Rule, param_specs
+from jaxtune.train.batch_checks import check_batch_layout, check_steps_per_call
 from jaxtune.train.config import LoggingConfig, TrainConfig
 from jaxtune.train.losses import LossFn
 from jaxtune.train.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
@@ -173,14 +174,6 @@ def stack_batches(batches: Sequence[dict]) -> dict:
     return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in batches[0]}
 
 
-def check_steps_per_call(cfg: TrainConfig, batches: Any) -> None:
-    """Several steps per call need their batches up front: a rollout stream (GRPO / PPO), which
-    samples each batch from the policy of the step before, cannot provide them."""
-    if cfg.steps_per_call > 1 and hasattr(batches, "set_policy"):
-        raise ValueError(f"train.steps_per_call={cfg.steps_per_call}: this objective samples each batch from the "
-                         "current policy (a rollout stream), so its steps cannot be stacked; use train.steps_per_call=1")
-
-
 def call_size(step: int, cfg: TrainConfig, checkpointer: TrainCheckpointer) -> int:
     """Optimizer steps in the next call: up to ``cfg.steps_per_call``, ending at the first step that
     saves or evaluates, or at the last step (so those happen at call boundaries)."""
@@ -189,24 +182,6 @@ def call_size(step: int, cfg: TrainConfig, checkpointer: TrainCheckpointer) -> i
         if checkpointer.should_save(step + i) or (cfg.eval_every and (step + i) % cfg.eval_every == 0):
             return i
     return n
-
-
-def check_batch_layout(cfg: TrainConfig, mesh: Mesh) -> None:
-    """Every micro-batch is split over the data-parallel devices: the batch must divide; and the
-    sequence over the context-parallel devices: the sequence length must divide."""
-    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.batch_size % (cfg.grad_accum * batch_devices):
-        raise ValueError(
-            f"train.batch_size ({cfg.batch_size}) must divide by train.grad_accum ({cfg.grad_accum}) x "
-            f"mesh.data ({mesh.shape['data']}) x mesh.fsdp ({mesh.shape['fsdp']}): every micro-batch is split "
-            "over the data-parallel devices"
-        )
-    contexts = axis_size(mesh, CONTEXT_AXIS)
-    if cfg.seq_len % contexts:
-        raise ValueError(
-            f"train.seq_len ({cfg.seq_len}) must divide by mesh.context ({contexts}): every sequence is split "
-            "into equal blocks over the context-parallel devices"
-        )
 
 
 @dataclass

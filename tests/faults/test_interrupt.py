@@ -35,6 +35,12 @@ TINY = [*TWO_BLOCKS_ARGS, "train.batch_size=2", "train.seq_len=16", "train.log_e
         "train.eval_batches=0", "checkpoint.every_steps=1000000", "logging.progress=false"]
 
 
+def _default_sigint_in_child():
+    """Popen's preexec_fn: the child gets Ctrl-C's default disposition, whatever pytest was started
+    with (a shell's background job starts with SIGINT ignored, and an ignored signal is inherited)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _train_lines(log: Path) -> list[dict]:
     if not log.exists():
         return []
@@ -52,7 +58,8 @@ def test_ctrl_c_saves_exits_130_and_the_same_command_resumes(tmp_path, capsys):
     ckpt = tmp_path / "run"
     args = ["train", "train.steps=100000", *TINY, f"checkpoint.directory={ckpt}", "logging.tensorboard=true"]
     command = [sys.executable, "-m", "jaxtune.cli.main", *args]
-    proc = subprocess.Popen(command, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint_in_child)
     log = ckpt / "metrics.jsonl"
     try:
         deadline = time.time() + 180  # start-up and compilation (seconds when the machine is idle)
@@ -158,7 +165,7 @@ def test_second_ctrl_c_exits_even_when_cleanup_would_block(tmp_path):
     script.write_text(SECOND_CTRL_C_SCRIPT.format(root=str(ROOT)))
     # Without the exit watchdog this run never ends (TimeoutExpired).
     proc = subprocess.run([sys.executable, str(script)], env=ENV, cwd=ROOT, capture_output=True, text=True,
-                          timeout=180)
+                          timeout=180, preexec_fn=_default_sigint_in_child)
     assert proc.returncode == INTERRUPTED_EXIT_CODE, proc.stderr[-3000:]  # only the watchdog can end it
     assert "KeyboardInterrupt" in proc.stderr
 

@@ -14,7 +14,7 @@ from jaxtune.ops import linear
 from jaxtune.parallel import activation_mesh, constrain
 from jaxtune.parallel.mesh import AXES
 from jaxtune.train.config import TrainConfig
-from jaxtune.train.loop import check_batch_layout
+from jaxtune.train.batch_checks import check_batch_layout
 from jaxtune.train.losses import token_cross_entropy
 
 MESH = AbstractMesh((2, 1, 4, 1), AXES)  # data=2, context=4
