@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from jaxtune.cli import convert, estimate, generate, label, tokenizer, train
+from jaxtune.cli import convert, estimate, generate, harness, label, tokenizer, train
 from jaxtune.cli.args import split_config_args
 from jaxtune.config import ConfigError
 
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parsers(sub)
     label.add_parser(sub)
     tokenizer.add_parser(sub)
+    harness.add_parser(sub)
     return parser
 
 
@@ -75,7 +76,11 @@ def show_notes() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [harness.COMMAND]:  # every later argument is lm-eval's, options included
+        args = argparse.Namespace(command=harness.COMMAND, func=harness.run, args=argv[1:], debug=False)
+    else:
+        args = parser.parse_args(argv)
     show_notes()
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # errors that are the input's fault, whose message says what to fix
-EXPECTED = (ConfigError, OSError, ValueError, KeyError, FloatingPointError, RuntimeError)
+EXPECTED = (ConfigError, OSError, ValueError, KeyError, FloatingPointError, RuntimeError, ImportError)
 
 
 if __name__ == "__main__":

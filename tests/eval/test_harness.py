@@ -1,0 +1,111 @@
+"""lm-evaluation-harness with ``--model jaxtune``: on local task YAMLs over local JSONL files (no hub),
+a jaxtune params checkpoint and the same weights exported with ``jaxtune convert orbax-to-hf`` and run
+by lm-eval's own ``hf`` backend give the same log-likelihoods (multiple choice, rolling), the same
+greedy ``generate_until`` outputs and the same accuracies; the accuracy equals ``jaxtune eval``'s
+multiple-choice task on the same rows; the ``jaxtune lm-eval`` command runs lm-eval's CLI."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxtune.cli.main import main
+from jaxtune.job.assemble import save_model
+from jaxtune.models import Model, ModelConfig
+from tests.data import tokenizer_kinds as K
+
+lm_eval = pytest.importorskip("lm_eval")  # the test extra installs it; the eval extra for users
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from jaxtune.eval.harness import JaxtuneLM  # noqa: E402
+
+QUESTIONS = [("What is two and two?", ["four", "five", "ten"], 0), ("Count down from twelve:", ["Twelve", "one"], 0),
+             ("Be brief. Hello", ["there!", "no.", "yes"], 1), ("The answer is", [" twelve.", " four.", " yes."], 2)]
+TEXTS = ["Hello there, be brief. What is two and two? It is four. " * 18,  # several 96-token windows
+         "Twelve, eleven, ten.", "yes no"]
+
+
+def _tasks(root):
+    choice = root / "choice.jsonl"
+    choice.write_text("".join(json.dumps({"prompt": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
+    text = root / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    common = "dataset_path: json\ntest_split: test\n"
+    (root / "jt_choice.yaml").write_text(
+        f"task: jt_choice\n{common}dataset_kwargs:\n  data_files:\n    test: {choice}\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{prompt}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    (root / "jt_rolling.yaml").write_text(
+        f"task: jt_rolling\n{common}dataset_kwargs:\n  data_files:\n    test: {text}\n"
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n")
+    (root / "jt_generate.yaml").write_text(
+        f"task: jt_generate\n{common}dataset_kwargs:\n  data_files:\n    test: {choice}\noutput_type: generate_until\n"
+        "doc_to_text: '{{prompt}}'\ndoc_to_target: '{{choices[answer]}}'\n"
+        "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 6\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A random two-block Llama on a byte-level BPE tokenizer: a jaxtune params checkpoint (``orbax``)
+    and its ``convert orbax-to-hf`` export (``hf``)."""
+    root = tmp_path_factory.mktemp("harness")
+    tokenizer_dir = K.build("byte_bpe", root / "tokenizer")
+    cfg = ModelConfig(family="llama", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=16, intermediate_size=128, max_position_embeddings=96, eos_token_id=0)
+    params = Model(cfg).init(jax.random.key(3))
+    save_model(root / "orbax", params, cfg)
+    for f in tokenizer_dir.iterdir():
+        (root / "orbax" / f.name).write_bytes(f.read_bytes())
+    assert main(["convert", "orbax-to-hf", str(root / "orbax"), str(root / "hf")]) == 0
+    return root
+
+
+def _evaluate(model, tasks_dir, **kw):
+    return lm_eval.simple_evaluate(model=model, tasks=["jt_choice", "jt_rolling", "jt_generate"],
+                                   task_manager=TaskManager(include_path=str(tasks_dir)), log_samples=True,
+                                   bootstrap_iters=0, **kw)
+
+
+def _responses(result, task):
+    return [[r for r in sample["filtered_resps"]] for sample in result["samples"][task]]
+
+
+def test_jaxtune_backend_equals_the_hf_backend_on_the_exported_model(exported, tmp_path, capsys):
+    tasks = _tasks(tmp_path)
+    ours = _evaluate(JaxtuneLM(checkpoint=str(exported / "orbax"), batch_size=4), tasks)
+    hf = _evaluate("hf", tasks, model_args=f"pretrained={exported / 'hf'},dtype=float32,device=cpu", batch_size=4)
+    for task in ("jt_choice", "jt_rolling"):
+        a, b = _responses(ours, task), _responses(hf, task)
+        flat = lambda rs: np.array([x[0] if isinstance(x, (list, tuple)) else x for r in rs for x in r], float)  # noqa: E731
+        np.testing.assert_allclose(flat(a), flat(b), rtol=0, atol=1e-4, err_msg=task)
+    assert _responses(ours, "jt_generate") == _responses(hf, "jt_generate")
+    assert any(r[0] for r in _responses(ours, "jt_generate"))  # something was generated
+    for metric in ("acc,none", "acc_norm,none"):
+        assert ours["results"]["jt_choice"][metric] == hf["results"]["jt_choice"][metric]
+    assert ours["results"]["jt_rolling"]["bits_per_byte,none"] == pytest.approx(
+        hf["results"]["jt_rolling"]["bits_per_byte,none"], rel=1e-5)
+
+    # jaxtune eval's multiple-choice task on the same rows (lm-eval puts a space before each choice)
+    capsys.readouterr()
+    assert main(["eval", "--json", f"model.checkpoint={exported / 'orbax'}", "data.kind=sft",
+                 f"data.sources=[{{path: '{tasks / 'choice.jsonl'}'}}]",
+                 f"eval.tasks=[{{kind: choice, name: mc, sources: [{{path: '{tasks / 'choice.jsonl'}'}}], "
+                 "sft: {completion_format: ' {completion}'}, batch_size: 4}]"]) == 0
+    mc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mc"]
+    assert mc["examples"] == len(QUESTIONS)
+    assert (mc["acc"], mc["acc_norm"]) == (ours["results"]["jt_choice"]["acc,none"],
+                                           ours["results"]["jt_choice"]["acc_norm,none"])
+
+
+def test_the_lm_eval_command_runs_with_the_jaxtune_backend(exported, tmp_path, capsys):
+    tasks = _tasks(tmp_path)
+    assert main(["lm-eval", "--model", "jaxtune", "--model_args", f"checkpoint={exported / 'orbax'},batch_size=4",
+                 "--tasks", "jt_choice", "--include_path", str(tasks)]) == 0
+    out = capsys.readouterr().out
+    assert "jt_choice" in out and "acc" in out
