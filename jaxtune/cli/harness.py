@@ -1,10 +1,11 @@
 """`jaxtune lm-eval ARGS ...`: EleutherAI's lm-evaluation-harness command line with jaxtune's
 backend registered (``--model jaxtune --model_args checkpoint=RUN,batch_size=8``;
-`jaxtune.eval.harness`). Every argument is lm-eval's."""
+`jaxtune.job.harness`). Every argument is lm-eval's."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 
 COMMAND = "lm-eval"  # jaxtune.cli.main hands every argument after it to lm-eval unparsed
 
@@ -17,6 +18,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from jaxtune.eval.harness import main  # registers --model jaxtune; ImportError names the extra
-
-    return main(list(args.args))
+    # imported on use: lm-eval is an optional extra (jaxtune[eval]), and importing the module
+    # registers --model jaxtune; without lm-eval its ImportError names the extra
+    return importlib.import_module("jaxtune.job.harness").main(list(args.args))

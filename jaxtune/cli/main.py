@@ -60,6 +60,8 @@ class _Stderr(logging.Handler):
     handler configured), for INFO notes too."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING and logging.getLogger().handlers:
+            return  # warnings go where the application's logging sends them (Python's last resort otherwise)
         try:
             print(self.format(record), file=sys.stderr, flush=True)
         except Exception:  # noqa: BLE001 - logging must never break the command

@@ -20,7 +20,7 @@ from tests.data import tokenizer_kinds as K
 lm_eval = pytest.importorskip("lm_eval")  # the test extra installs it; the eval extra for users
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from jaxtune.eval.harness import JaxtuneLM  # noqa: E402
+from jaxtune.job.harness import JaxtuneLM  # noqa: E402
 
 QUESTIONS = [("What is two and two?", ["four", "five", "ten"], 0), ("Count down from twelve:", ["Twelve", "one"], 0),
              ("Be brief. Hello", ["there!", "no.", "yes"], 1), ("The answer is", [" twelve.", " four.", " yes."], 2)]

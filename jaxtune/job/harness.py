@@ -3,7 +3,7 @@
 ``jaxtune lm-eval --model jaxtune --model_args checkpoint=runs/x,batch_size=8 --tasks ...`` runs
 lm-eval's own command line with this backend registered (lm-eval 0.4 resolves ``--model`` against
 its registry before any user code runs, so ``lm_eval`` alone does not know it); from Python,
-``import jaxtune.eval.harness`` registers it for ``lm_eval.simple_evaluate(model="jaxtune", ...)``,
+``import jaxtune.job.harness`` registers it for ``lm_eval.simple_evaluate(model="jaxtune", ...)``,
 or pass ``JaxtuneLM(...)`` as the model. Model arguments: ``checkpoint`` (a jaxtune run or params
 checkpoint, PEFT and QLoRA runs included) or ``hf_dir`` (a Hugging Face directory), ``adapter`` (a
 PEFT adapter directory put on), ``tokenizer`` (default: the model's directory), ``batch_size``,
@@ -28,7 +28,7 @@ from jaxtune.data.tokenizer import load_tokenizer
 from jaxtune.generate import generate, left_pad
 from jaxtune.generate.sampling import SamplingConfig
 from jaxtune.generate.text import cut_at_stops, stop_tokens_of
-from jaxtune.job import load_model
+from jaxtune.job.assemble import load_model
 from jaxtune.job.schema import ModelSource
 from jaxtune.models import Model
 from jaxtune.models.scoring import continuation_rows, sequence_logprobs
