@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
 import os
 import sys
 
@@ -55,27 +54,6 @@ def one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-class _Stderr(logging.Handler):
-    """A record's bare message on the current ``sys.stderr`` (what Python prints for a warning with no
-    handler configured), for INFO notes too."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.WARNING and logging.getLogger().handlers:
-            return  # warnings go where the application's logging sends them (Python's last resort otherwise)
-        try:
-            print(self.format(record), file=sys.stderr, flush=True)
-        except Exception:  # noqa: BLE001 - logging must never break the command
-            self.handleError(record)
-
-
-def show_notes() -> None:
-    """Let jaxtune's own INFO notes (how data was read, what a job does) reach stderr."""
-    logger = logging.getLogger("jaxtune")
-    if not any(isinstance(h, _Stderr) for h in logger.handlers):
-        logger.addHandler(_Stderr())
-    logger.setLevel(logging.INFO)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -83,7 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(command=harness.COMMAND, func=harness.run, args=argv[1:], debug=False)
     else:
         args = parser.parse_args(argv)
-    show_notes()
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return int(args.func(args) or 0)

@@ -17,6 +17,7 @@ Batches are a function of (seed, position); every process builds the whole globa
 from __future__ import annotations
 
 import logging
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Sequence
@@ -142,8 +143,8 @@ def load_examples(sources: Sequence[DocumentSource], cfg: InstructConfig, tokeni
                 result.counts["no_target"] += 1
                 continue
             result.examples.append(Example(tokens, trained, where))
-    if templates:
-        log.info("%s (%s split): %s", name, split, mask_rule(templates, cfg, tokenizer))
+    if templates:  # the job's log says how targets were chosen (stderr: stdout may carry --json results)
+        print(f"{name} ({split} split): {mask_rule(templates, cfg, tokenizer)}", file=sys.stderr, flush=True)
     return finish_loading(result, name, split)
 
 

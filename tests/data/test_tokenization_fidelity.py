@@ -15,7 +15,6 @@ post-processor):
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -83,15 +82,15 @@ def _prefix_rule_mask(hf, messages, full):
 
 @pytest.mark.parametrize("template", list(TEMPLATES))
 @pytest.mark.parametrize("kind", K.KINDS)
-def test_chat_rows_equal_the_template_tokenized_by_transformers(tmp_path, tokenizers, kind, template, caplog):
+def test_chat_rows_equal_the_template_tokenized_by_transformers(tmp_path, tokenizers, kind, template, capsys):
     tokenizer = _with_template(tokenizers[kind], TEMPLATES[template])
     hf = tokenizer.tokenizer
     chats = [CHAT, CHAT_NO_SYSTEM]
-    with caplog.at_level(logging.INFO, logger="jaxtune"):
-        examples = load_examples([_source(tmp_path, [{"messages": c} for c in chats])], InstructConfig(), tokenizer,
-                                 seq_len=512, add_eos=False).examples
+    examples = load_examples([_source(tmp_path, [{"messages": c} for c in chats])], InstructConfig(), tokenizer,
+                             seq_len=512, add_eos=False).examples
     marked = any(tag in TEMPLATES[template] for tag in ("{% generation %}", "{%- generation %}"))
-    assert ("{% generation %} blocks (as transformers'" in caplog.text) == marked, caplog.text
+    said = capsys.readouterr().err  # the job's log names the rule that chose the targets
+    assert ("{% generation %} blocks (as transformers'" in said) == marked and "targets: assistant turns" in said, said
     for chat, example in zip(chats, examples):
         reference = hf.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=marked)
         full = list(reference["input_ids"])
