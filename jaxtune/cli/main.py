@@ -12,7 +12,7 @@ import errno
 import os
 import sys
 
-from jaxtune.cli import convert, estimate, generate, harness, label, tokenizer, train
+from jaxtune.cli import convert, estimate, generate, harness, label, plot, tokenizer, train
 from jaxtune.cli.args import split_config_args
 from jaxtune.config import ConfigError
 
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_parser(sub)
     tokenizer.add_parser(sub)
     harness.add_parser(sub)
+    plot.add_parser(sub)
     return parser
 
 

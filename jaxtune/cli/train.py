@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 
 from jaxtune.cli.args import split_config_args
 from jaxtune.config import load_config
+from jaxtune.eval.plot import plot_runs
 from jaxtune.eval.report import format_table
 from jaxtune.job import TrainJobConfig, run_eval_job, run_training
 from jaxtune.job.evaluate import write_results
@@ -65,6 +67,11 @@ def run_train(args) -> int:
     if result.evals:
         summary += f", eval loss {result.evals[-1]['loss']:.4f}"
     print(f"jaxtune train: done: {summary}{where}", flush=True)
+    log_dir = job.logging.directory or job.checkpoint.directory
+    if log_dir and job.logging.jsonl and jax.process_index() == 0:
+        picture = Path(log_dir) / "loss.png"  # redrawn from the whole log each time the run ends
+        plot_runs([log_dir], picture, title=Path(log_dir).name)
+        print(f"loss curves: {picture}", flush=True)
     return 0
 
 

@@ -17,6 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxtune.checkpoint.manager import TrainCheckpointer
+from jaxtune.config import to_dict
 from jaxtune.job import runmeta
 from jaxtune.job.assemble import job_tokenizer, model_for_training, with_head, with_peft
 from jaxtune.job.objectives import Context, Objective, get_objective
@@ -106,7 +107,7 @@ def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict
             loss_fn=s.loss_fn, params=s.params, model_cfg=s.cfg, optimizer=s.optimizer, schedule=s.schedule,
             cfg=job.train, batches=s.stream, mesh=s.mesh, eval_batches=s.eval_streams, checkpointer=checkpointer,
             trainable_mask=s.trainable_mask, logging=job.logging, log_dir=job.logging.directory or directory,
-            callbacks=callbacks, on_start=on_start,
+            callbacks=callbacks, on_start=on_start, run_config=to_dict(job),
         )
     except KeyboardInterrupt:  # a second Ctrl-C: exit at once, without waiting for a save in flight
         interrupted = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -51,9 +52,25 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """``logging.wandb``: the same scalars and the run's config to Weights & Biases (``jaxtune[wandb]``)."""
+
+    project: str = "jaxtune"
+    name: Optional[str] = None  # the run's display name (default: W&B's)
+    entity: Optional[str] = None
+    mode: Literal["online", "offline", "disabled"] = "online"  # offline: local files only (`wandb sync` later)
+    directory: Optional[str] = None  # where W&B keeps its files; default: the run's log directory
+
+    def __post_init__(self):
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError("logging.wandb needs the wandb package: pip install 'jaxtune[wandb]'")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     directory: Optional[str] = None  # metrics.jsonl + TensorBoard events; default: the checkpoint directory
     tensorboard: bool = True
     jsonl: bool = True
     progress: bool = True
     peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU; default: looked up by device kind
+    wandb: Optional[WandbConfig] = None  # also log to Weights & Biases

@@ -329,7 +329,8 @@ class _Bookkeeper:
         elapsed = time.perf_counter() - window["t"]
         finite = max(window["finite"], 1)
         logged = {"loss": window["loss"] / finite if window["finite"] else float("nan"),
-                  "grad_norm": metrics["grad_norm"], "skipped": metrics["skipped"]}
+                  "grad_norm": metrics["grad_norm"], "skipped": metrics["skipped"],
+                  "tokens": window["tokens"]}  # loss tokens of the window (summed into tokens seen by plots)
         if not window["compiling"]:
             logged.update(tokens_per_s=window["tokens"] / max(elapsed, 1e-9),
                           step_time_s=elapsed / max(window["steps"], 1))
@@ -394,6 +395,7 @@ def train(
     rules: Sequence[Rule] = (),
     callbacks: Sequence[Callable[[int, dict], None]] = (),
     on_start: Optional[Callable[[TrainState, Any], None]] = None,
+    run_config: Optional[dict] = None,
 ) -> TrainResult:
     """Run ``cfg.steps`` optimizer steps (resuming from ``checkpointer`` if it holds a state).
 
@@ -405,6 +407,7 @@ def train(
     ``on_start``: ``fn(state, frozen)`` once the state is built or restored, before the first step
     and before anything is logged: the caller's last chance to refuse the run (by raising) and the
     moment to record it (run metadata is written there, never for a run that did not start).
+    ``run_config``: the job's config as a dict, for the logging sinks that keep it (W&B).
     """
     check_batch_layout(cfg, mesh)
     check_steps_per_call(cfg, batches)
@@ -420,6 +423,7 @@ def train(
     logger = MetricsLogger(
         log_dir if (logging.jsonl or logging.tensorboard) else None, total_steps=cfg.steps,
         tensorboard=logging.tensorboard, jsonl=logging.jsonl, progress=logging.progress, start_step=start,
+        wandb=logging.wandb, run_config=run_config,
     )
     logger.log(start, {"trainable": setup.trainable_params, "total": setup.total_params}, prefix="params")
     books = _Bookkeeper(result, cfg, model_cfg, mesh, logger, checkpointer, batches, eval_batches, setup.eval_step,

@@ -1,7 +1,8 @@
 """Training throughput accounting (model FLOPs, peak FLOP/s, MFU) and metric logging.
 
 `model_flops_per_token` and `device_peak_flops` give the two halves of model FLOPs utilization;
-`MetricsLogger` writes scalars to ``metrics.jsonl``, TensorBoard and a tqdm bar, on process 0 only,
+`MetricsLogger` writes scalars to ``metrics.jsonl``, TensorBoard, a tqdm bar and optionally Weights &
+Biases (with the run's config; `jaxtune.train.wandb_sink`), on process 0 only,
 and closing it never blocks exit for longer than its ``close_timeout_s``.
 This module only reports numbers it is handed: it must not compute losses, touch parameters,
 or block on device work by itself (the caller chooses when a metric is fetched from the device).
@@ -17,13 +18,15 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import tqdm
 
 from jaxtune.models.config import ModelConfig
+from jaxtune.train.config import WandbConfig
+from jaxtune.train.wandb_sink import WandbSink
 
 _T = 1e12
 
@@ -218,14 +221,19 @@ class MetricsLogger:
         progress: bool = True,
         start_step: int = 0,
         close_timeout_s: float = CLOSE_TIMEOUT_S,
+        wandb: Optional[WandbConfig] = None,
+        run_config: Optional[dict[str, Any]] = None,
     ):
         self._active = jax.process_index() == 0
         self._close_timeout_s = close_timeout_s
         self._jsonl = None
         self._tensorboard = None
         self._bar = None
+        self._wandb = None
         if not self._active:
             return
+        if wandb is not None:
+            self._wandb = WandbSink(wandb, log_dir, run_config)
         if log_dir is not None and (jsonl or tensorboard):
             os.makedirs(log_dir, exist_ok=True)
             if jsonl:
@@ -252,6 +260,8 @@ class MetricsLogger:
             for tag, value in tagged.items():
                 self._tensorboard.add_scalar(tag, value, int(step))
             self._tensorboard.flush()
+        if self._wandb is not None:
+            self._wandb.log(step, tagged)
         if self._bar is not None:
             if prefix == "train":
                 self._bar.set_postfix_str(_postfix(values), refresh=False)
@@ -263,8 +273,9 @@ class MetricsLogger:
     def close(self) -> None:
         """Flush and close every sink, waiting at most `close_timeout_s` seconds in all; safe to call
         twice (a sink is forgotten before it is closed, so a stuck one is never waited for again)."""
-        sinks = {"metrics.jsonl": self._jsonl, "TensorBoard events": self._tensorboard, "progress bar": self._bar}
-        self._jsonl = self._tensorboard = self._bar = None
+        sinks = {"metrics.jsonl": self._jsonl, "TensorBoard events": self._tensorboard, "progress bar": self._bar,
+                 "W&B run": self._wandb}
+        self._jsonl = self._tensorboard = self._bar = self._wandb = None
         closers = {name: sink.close for name, sink in sinks.items() if sink is not None}
         if closers:
             close_within(closers, self._close_timeout_s)
