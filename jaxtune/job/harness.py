@@ -8,7 +8,9 @@ or pass ``JaxtuneLM(...)`` as the model. Model arguments: ``checkpoint`` (a jaxt
 checkpoint, PEFT and QLoRA runs included) or ``hf_dir`` (a Hugging Face directory), ``adapter`` (a
 PEFT adapter directory put on), ``tokenizer`` (default: the model's directory), ``batch_size``,
 ``max_length`` (default: the model's context), ``max_gen_toks`` (256), ``dtype`` / ``param_dtype``,
-``attention_impl``, ``add_bos_token`` (false, as lm-eval's ``hf`` backend).
+``attention_impl``, ``add_bos_token`` (false, as lm-eval's ``hf`` backend), ``fsdp`` / ``tensor`` (the
+mesh the params are sharded over, by jaxtune's rules, as ``jaxtune eval`` restores them; the rest of
+the devices form the data axis).
 
 Requests run on jaxtune's jitted forward (`jaxtune.models.scoring.sequence_logprobs`) and KV-cache
 sampler in batches of ``batch_size`` rows padded to a few lengths (multiples of 64 up to 256, then
@@ -19,12 +21,13 @@ from ``lm_eval.utils``), so the figures are comparable with the ``hf`` backend's
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import jax
 import numpy as np
 
-from jaxtune.data.tokenizer import load_tokenizer
+from jaxtune.data.tokenizer import BYTE_TOKENIZER_FILE, has_hf_tokenizer, load_tokenizer
 from jaxtune.generate import generate, left_pad
 from jaxtune.generate.sampling import SamplingConfig
 from jaxtune.generate.text import cut_at_stops, stop_tokens_of
@@ -32,6 +35,8 @@ from jaxtune.job.assemble import load_model
 from jaxtune.job.schema import ModelSource
 from jaxtune.models import Model
 from jaxtune.models.scoring import continuation_rows, sequence_logprobs
+from jaxtune.parallel.mesh import MeshConfig, make_mesh
+from jaxtune.parallel.rules import param_shardings
 
 try:
     import lm_eval.models  # noqa: F401  lm-eval's own backends first (it skips them once its registry is non-empty)
@@ -49,6 +54,16 @@ def padded_length(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def tokenizer_directory(directory) -> Path:
+    """``directory`` when it holds a tokenizer (HF files or a saved jaxtune one); otherwise an error, never
+    a silent fallback to bytes (a run trained on synthetic data saves none)."""
+    path = Path(directory)
+    if not (has_hf_tokenizer(path) or (path / BYTE_TOKENIZER_FILE).exists()):
+        raise ValueError(f"{path}: no tokenizer here (HF tokenizer files or {BYTE_TOKENIZER_FILE}); pass "
+                         "tokenizer=DIR in --model_args")
+    return path
+
+
 def _flag(value) -> bool:
     return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
 
@@ -60,19 +75,23 @@ class JaxtuneLM(TemplateLM):
     def __init__(self, checkpoint: Optional[str] = None, hf_dir: Optional[str] = None, adapter: Optional[str] = None,
                  tokenizer: Optional[str] = None, batch_size: int | str = 8, max_length: Optional[int] = None,
                  max_gen_toks: int = 256, dtype: str = "float32", param_dtype: str = "float32",
-                 attention_impl: str = "auto", add_bos_token: bool | str = False, seed: int = 0, **unused):
+                 attention_impl: str = "auto", add_bos_token: bool | str = False, seed: int = 0,
+                 fsdp: int = 1, tensor: int = 1, **unused):
         super().__init__()
         if unused:
             raise ValueError(f"--model jaxtune: unknown model_args {sorted(unused)} (checkpoint, hf_dir, adapter, "
                              "tokenizer, batch_size, max_length, max_gen_toks, dtype, param_dtype, attention_impl, "
-                             "add_bos_token, seed)")
+                             "add_bos_token, seed, fsdp, tensor)")
         if str(batch_size).startswith("auto"):
             raise ValueError("--model jaxtune: batch_size must be a number (a fixed batch shape compiles once)")
         source = ModelSource(checkpoint=checkpoint, hf_dir=hf_dir, adapter=adapter, dtype=dtype,
                              param_dtype=param_dtype, attention_impl=attention_impl)
-        self.params, self.cfg, directory = load_model(source)
+        params, self.cfg, directory = load_model(source)
+        # on every device, as jaxtune eval: params by the sharding rules over fsdp / tensor, rows over data
+        self.mesh = make_mesh(MeshConfig(data=-1, fsdp=int(fsdp), tensor=int(tensor)))
+        self.params = jax.device_put(params, param_shardings(params, self.mesh, warn=False))
         self.model = Model(self.cfg)
-        self.tok = load_tokenizer(tokenizer or directory)
+        self.tok = load_tokenizer(tokenizer_directory(tokenizer or directory))
         if self.tok.vocab_size > self.cfg.vocab_size:
             raise ValueError(f"the tokenizer has {self.tok.vocab_size} tokens, the model's vocab_size is "
                              f"{self.cfg.vocab_size}")

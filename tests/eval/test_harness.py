@@ -109,3 +109,30 @@ def test_the_lm_eval_command_runs_with_the_jaxtune_backend(exported, tmp_path, c
                  "--tasks", "jt_choice", "--include_path", str(tasks)]) == 0
     out = capsys.readouterr().out
     assert "jt_choice" in out and "acc" in out
+
+
+def test_a_qlora_run_evaluates_as_its_merged_export_does(exported, tmp_path):
+    """A LoRA run over an NF4 base (QLoRA) is restored onto its quantized base by the backend and scores
+    as lm-eval's hf backend scores the run exported with --merge-lora (dequantized base + B A)."""
+    run = tmp_path / "qlora"
+    assert main(["train", f"model.checkpoint={exported / 'orbax'}", "model.preset=null",
+                 "model.quant={kind: nf4, blocksize: 32, targets: [all-linear]}",
+                 "peft.lora={rank: 4, alpha: 8, targets: [all-linear]}", "optim.lr=3e-2", "optim.warmup_steps=1",
+                 "data.kind=synthetic", "train.steps=3", "train.batch_size=4", "train.seq_len=32",
+                 "logging.progress=false", "logging.tensorboard=false", f"checkpoint.directory={run}"]) == 0
+    assert main(["convert", "orbax-to-hf", str(run), str(tmp_path / "merged"), "--merge-lora"]) == 0
+    for f in (exported / "orbax").iterdir():  # the tokenizer beside the merged weights, for the hf backend
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            (tmp_path / "merged" / f.name).write_bytes(f.read_bytes())
+    tasks = _tasks(tmp_path)
+    evaluate = lambda model, **kw: lm_eval.simple_evaluate(  # noqa: E731
+        model=model, tasks=["jt_choice"], task_manager=TaskManager(include_path=str(tasks)), log_samples=True,
+        bootstrap_iters=0, **kw)
+    with pytest.raises(ValueError, match="no tokenizer here .* pass tokenizer=DIR"):  # synthetic data: none saved
+        JaxtuneLM(checkpoint=str(run))
+    ours = evaluate(JaxtuneLM(checkpoint=str(run), tokenizer=str(exported / "orbax"), batch_size=4))
+    hf = evaluate("hf", model_args=f"pretrained={tmp_path / 'merged'},dtype=float32,device=cpu", batch_size=4)
+    flat = lambda r: np.array([x[0] for s in r["samples"]["jt_choice"] for x in s["filtered_resps"]], float)  # noqa: E731
+    np.testing.assert_allclose(flat(ours), flat(hf), rtol=0, atol=1e-4)
+    base = evaluate(JaxtuneLM(checkpoint=str(exported / "orbax"), batch_size=4))
+    assert np.abs(flat(ours) - flat(base)).max() > 1e-3  # the adapter (and the 4-bit base) changed the scores
