@@ -10,7 +10,8 @@ PEFT adapter directory put on), ``tokenizer`` (default: the model's directory), 
 ``max_length`` (default: the model's context), ``max_gen_toks`` (256), ``dtype`` / ``param_dtype``,
 ``attention_impl``, ``add_bos_token`` (false, as lm-eval's ``hf`` backend), ``fsdp`` / ``tensor`` (the
 mesh the params are sharded over, by jaxtune's rules, as ``jaxtune eval`` restores them; the rest of
-the devices form the data axis).
+the devices form the data axis). ``--apply_chat_template`` renders requests with the tokenizer's chat
+template as the ``hf`` backend does.
 
 Requests run on jaxtune's jitted forward (`jaxtune.models.scoring.sequence_logprobs`) and KV-cache
 sampler in batches of ``batch_size`` rows padded to a few lengths (multiples of 64 up to 256, then
@@ -92,6 +93,7 @@ class JaxtuneLM(TemplateLM):
         self.params = jax.device_put(params, param_shardings(params, self.mesh, warn=False))
         self.model = Model(self.cfg)
         self.tok = load_tokenizer(tokenizer_directory(tokenizer or directory))
+        self.tokenizer = getattr(self.tok, "tokenizer", None)  # a transformers tokenizer: lm-eval's chat templates
         if self.tok.vocab_size > self.cfg.vocab_size:
             raise ValueError(f"the tokenizer has {self.tok.vocab_size} tokens, the model's vocab_size is "
                              f"{self.cfg.vocab_size}")
@@ -142,6 +144,14 @@ class JaxtuneLM(TemplateLM):
 
     def tok_decode(self, tokens) -> str:
         return self.tok.decode(list(tokens))
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """lm-eval's ``--apply_chat_template``: the tokenizer's template rendered as its ``hf`` backend
+        renders it (the last message continued when no generation prompt is asked for)."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("--apply_chat_template: the model's tokenizer has no chat template")
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
 
     # --- scoring ------------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:

@@ -55,7 +55,7 @@ def exported(tmp_path_factory):
     """A random two-block Llama on a byte-level BPE tokenizer: a jaxtune params checkpoint (``orbax``)
     and its ``convert orbax-to-hf`` export (``hf``)."""
     root = tmp_path_factory.mktemp("harness")
-    tokenizer_dir = K.build("byte_bpe", root / "tokenizer")
+    tokenizer_dir = K.build("byte_bpe", root / "tokenizer", chat_template=K.CHATML)
     cfg = ModelConfig(family="llama", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=16, intermediate_size=128, max_position_embeddings=96, eos_token_id=0)
     params = Model(cfg).init(jax.random.key(3))
@@ -90,6 +90,18 @@ def test_jaxtune_backend_equals_the_hf_backend_on_the_exported_model(exported, t
         assert ours["results"]["jt_choice"][metric] == hf["results"]["jt_choice"][metric]
     assert ours["results"]["jt_rolling"]["bits_per_byte,none"] == pytest.approx(
         hf["results"]["jt_rolling"]["bits_per_byte,none"], rel=1e-5)
+
+    # --apply_chat_template: requests rendered with the tokenizer's chat template, as the hf backend does
+    chat = [lm_eval.simple_evaluate(model=model, tasks=["jt_choice", "jt_generate"], apply_chat_template=True,
+                                    task_manager=TaskManager(include_path=str(tasks)), log_samples=True,
+                                    bootstrap_iters=0, **kw)
+            for model, kw in ((JaxtuneLM(checkpoint=str(exported / "orbax"), batch_size=4), {}),
+                              ("hf", {"model_args": f"pretrained={exported / 'hf'},dtype=float32,device=cpu",
+                                      "batch_size": 4}))]
+    assert "<|im_start|>user" in str(chat[0]["samples"]["jt_choice"][0]["arguments"])
+    flat = lambda r: np.array([x[0] for s in r["samples"]["jt_choice"] for x in s["filtered_resps"]], float)  # noqa: E731
+    np.testing.assert_allclose(flat(chat[0]), flat(chat[1]), rtol=0, atol=1e-4)
+    assert _responses(chat[0], "jt_generate") == _responses(chat[1], "jt_generate")
 
     # jaxtune eval's multiple-choice task on the same rows (lm-eval puts a space before each choice)
     capsys.readouterr()
