@@ -150,7 +150,8 @@ class JaxtuneLM(TemplateLM):
         renders it (the last message continued when no generation prompt is asked for)."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("--apply_chat_template: the model's tokenizer has no chat template")
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
                                                   continue_final_message=not add_generation_prompt)
 
     # --- scoring ------------------------------------------------------------------------------
@@ -209,15 +210,17 @@ class JaxtuneLM(TemplateLM):
             max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             sample = _flag(kwargs.pop("do_sample", False)) and float(kwargs.get("temperature", 1.0)) > 0
             temperature = float(kwargs.pop("temperature", 1.0)) if sample else 1.0
-            ids = self.tok_encode(context)[-(self.max_length - max_new):] if context else [self.prefix_token_id]
+            keep = max(self.max_length - max_new, 1)  # the prompt's last tokens that leave room for max_new
+            ids = self.tok_encode(context)[-keep:] if context else [self.prefix_token_id]
             settings.append((ids, until))
             key = (padded_length(len(ids)), max_new, sample, temperature, float(kwargs.pop("top_p", 1.0)))
             groups.setdefault(key, []).append(i)
         out: list[Optional[str]] = [None] * len(requests)
         stops = stop_tokens_of(self.tok, self.cfg)
         for (width, max_new, sample, temperature, top_p), indices in sorted(groups.items()):
+            # slide: a learned-position model keeps generating past its context from its last half
             sampling = SamplingConfig(max_new_tokens=max_new, greedy=not sample, temperature=temperature,
-                                      top_p=top_p, stop_tokens=stops, pad_token_id=self.pad_id)
+                                      top_p=top_p, stop_tokens=stops, pad_token_id=self.pad_id, slide=True)
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start: start + self.batch_size]
                 rows = [settings[i][0] for i in chunk]
