@@ -16,11 +16,13 @@ if "JAXTUNE_TEST_NO_COMPILE_CACHE" not in os.environ:
         atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
-if "JAXTUNE_TEST_OPTIMIZED_XLA" not in os.environ and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    # Most of the suite's time is XLA:CPU compiling small programs that then run a few steps: LLVM's
-    # optimisation passes cost ~30% of the CPU time (tests/train/test_step.py + tests/quant/test_qlora.py:
-    # 111 s -> 79 s) and buy nothing at these sizes. Subprocess tests inherit it.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# Most of the suite's time is XLA:CPU compiling small programs that then run a few steps: LLVM's
+# optimisation passes cost ~30% of the CPU time (tests/train/test_step.py + tests/quant/test_qlora.py:
+# 111 s -> 79 s) and buy nothing at these sizes. Subprocess tests inherit it; those that set their own
+# XLA_FLAGS (device counts) add SUITE_XLA_FLAGS.
+SUITE_XLA_FLAGS = "" if "JAXTUNE_TEST_OPTIMIZED_XLA" in os.environ else "--xla_backend_optimization_level=0"
+if SUITE_XLA_FLAGS and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + SUITE_XLA_FLAGS).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

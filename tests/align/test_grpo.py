@@ -15,6 +15,7 @@ import pytest
 
 from jaxtune.align.grpo import GRPOConfig, group_advantages, grpo_loss
 from jaxtune.align.rewards import exact_number, reward_function, uppercase
+from tests.conftest import SUITE_XLA_FLAGS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,7 +95,7 @@ def test_grpo_raises_the_reward_with_a_bounded_kl(tmp_path, shakespeare_base):
 def test_rl_step_runs_sharded_on_eight_devices(tmp_path, shakespeare_base, method):
     """One GRPO / PPO step of the shipped recipe on a (2, 2, 2) mesh of 8 CPU devices (a subprocess)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
-           "--xla_cpu_collective_timeout_seconds=600"}  # 8 device threads on 2 busy cores can lag each other
+           f"--xla_cpu_collective_timeout_seconds=600 {SUITE_XLA_FLAGS}"}  # 8 device threads on 2 busy cores can lag each other
     run = tmp_path / method
     args = _grpo_args(shakespeare_base, run, 1)
     if method == "ppo":

@@ -20,6 +20,7 @@ from jaxtune.models.blockwise import blockwise_attention
 from jaxtune.models.masks import MaskInfo
 from jaxtune.models.presets import preset
 from jaxtune.train.losses import causal_lm_loss
+from tests.conftest import SUITE_XLA_FLAGS
 
 
 def _qkv(batch, q_len, kv_len, heads=8, kv_heads=2, head_dim=16, seed=0):
@@ -249,7 +250,7 @@ def test_kernels_run_per_device_under_a_mesh():
     """On a (2, 2, 2) mesh of 8 CPU devices (a subprocess), the kernels are lowered inside shard_map
     (manual sharding: each device's batch and heads), not on gathered activations."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {SUITE_XLA_FLAGS}"}
     proc = subprocess.run([sys.executable, "-c", SHARDED_LOWERING], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["tpu", "True", "True", "cuda", "True", "True"], proc.stdout

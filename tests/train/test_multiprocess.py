@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.conftest import TWO_BLOCKS_ARGS
+from tests.conftest import SUITE_XLA_FLAGS, TWO_BLOCKS_ARGS
 
 ROOT = Path(__file__).resolve().parents[2]
 # A two-block tiny-llama (tests/conftest.py): what is compared is how the processes split the data and
@@ -39,7 +39,8 @@ def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_")) or k in cache}
     # A long collective timeout: on a busy 2-core machine one process can fall 30 s behind the other.
     env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_cpu_collective_timeout_seconds=600")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_cpu_collective_timeout_seconds=600 "
+                         f"{SUITE_XLA_FLAGS}")
     env.update(extra)
     return env
 

@@ -21,7 +21,7 @@ from jaxtune.job import TrainJobConfig
 from jaxtune.models import Model, ModelConfig
 from jaxtune.train.losses import causal_lm_loss
 from jaxtune.train.step import TrainState, make_train_step
-from tests.conftest import FINE_TUNE_COMMON, TWO_BLOCKS
+from tests.conftest import FINE_TUNE_COMMON, SUITE_XLA_FLAGS, TWO_BLOCKS
 
 BYTE = ByteTokenizer()
 
@@ -138,7 +138,7 @@ def _same_on_eight_devices(tmp_path, job, single):
     config.write_text(yaml.safe_dump(spec))
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {SUITE_XLA_FLAGS}"}
     proc = subprocess.run([sys.executable, "-m", "jaxtune.cli.main", "eval", "--json", str(config)], env=env, cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
