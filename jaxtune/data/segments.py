@@ -88,39 +88,35 @@ def encode_segments(rendered: Sequence[Sequence[Segment]], tokenizer) -> list[tu
     """Segments of many examples -> (tokens int32, trained bool) per example (module docstring); all
     texts tokenized in one batch."""
     if not tokenizes_once(tokenizer):
-        return _segment_by_segment(rendered, tokenizer)
+        texts = [s.text for segments in rendered for s in segments if isinstance(s.text, str)]
+        encoded = iter(tokenizer.encode_batch(texts) if texts else [])
+        return _rows([[_id_piece(s) if isinstance(s.text, int) else _flat_piece(list(next(encoded)), s.trained)
+                       for s in segments] for segments in rendered])
     runs = [runs_of(segments, tokenizer) for segments in rendered]
     texts = ["".join(s.text for s in run) for example in runs for run in example if not isinstance(run, Segment)]
     encoded = iter(tokenizer.encode_with_offsets(texts) if texts else [])
-    out = []
-    for example in runs:
-        ids: list[int] = []
-        trained: list[bool] = []
-        for run in example:
-            if isinstance(run, Segment):
-                ids.append(int(run.text))
-                trained.append(run.trained)
-                continue
-            piece, spans = next(encoded)
-            ids += piece
-            trained += trained_tokens(run, spans)
-        out.append((np.asarray(ids, np.int32), np.asarray(trained, bool)))
-    return out
+
+    def piece(run: Run) -> tuple[list[int], list[bool]]:
+        if isinstance(run, Segment):
+            return _id_piece(run)
+        ids, spans = next(encoded)
+        return list(ids), trained_tokens(run, spans)
+
+    return _rows([[piece(run) for run in example] for example in runs])
 
 
-def _segment_by_segment(rendered, tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
-    texts = [s.text for segments in rendered for s in segments if isinstance(s.text, str)]
-    encoded = iter(tokenizer.encode_batch(texts) if texts else [])
-    out = []
-    for segments in rendered:
-        ids: list[int] = []
-        trained: list[bool] = []
-        for s in segments:
-            piece = [s.text] if isinstance(s.text, int) else list(next(encoded))
-            ids += piece
-            trained += [s.trained] * len(piece)
-        out.append((np.asarray(ids, np.int32), np.asarray(trained, bool)))
-    return out
+def _id_piece(segment: Segment) -> tuple[list[int], list[bool]]:
+    return [int(segment.text)], [segment.trained]
+
+
+def _flat_piece(ids: list[int], trained: bool) -> tuple[list[int], list[bool]]:
+    return ids, [trained] * len(ids)
+
+
+def _rows(examples: Sequence[Sequence[tuple[list[int], list[bool]]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each example's pieces (ids, trained flags) joined into (tokens int32, trained bool)."""
+    return [(np.asarray([t for ids, _ in pieces for t in ids], np.int32),
+             np.asarray([f for _, flags in pieces for f in flags], bool)) for pieces in examples]
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
