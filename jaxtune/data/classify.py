@@ -60,7 +60,9 @@ def label_of(record: dict, cfg: ClassifyDataConfig, where: str, *, num_labels: i
 def load_labelled(sources: Sequence[DocumentSource], cfg: ClassifyDataConfig, tokenizer, *, num_labels: int,
                   regression: bool, split: str = "all", eval_fraction: float = 0.05, seq_len: int,
                   add_bos: bool = False, on_bad_row: str = "error", vocab_size: Optional[int] = None,
-                  name: str = "data.sources") -> ExampleSet:
+                  cls_sep: bool = False, name: str = "data.sources") -> ExampleSet:
+    """The labelled examples of ``split``. ``cls_sep``: frame each text ``[CLS] text [SEP]`` (BERT, whose
+    pooler reads the first token) when the tokenizer has both tokens."""
     counts: Counter = Counter()
     records = read_records(sources, split, eval_fraction, on_bad_row=on_bad_row, counts=counts)
     result = ExampleSet([], counts, len(records) + sum(counts.values()))
@@ -71,15 +73,20 @@ def load_labelled(sources: Sequence[DocumentSource], cfg: ClassifyDataConfig, to
                            label_of(record, cfg, where, num_labels=num_labels, regression=regression), where))
         except BadRow as bad:
             skip_or_raise(bad, on_bad_row, counts)
-    bos = [tokenizer.bos_token_id] if add_bos else []
+    head, tail = [tokenizer.bos_token_id] if add_bos else [], []
+    cls, sep = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+    if cls_sep and cls is not None and sep is not None:
+        head, tail = [cls], [sep]
     for (text, label, where), ids in zip(parsed, tokenizer.encode_batch([p[0] for p in parsed]) if parsed else []):
-        tokens = np.asarray(bos + list(ids), np.int32)
+        tokens = np.asarray(head + list(ids) + tail, np.int32)
         if vocab_size is not None and len(tokens) and int(tokens.max()) >= vocab_size:
             raise ValueError(f"{where}: token id {int(tokens.max())} >= the model's vocab_size {vocab_size}")
         # seq_len tokens per row: fit_length counts inputs + one target, so allow seq_len - 1 + 1
         fitted = fit_length(tokens, tokens, where, seq_len - 1, cfg.on_long, counts)
         if fitted is None:
             continue
+        if tail and len(fitted[0]) < len(tokens):  # truncated: the row still ends in [SEP], as BERT's do
+            fitted = (np.concatenate([fitted[0][:-1], tail]).astype(np.int32),)
         result.examples.append(LabelledExample(fitted[0], label, where))
     return finish_loading(result, name, split, "labelled examples")
 

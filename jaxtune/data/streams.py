@@ -22,6 +22,7 @@ import numpy as np
 from jaxtune.data.classify import ClassifyDataConfig
 from jaxtune.data.instruct import InstructConfig
 from jaxtune.data.preference import PreferenceConfig
+from jaxtune.data.sentence_pairs import SentencePairConfig
 from jaxtune.data.sources import SourceConfig, read_text, resolve_path
 
 
@@ -39,9 +40,10 @@ class DataConfig:
     weight, host-sharded; `jaxtune.data.pipeline`) | sft (instruction records: prompt /
     completion, Alpaca, chat messages; `jaxtune.data.sft`) | classification (text + label
     records; `jaxtune.data.classify`) | preference (chosen / rejected pairs, also the HH dialogue
-    layout; `jaxtune.data.preference`)."""
+    layout; `jaxtune.data.preference`) | sentence_pairs (documents split into sentences, BERT's
+    [CLS] A [SEP] B [SEP] next-sentence pairs; `jaxtune.data.sentence_pairs`)."""
 
-    kind: Literal["synthetic", "text", "documents", "sft", "classification", "preference"] = "synthetic"
+    kind: Literal["synthetic", "text", "documents", "sft", "classification", "preference", "sentence_pairs"] = "synthetic"
     path: Optional[str] = None  # text: a UTF-8 file tokenized with the job's tokenizer
     eval_path: Optional[str] = None  # text: held-out file; default: the last eval_fraction of `path`
     eval_fraction: float = 0.05  # text: tail share held out; documents: share of documents held out (by index hash)
@@ -59,13 +61,14 @@ class DataConfig:
     sft: InstructConfig = field(default_factory=InstructConfig)  # sft: formats, columns, chat template, loss masking
     classify: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)  # classification: text / label fields
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)  # preference: layout and fields of pairs
+    pairs: SentencePairConfig = field(default_factory=SentencePairConfig)  # sentence_pairs: splitting, random share
 
     def __post_init__(self):
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if not 0.0 <= self.pad_fraction < 1.0:
             raise ValueError(f"data.pad_fraction must be in [0, 1), got {self.pad_fraction}")
-        if self.kind in ("documents", "sft", "classification", "preference") and not self.sources:
+        if self.kind in ("documents", "sft", "classification", "preference", "sentence_pairs") and not self.sources:
             raise ValueError(f"data.sources: data.kind={self.kind} needs at least one source")
         if self.shards is not None and self.shards < 1:
             raise ValueError(f"data.shards must be >= 1, got {self.shards}")

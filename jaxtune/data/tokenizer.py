@@ -29,6 +29,8 @@ class ByteTokenizer:
     bos_token_id = 257
     eos_token_id = 258
     mask_token_id = None
+    cls_token_id = None
+    sep_token_id = None
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = list(text.encode("utf-8"))
@@ -52,6 +54,8 @@ class CharTokenizer:
     bos_token_id = None
     eos_token_id = None
     mask_token_id = None
+    cls_token_id = None
+    sep_token_id = None
 
     def __init__(self, chars: Sequence[str]):
         chars = list(chars)
@@ -93,6 +97,8 @@ class HFTokenizer:
         self.bos_token_id = tokenizer.bos_token_id
         self.eos_token_id = tokenizer.eos_token_id
         self.mask_token_id = tokenizer.mask_token_id
+        self.cls_token_id = tokenizer.cls_token_id
+        self.sep_token_id = tokenizer.sep_token_id
         self._special_text: dict[int, Optional[str]] = {}
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:

@@ -1,4 +1,4 @@
-"""Hugging Face ``config.json`` <-> `ModelConfig`, for Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, GPT-2.
+"""Hugging Face ``config.json`` <-> `ModelConfig`, for Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, GPT-2, BERT.
 
 Reads both the transformers 4 layout (``rope_theta`` + ``rope_scaling``) and the
 transformers 5 layout (``rope_parameters``); writes both so either version loads
@@ -17,7 +17,10 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
+    "bert": "BertForMaskedLM",
 }
+# BERT's architectures: which heads beside the encoder each one has (`jaxtune.interop.hf_weights`)
+BERT_ARCHITECTURES = ("BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification")
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                 "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
 _ACTIVATIONS_OUT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
@@ -35,7 +38,12 @@ def from_hf_config(hf: dict[str, Any], **overrides) -> ModelConfig:
             f"config.json: unsupported architecture model_type={model_type!r} "
             f"(architectures={hf.get('architectures')}); supported: {', '.join(ARCHITECTURES)}"
         )
-    fields = _gpt2_fields(hf) if model_type == "gpt2" else _llama_like_fields(hf, model_type)
+    if model_type == "gpt2":
+        fields = _gpt2_fields(hf)
+    elif model_type == "bert":
+        fields = _bert_fields(hf)
+    else:
+        fields = _llama_like_fields(hf, model_type)
     fields.update(
         family=model_type,
         bos_token_id=hf.get("bos_token_id"),
@@ -193,6 +201,45 @@ def _gpt2_fields(hf: dict) -> dict:
     )
 
 
+def _bert_fields(hf: dict) -> dict:
+    for key, ok in (("is_decoder", False), ("add_cross_attention", False)):
+        if bool(hf.get(key, ok)) != ok:
+            raise UnsupportedModelError(f"config.json: BERT with {key}={hf[key]} is not supported (an encoder only)")
+    position = hf.get("position_embedding_type", "absolute")
+    if position not in (None, "absolute"):
+        raise UnsupportedModelError(f"config.json: BERT with position_embedding_type={position!r} is not supported "
+                                    "(absolute)")
+    hidden = int(_require(hf, "hidden_size"))
+    heads = int(_require(hf, "num_attention_heads"))
+    if hidden % heads:
+        raise UnsupportedModelError(f"config.json: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    return dict(
+        vocab_size=int(_require(hf, "vocab_size")),
+        hidden_size=hidden,
+        num_layers=int(_require(hf, "num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        intermediate_size=int(_require(hf, "intermediate_size")),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 512)),
+        norm="layernorm",
+        norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+        norm_placement="post",
+        mlp="plain",
+        activation=_activation(hf, "hidden_act", "gelu"),
+        position="learned",
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        causal=False,
+        type_vocab_size=int(hf.get("type_vocab_size", 2)),
+        lm_head_transform=True,
+        lm_head_bias=True,
+        pooler=True,
+    )
+
+
 def _as_tuple(value) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -207,8 +254,13 @@ def _eos_out(cfg: ModelConfig):
     return cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else list(cfg.eos_token_id)
 
 
-def to_hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
-    """A config.json dict that transformers' AutoModelForCausalLM loads as the same model."""
+def to_hf_config(cfg: ModelConfig, torch_dtype: str = "float32", *, architecture: Optional[str] = None,
+                 num_labels: Optional[int] = None) -> dict[str, Any]:
+    """A config.json dict that transformers' AutoModelForCausalLM (BERT: the Auto class of
+    ``architecture``, one of `BERT_ARCHITECTURES`; ``num_labels`` for a sequence classifier) loads as
+    the same model."""
+    if cfg.family == "bert":
+        return _bert_config(cfg, torch_dtype, architecture or ARCHITECTURES["bert"], num_labels)
     if not cfg.causal:
         raise UnsupportedModelError(
             f"ModelConfig cannot be exported as a Hugging Face {cfg.family!r} model: it has causal=False "
@@ -267,17 +319,42 @@ def to_hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, An
     return out
 
 
+def _bert_config(cfg: ModelConfig, torch_dtype: str, architecture: str, num_labels: Optional[int]) -> dict[str, Any]:
+    if architecture not in BERT_ARCHITECTURES:
+        raise UnsupportedModelError(f"BERT export: unknown architecture {architecture!r} ({' | '.join(BERT_ARCHITECTURES)})")
+    if cfg.causal:
+        raise UnsupportedModelError("ModelConfig cannot be exported as a Hugging Face 'bert' model: it has causal=True, "
+                                    "and BERT always attends both ways")
+    out = {
+        "architectures": [architecture], "model_type": "bert", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.intermediate_size, "hidden_act": _ACTIVATIONS_OUT[cfg.activation],
+        "max_position_embeddings": cfg.max_position_embeddings, "type_vocab_size": cfg.type_vocab_size,
+        "layer_norm_eps": cfg.norm_eps, "initializer_range": cfg.initializer_range, "pad_token_id": cfg.pad_token_id,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "position_embedding_type": "absolute",
+        "torch_dtype": torch_dtype, "dtype": torch_dtype,
+    }
+    if architecture == "BertForSequenceClassification":
+        if not num_labels:
+            raise UnsupportedModelError("BertForSequenceClassification export needs num_labels (the score head's outputs)")
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+        if num_labels == 1:
+            out["problem_type"] = "regression"
+    return out
+
+
 _NON_ARCHITECTURE = ("param_dtype", "dtype", "attention_impl", "initializer_range")
 
 
-def check_expressible(cfg: ModelConfig) -> dict[str, Any]:
-    """to_hf_config(cfg), after checking transformers would rebuild exactly this architecture."""
+def check_expressible(cfg: ModelConfig, **export) -> dict[str, Any]:
+    """to_hf_config(cfg, **export), after checking transformers would rebuild exactly this architecture."""
     if cfg.family == "llama" and cfg.hidden_size % cfg.num_heads:
         raise UnsupportedModelError(
             f"ModelConfig cannot be exported as a Hugging Face 'llama' model: transformers requires hidden_size "
             f"({cfg.hidden_size}) to be a multiple of num_heads ({cfg.num_heads}); use family 'qwen3' for free head_dim"
         )
-    hf = to_hf_config(cfg)
+    hf = to_hf_config(cfg, **export)
     back = from_hf_config(hf, **{k: getattr(cfg, k) for k in _NON_ARCHITECTURE})
     if back != cfg:
         diffs = [f.name for f in cfg.__dataclass_fields__.values() if getattr(cfg, f.name) != getattr(back, f.name)]

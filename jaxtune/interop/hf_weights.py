@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -23,11 +24,16 @@ from jaxtune.interop.hf_config import check_expressible, from_hf_config
 from jaxtune.interop.hf_quant import companion_names, read_quantized_kernel
 from jaxtune.interop.safe_files import inside_directory, read_tensor, tensor_names
 from jaxtune.models import Model, ModelConfig
+from jaxtune.models.heads import NSP, SCORE, HeadSpec, head_template
 from jaxtune.utils.tree import get_path, path_str, set_path
 
 SAFE_INDEX = "model.safetensors.index.json"
 # Buffers some transformers versions saved that carry no weights.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", "embeddings.position_ids",
+                     # BERT's decoder bias is cls.predictions.bias (older checkpoints saved both)
+                     "cls.predictions.decoder.bias")
+# Output projections a tied checkpoint may still hold (a copy of the input embedding)
+_TIED_COPIES = ("lm_head.weight", "cls.predictions.decoder.weight")
 
 
 class CheckpointMismatchError(ValueError):
@@ -43,16 +49,28 @@ class TensorMap:
     to_jax: Callable[[np.ndarray], tuple[np.ndarray, ...]]
     to_hf: Callable[..., np.ndarray]
     linear: bool = False  # an nn.Linear weight [out, in] (may be saved quantized by bitsandbytes)
+    # "": part of every checkpoint of the family; otherwise the part of the model it belongs to, which
+    # some architectures lack (BERT: "pooler", "mlm" head; the "nsp" and "score" heads)
+    part: str = ""
 
 
-def _copy(hf_name, path):
-    return TensorMap(hf_name, (path,), lambda t: (t,), lambda t: t)
+def _copy(hf_name, path, part=""):
+    return TensorMap(hf_name, (path,), lambda t: (t,), lambda t: t, part=part)
 
 
-def _transposed(hf_name, path):
+def _transposed(hf_name, path, part=""):
     """torch nn.Linear stores [out, in]; jaxtune kernels are [in, out]."""
     return TensorMap(hf_name, (path,), lambda t: (np.ascontiguousarray(t.T),), lambda t: np.ascontiguousarray(t.T),
-                     linear=True)
+                     linear=True, part=part)
+
+
+def _dense(hf, path, part=""):
+    """An nn.Linear with bias: ``{hf}.weight`` / ``{hf}.bias`` <-> ``path/kernel`` / ``path/bias``."""
+    return [_transposed(f"{hf}.weight", path + ("kernel",), part), _copy(f"{hf}.bias", path + ("bias",), part)]
+
+
+def _layer_norm(hf, path, part=""):
+    return [_copy(f"{hf}.weight", path + ("scale",), part), _copy(f"{hf}.bias", path + ("bias",), part)]
 
 
 def _split_last(hf_name, paths):
@@ -61,9 +79,69 @@ def _split_last(hf_name, paths):
     return TensorMap(hf_name, paths, lambda t: tuple(np.split(t, n, axis=-1)), lambda *ts: np.concatenate(ts, -1))
 
 
-def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
-    """The complete name mapping for a model of this config (HF -> jaxtune paths)."""
+def tensor_maps(cfg: ModelConfig, parts: Optional[Iterable[str]] = None) -> list[TensorMap]:
+    """The complete name mapping for a model of this config (HF -> jaxtune paths). BERT: the
+    encoder and the optional ``parts`` (default: what `Model.init` builds, the pooler and the MLM head;
+    `BERT_PARTS` names the parts of each Hugging Face architecture)."""
+    if cfg.family == "bert":
+        return _bert_maps(cfg, ("pooler", "mlm") if parts is None else tuple(parts))
     return _gpt2_maps(cfg) if cfg.family == "gpt2" else _llama_like_maps(cfg)
+
+
+BERT_PARTS = {
+    "BertForMaskedLM": ("mlm",),
+    "BertForPreTraining": ("pooler", "mlm", "nsp"),
+    "BertForSequenceClassification": ("pooler", "score"),
+}
+INIT_PARTS = ("pooler", "mlm")  # BERT parts `Model.init` builds: a checkpoint without them gets fresh ones
+
+
+def _bert_maps(cfg: ModelConfig, parts: tuple[str, ...]) -> list[TensorMap]:
+    e = "bert.embeddings"
+    maps = [
+        _copy(f"{e}.word_embeddings.weight", ("embed", "embedding")),
+        _copy(f"{e}.position_embeddings.weight", ("pos_embed", "embedding")),
+        _copy(f"{e}.token_type_embeddings.weight", ("type_embed", "embedding")),
+        *_layer_norm(f"{e}.LayerNorm", ("embed_norm",)),
+    ]
+    for i in range(cfg.num_layers):
+        hf, jx = f"bert.encoder.layer.{i}", f"layers_{i}"
+        for name, proj in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+            maps += _dense(f"{hf}.attention.self.{name}", (jx, "attn", proj))
+        maps += [*_dense(f"{hf}.attention.output.dense", (jx, "attn", "o_proj")),
+                 *_layer_norm(f"{hf}.attention.output.LayerNorm", (jx, "attn_norm")),
+                 *_dense(f"{hf}.intermediate.dense", (jx, "mlp", "up_proj")),
+                 *_dense(f"{hf}.output.dense", (jx, "mlp", "down_proj")),
+                 *_layer_norm(f"{hf}.output.LayerNorm", (jx, "mlp_norm"))]
+    if "pooler" in parts:
+        maps += _dense("bert.pooler.dense", ("pooler",), "pooler")
+    if "mlm" in parts:
+        maps += [*_dense("cls.predictions.transform.dense", ("lm_head", "transform"), "mlm"),
+                 *_layer_norm("cls.predictions.transform.LayerNorm", ("lm_head", "transform_norm"), "mlm"),
+                 _copy("cls.predictions.bias", ("lm_head", "bias"), "mlm")]
+        if not cfg.tie_word_embeddings:
+            maps.append(_transposed("cls.predictions.decoder.weight", ("lm_head", "kernel"), "mlm"))
+    if "nsp" in parts:
+        maps += _dense("cls.seq_relationship", (NSP,), "nsp")
+    if "score" in parts:
+        maps += _dense("classifier", (SCORE,), "score")
+    return maps
+
+
+def bert_architecture(params: dict) -> str:
+    """The Hugging Face architecture that holds a BERT param tree's heads: a score head ->
+    BertForSequenceClassification, an NSP head -> BertForPreTraining, else BertForMaskedLM."""
+    if SCORE in params:
+        return "BertForSequenceClassification"
+    return "BertForPreTraining" if NSP in params else "BertForMaskedLM"
+
+
+def _checkpoint_heads(cfg: ModelConfig, names: set[str]) -> tuple[str, ...]:
+    """The head parts a checkpoint holds besides what `Model.init` builds (BERT's NSP / classifier)."""
+    if cfg.family != "bert":
+        return ()
+    return tuple(p for p, name in (("nsp", "cls.seq_relationship.weight"), ("score", "classifier.weight"))
+                 if name in names)
 
 
 def _llama_like_maps(cfg: ModelConfig) -> list[TensorMap]:
@@ -203,17 +281,25 @@ def load_hf(directory: str | os.PathLike, *, param_dtype: str = "float32", dtype
 
 
 def params_from_tensors(names: set[str], get: Callable[[str], np.ndarray], cfg: ModelConfig, *, source: str = "checkpoint") -> dict:
-    """Assemble the jaxtune param tree from named HF tensors, checking names and shapes."""
-    maps = tensor_maps(cfg)
+    """Assemble the jaxtune param tree from named HF tensors, checking names and shapes. BERT: the
+    NSP / classifier heads a checkpoint holds become the `NSP` / `SCORE` heads; a pooler or MLM head
+    it lacks (BertForMaskedLM has no pooler, BertForSequenceClassification no MLM head) is freshly
+    initialised, as transformers does, and named on stderr."""
+    heads = _checkpoint_heads(cfg, names)
+    maps = tensor_maps(cfg, INIT_PARTS + heads) if cfg.family == "bert" else tensor_maps(cfg)
     strip = _bare_model_prefix(names, maps)
-    expected = jax.eval_shape(Model(cfg).init, jax.random.key(0))
+    expected = dict(jax.eval_shape(Model(cfg).init, jax.random.key(0)))
+    if "nsp" in heads:
+        expected[NSP] = head_template(HeadSpec(NSP, outputs=2), cfg)
+    if "score" in heads:
+        expected[SCORE] = head_template(HeadSpec(SCORE, outputs=int(np.prod(get("classifier.bias").shape))), cfg)
     params: dict = {}
     used: set[str] = set()
-    missing = []
+    missing, fresh = [], []
     for m in maps:
         name = m.hf_name[len(strip):] if strip and m.hf_name.startswith(strip) else m.hf_name
         if name not in names:
-            missing.append(name)
+            (fresh if m.part in INIT_PARTS else missing).append(m)
             continue
         used.add(name)
         extra = companion_names(name, names)
@@ -234,8 +320,17 @@ def params_from_tensors(names: set[str], get: Callable[[str], np.ndarray], cfg: 
                 )
             set_path(params, path, jax.numpy.asarray(value, dtype=cfg.weight_dtype))
     if missing:
+        missing = [m.hf_name for m in missing]
         raise CheckpointMismatchError(f"{source}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    unexpected = sorted(n for n in names - used if not n.endswith(_IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    if fresh:
+        init = Model(cfg).init(jax.random.key(0))
+        for m in fresh:
+            for path in m.paths:
+                set_path(params, path, get_path(init, path))
+        print(f"{source}: no {', '.join(sorted({m.part for m in fresh}))} weights in the checkpoint "
+              f"({', '.join(m.hf_name for m in fresh[:3])}{' ...' if len(fresh) > 3 else ''}): newly initialised "
+              "(seed 0), as transformers does", file=sys.stderr)
+    unexpected = sorted(n for n in names - used if not n.endswith(_IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and n in _TIED_COPIES))
     if unexpected:
         raise CheckpointMismatchError(
             f"{source}: unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
@@ -244,10 +339,13 @@ def params_from_tensors(names: set[str], get: Callable[[str], np.ndarray], cfg: 
     return params
 
 
-def hf_tensors(params: dict, cfg: ModelConfig, dtype: Optional[str] = None) -> dict[str, np.ndarray]:
-    """The HF-named tensors of a plain (merged, unquantized) param tree."""
+def hf_tensors(params: dict, cfg: ModelConfig, dtype: Optional[str] = None, *,
+               architecture: Optional[str] = None) -> dict[str, np.ndarray]:
+    """The HF-named tensors of a plain (merged, unquantized) param tree (BERT: of ``architecture``,
+    default `bert_architecture`)."""
     out = {}
-    for m in tensor_maps(cfg):
+    parts = BERT_PARTS[architecture or bert_architecture(params)] if cfg.family == "bert" else None
+    for m in tensor_maps(cfg, parts):
         leaves = []
         for path in m.paths:
             leaf = get_path(params, path, missing_ok=True)
@@ -265,18 +363,31 @@ def hf_tensors(params: dict, cfg: ModelConfig, dtype: Optional[str] = None) -> d
 
 
 def save_hf(params: dict, cfg: ModelConfig, directory: str | os.PathLike, *, dtype: Optional[str] = None,
-            max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:
-    """Write config.json + safetensors (sharded above max_shard_bytes) that transformers loads."""
+            max_shard_bytes: int = 5 * 2**30, overwrite: bool = False, architecture: Optional[str] = None) -> Path:
+    """Write config.json + safetensors (sharded above max_shard_bytes) that transformers loads.
+    BERT: as ``architecture`` (`BERT_ARCHITECTURES`; default from the heads, `bert_architecture`)."""
+    export = {}
+    if cfg.family == "bert":
+        architecture = architecture or bert_architecture(params)
+        if architecture not in BERT_PARTS:
+            raise ValueError(f"architecture {architecture!r}: BERT exports as {' | '.join(BERT_PARTS)}")
+        export = {"architecture": architecture}
+        if architecture == "BertForSequenceClassification":
+            if SCORE not in params:
+                raise ValueError("BertForSequenceClassification export: the params have no score head")
+            export["num_labels"] = int(np.shape(params[SCORE]["bias"])[0])
+    elif architecture is not None:
+        raise ValueError(f"architecture={architecture!r} is for BERT exports; a {cfg.family} model has one architecture")
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace its files; "
                               "the CLI's flag is --overwrite)")
-    tensors = hf_tensors(params, cfg, dtype)
+    tensors = hf_tensors(params, cfg, dtype, architecture=architecture)
     directory.mkdir(parents=True, exist_ok=True)
     for stale in [*directory.glob("*.safetensors"), directory / SAFE_INDEX, directory / "config.json"]:
         stale.unlink(missing_ok=True)  # overwrite=True: no shard of an earlier export may survive
     torch_dtype = str(np.dtype(next(iter(tensors.values())).dtype)) if dtype is None else dtype
-    hf_config = check_expressible(cfg)
+    hf_config = check_expressible(cfg, **export)
     hf_config["torch_dtype"] = hf_config["dtype"] = torch_dtype
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     shards = list(_shard(tensors, max_shard_bytes))

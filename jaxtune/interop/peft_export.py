@@ -145,7 +145,9 @@ def save_peft_adapter(params: Any, cfg: ModelConfig, directory: str | os.PathLik
     else:
         raise AdapterFormatError(f"cannot export adapter leaves of types {sorted(t.__name__ for t in kinds)} as one "
                                  "PEFT adapter (supported: LoraWeight / DoraWeight, or IA3Weight)")
-    config = {"base_model_name_or_path": base_model_name_or_path, "revision": None, "task_type": "CAUSAL_LM",
+    # BERT's heads (MLM, pre-training) have no PEFT task type: the adapter goes on the model as loaded
+    task_type = None if cfg.family == "bert" else "CAUSAL_LM"
+    config = {"base_model_name_or_path": base_model_name_or_path, "revision": None, "task_type": task_type,
               "inference_mode": True, "modules_to_save": None, **config}
     if dtype is not None:
         tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in tensors.items()}

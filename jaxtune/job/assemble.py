@@ -11,6 +11,7 @@ that is about to train (random inits stay functions, so the loop builds them on 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -27,7 +28,7 @@ from jaxtune.interop.hf_weights import load_hf
 from jaxtune.job import runmeta
 from jaxtune.job.schema import ModelSource, TrainJobConfig
 from jaxtune.models import Model, ModelConfig
-from jaxtune.models.heads import HeadSpec, add_head, head_template
+from jaxtune.models.heads import HEAD_KEYS, HeadSpec, add_head, head_template
 from jaxtune.models.presets import preset
 from jaxtune.peft.config import PeftConfig, apply_peft, peft_mask, peft_optimizer
 from jaxtune.quant.weight import QuantConfig, quantize
@@ -168,15 +169,45 @@ def with_peft(job: TrainJobConfig, params: Params, cfg: ModelConfig, tokenizer,
     return params, mask, peft_optimizer(optimizer, job.peft, job.train.steps)
 
 
+def without_other_heads(params: Params, head: Optional[HeadSpec]) -> Params:
+    """``params`` without the named heads the starting model holds that the job's objective does
+    not train (a BERT pre-training checkpoint's NSP head under classification), each named on
+    stderr; a head of the objective's own kind stays (`with_head` keeps it)."""
+    abstract = jax.eval_shape(params, jax.random.key(0)) if callable(params) else params
+    extra = [k for k in HEAD_KEYS if k in abstract and (head is None or k != head.key)]
+    if not extra:
+        return params
+    print(f"model: the starting weights' {', '.join(extra)} head(s) are not used by this objective: left out",
+          file=sys.stderr)
+    return transformed(params, lambda p: {k: v for k, v in p.items() if k not in extra})[0]
+
+
+def _put_head(params: Any, head: HeadSpec, cfg: ModelConfig, rng: jax.Array, network: Any) -> Any:
+    """`add_head`, or the starting weights' own head of this kind when its shapes fit (a BERT
+    pre-training checkpoint's NSP head; a sequence classifier's score head)."""
+    if head.key not in params or head.key == "value_model":
+        return add_head(params, head, cfg, rng, network)
+    have = jax.tree.map(lambda a: tuple(a.shape), params[head.key])
+    want = jax.tree.map(lambda a: tuple(a.shape), head_template(head, cfg))
+    if have != want:
+        raise ValueError(f"the starting weights hold a {head.key!r} head of shapes {have}; objective "
+                         f"{head.key} needs {want} (e.g. objective.num_labels differs from the checkpoint's)")
+    return params
+
+
 def with_head(job: TrainJobConfig, params: Params, cfg: ModelConfig, mask: Any, head: Optional[HeadSpec],
               network: Any = None) -> tuple[Params, Any]:
     """The objective's head (`jaxtune.models.heads`; ``network``: a separate value network's
     params), added after PEFT (so adapter patterns never reach it) and always trainable, next to
-    whatever else trains."""
+    whatever else trains. Starting weights that already hold it (shapes checked) keep theirs."""
     if head is None:
         return params, mask
     key = jax.random.key(job.model.init_seed + 1)
-    params, abstract = transformed(params, lambda p: add_head(p, head, cfg, key, network))
+    if mask is not None:
+        abstract_before = jax.eval_shape(params, key) if callable(params) else params
+        if head.key in abstract_before:  # PEFT's mask covered the starting head: it is replaced below
+            mask = {k: v for k, v in mask.items() if k != head.key}
+    params, abstract = transformed(params, lambda p: _put_head(p, head, cfg, key, network))
     base_mask = mask if mask is not None else mask_by_regex(abstract, job.train.trainable)
     if mask is not None and jax.tree.structure(mask) != jax.tree.structure(abstract):
         base_mask = {**mask, head.key: jax.tree.map(lambda _: False, abstract[head.key])}

@@ -15,7 +15,7 @@ from jaxtune.interop.hf_config import from_hf_config
 from jaxtune.interop.hf_quant import bnb_quant_config
 from jaxtune.interop.hf_weights import read_config
 from jaxtune.job import runmeta
-from jaxtune.job.assemble import with_head, with_peft
+from jaxtune.job.assemble import with_head, with_peft, without_other_heads
 from jaxtune.job.objectives import Context, Network, get_objective
 from jaxtune.job.schema import TrainJobConfig
 from jaxtune.models import Model, ModelConfig
@@ -60,8 +60,9 @@ def plan_step(job: TrainJobConfig, devices: Optional[int] = None) -> StepPlan:
         network = Network(value_network_template(network_cfg), network_cfg.replace(**job.train.model_numerics))
     ctx = Context(job, cfg, network=network)
     optimizer, schedule = build_optimizer(job.optim, job.train.steps)
-    init, mask, optimizer = with_peft(job, init, cfg, None, optimizer)
-    init, mask = with_head(job, init, cfg, mask, objective.head(ctx), None if network is None else network.params)
+    head = objective.head(ctx)
+    init, mask, optimizer = with_peft(job, without_other_heads(init, head), cfg, None, optimizer)
+    init, mask = with_head(job, init, cfg, mask, head, None if network is None else network.params)
     params = jax.eval_shape(init, jax.random.key(0)) if callable(init) else init
     if mask is None:
         mask = mask_by_regex(params, job.train.trainable)

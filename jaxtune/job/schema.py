@@ -28,7 +28,8 @@ from jaxtune.quant.weight import QuantConfig
 from jaxtune.train.config import LoggingConfig, TrainConfig
 from jaxtune.train.optim import OptimConfig
 
-ObjectiveKind = Literal["causal", "masked", "sft", "classification", "regression", "dpo", "reward", "grpo", "ppo"]
+ObjectiveKind = Literal["causal", "masked", "nsp", "sft", "classification", "regression", "dpo", "reward", "grpo",
+                        "ppo"]
 OBJECTIVES: tuple[str, ...] = typing.get_args(ObjectiveKind)
 
 
@@ -74,8 +75,11 @@ class ObjectiveConfig:
     records only. masked: BERT-style masked LM (the model attends both ways): each real token is
     selected with probability ``mask_rate``; of those, ``random_rate`` become a uniformly random
     token, ``keep_rate`` stay as they are and the rest become ``mask_token_id`` (default: the
-    tokenizer's mask token). classification / regression: a score head over the pooled hidden
-    states (``pooling``: the last real token or the mean), cross-entropy over ``num_labels``
+    tokenizer's mask token). nsp: BERT's pre-training, masked LM (the same masking) plus
+    next-sentence prediction on data.kind=sentence_pairs, ``mlm_weight * MLM + nsp_weight * NSP``.
+    classification / regression: a score head over the pooled hidden states (``pooling``: the last
+    real token, the mean, or ``cls``: the first token through the model's pooler, as BERT does;
+    ``auto``: cls for a model with a pooler, else last), cross-entropy over ``num_labels``
     classes or squared error (data.kind=classification). dpo: a DPO-family loss on preference
     pairs; reward: a Bradley-Terry reward model (a one-output score head at the last token); both
     read ``preference`` and data.kind=preference. grpo: group-sampled RL with verifiable rewards on
@@ -86,8 +90,10 @@ class ObjectiveConfig:
     random_rate: float = 0.1
     keep_rate: float = 0.1
     mask_token_id: Optional[int] = None
+    mlm_weight: float = 1.0  # nsp: weight of the masked-LM loss
+    nsp_weight: float = 1.0  # nsp: weight of the next-sentence loss
     num_labels: int = 2  # classification: number of classes (regression uses 1)
-    pooling: Literal["last", "mean"] = "last"
+    pooling: Literal["auto", "last", "mean", "cls"] = "auto"
     preference: PreferenceObjectiveConfig = field(default_factory=PreferenceObjectiveConfig)  # dpo / reward
     grpo: GRPOConfig = field(default_factory=GRPOConfig)  # grpo: sampling, reward, clipping, KL, normalisation
     ppo: PPOConfig = field(default_factory=PPOConfig)  # ppo: reward (function or model), KL, GAE, clipping, epochs
@@ -99,6 +105,9 @@ class ObjectiveConfig:
             self.mask_rate, self.random_rate, self.keep_rate,
             names=("ObjectiveConfig.mask_rate", "ObjectiveConfig.random_rate", "ObjectiveConfig.keep_rate"),
         )
+        if self.mlm_weight < 0 or self.nsp_weight < 0 or self.mlm_weight + self.nsp_weight <= 0:
+            raise ValueError(f"ObjectiveConfig.mlm_weight ({self.mlm_weight}) and nsp_weight ({self.nsp_weight}) must "
+                             "be >= 0, not both 0")
         if self.mask_token_id is not None and (
             isinstance(self.mask_token_id, bool) or not isinstance(self.mask_token_id, numbers.Integral)
             or self.mask_token_id < 0

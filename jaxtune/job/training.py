@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from jaxtune.checkpoint.manager import TrainCheckpointer
 from jaxtune.config import to_dict
 from jaxtune.job import runmeta
-from jaxtune.job.assemble import job_tokenizer, model_for_training, with_head, with_peft
+from jaxtune.job.assemble import job_tokenizer, model_for_training, with_head, with_peft, without_other_heads
 from jaxtune.job.objectives import Context, Objective, get_objective
 from jaxtune.job.runlock import RunLock
 from jaxtune.job.schema import TrainJobConfig
@@ -66,8 +66,8 @@ def setup_training(job: TrainJobConfig) -> TrainingSetup:
     stream, eval_streams = objective.streams(ctx)
     check_steps_per_call(job.train, stream)
     optimizer, schedule = build_optimizer(job.optim, job.train.steps)
-    params, mask, optimizer = with_peft(job, start, cfg, tokenizer, optimizer)
     head = objective.head(ctx)
+    params, mask, optimizer = with_peft(job, without_other_heads(start, head), cfg, tokenizer, optimizer)
     params, mask = with_head(job, params, cfg, mask, head, None if ctx.network is None else ctx.network.params)
     return TrainingSetup(job=job, objective=objective, cfg=cfg, tokenizer=tokenizer, params=params, trainable_mask=mask,
                          head=head, optimizer=optimizer, schedule=schedule, loss_fn=objective.loss(ctx), stream=stream,

@@ -13,7 +13,7 @@ from typing import Literal, Optional
 
 import jax.numpy as jnp
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "bert")
 
 
 REMAT_POLICIES = ("none", "full", "offload", "save_dots", "save_layer_inputs")
@@ -33,7 +33,7 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a decoder LM. Shapes: embed = hidden_size, heads x head_dim per projection."""
+    """Architecture of a decoder LM (or a BERT-style encoder). Shapes: embed = hidden_size, heads x head_dim per projection."""
 
     family: str = "llama"
     vocab_size: int = 256
@@ -59,6 +59,16 @@ class ModelConfig:
     # Per layer "full" or "sliding"; empty means every layer is "full" unless
     # sliding_window is set, in which case every layer slides (Mistral).
     layer_types: tuple[str, ...] = ()
+    # pre: x + f(norm(x)) with a final norm (decoders); post: norm(x + f(x)), the embeddings normed
+    # and no final norm (BERT)
+    norm_placement: Literal["pre", "post"] = "pre"
+    # >0: a learned token-type (segment A / B) embedding of this many types added to the input (BERT)
+    type_vocab_size: int = 0
+    # The LM head: a dense + activation + LayerNorm transform before the vocabulary projection, and a
+    # per-token output bias (BERT's MLM head); a pooler (dense + tanh over the first token) beside it
+    lm_head_transform: bool = False
+    lm_head_bias: bool = False
+    pooler: bool = False
     # False: bidirectional attention (masked-LM encoders). Segments (packing, padding) and
     # sliding windows (|i - j| < window) still apply; KV-cache decoding and HF export refuse it.
     causal: bool = True
@@ -100,6 +110,10 @@ class ModelConfig:
             )
         if self.attention_block_q < 0 or self.attention_block_kv < 0:
             raise ValueError("ModelConfig.attention_block_q / attention_block_kv must be >= 0 (0: chosen per call)")
+        if self.type_vocab_size < 0:
+            raise ValueError(f"ModelConfig.type_vocab_size must be >= 0 (0: no token types), got {self.type_vocab_size}")
+        if self.norm_placement not in ("pre", "post"):
+            raise ValueError(f"ModelConfig.norm_placement: {self.norm_placement!r} (pre | post)")
         if self.mlp_chunk_tokens < 0:
             raise ValueError(f"ModelConfig.mlp_chunk_tokens must be >= 0 (0: the whole sequence at once), got {self.mlp_chunk_tokens}")
         if self.remat not in REMAT_POLICIES:

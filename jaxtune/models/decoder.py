@@ -41,8 +41,9 @@ import jax.numpy as jnp
 
 from jaxtune.models.attention import KVCache, init_cache
 from jaxtune.models.config import ModelConfig
-from jaxtune.models.layers import Embed, block_class, make_norm
+from jaxtune.models.layers import ACTIVATIONS, Embed, block_class, make_norm
 from jaxtune.models.masks import MaskInfo
+from jaxtune.models.norms import layer_norm
 from jaxtune.models.rope import inverse_frequencies, rotary_tables
 from jaxtune.ops import linear
 from jaxtune.parallel.rules import constrain
@@ -68,11 +69,13 @@ class Decoder(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, segment_ids, cache: Optional[KVCache] = None, prefix=None, embeds=None):
+    def __call__(self, tokens, positions, segment_ids, cache: Optional[KVCache] = None, prefix=None, embeds=None,
+                 token_types=None):
         """prefix: optional per-layer (keys, values) [layers, n, kv_heads, head_dim] at positions
         0..n-1 that every non-padding query sees (``positions`` then already count them: real
         tokens start at n); embeds: optional [batch, seq, embed] used instead of looking
-        ``tokens`` up (learned positions are still added)."""
+        ``tokens`` up (learned positions are still added); token_types: [batch, seq] ids of the
+        token-type embedding (``cfg.type_vocab_size`` > 0; default all 0)."""
         cfg = self.cfg
         if cache is not None and not cfg.causal:
             raise ValueError(
@@ -85,6 +88,14 @@ class Decoder(nn.Module):
             x = embeds.astype(cfg.compute_dtype)
         if cfg.position == "learned":
             x = x + Embed(cfg.max_position_embeddings, cfg.hidden_size, cfg, name="pos_embed")(positions)
+        if cfg.type_vocab_size:
+            if token_types is None:
+                token_types = jnp.zeros(positions.shape, jnp.int32)
+            x = x + Embed(cfg.type_vocab_size, cfg.hidden_size, cfg, name="type_embed")(token_types)
+        elif token_types is not None:
+            raise ValueError("token_types given, but this ModelConfig has no token-type embedding (type_vocab_size=0)")
+        if cfg.norm_placement == "post":  # BERT: the summed embeddings are normed; the blocks end in norms
+            x = make_norm(cfg, "embed_norm")(x)
         rotary = rotary_tables(positions, inverse_frequencies(cfg.rope, cfg.head_dim)) if cfg.position == "rope" else None
 
         seq = x.shape[1]
@@ -114,7 +125,8 @@ class Decoder(nn.Module):
             if updated is not None:
                 new_keys.append(updated[0])
                 new_values.append(updated[1])
-        x = make_norm(cfg, "final_norm")(x)
+        if cfg.norm_placement == "pre":
+            x = make_norm(cfg, "final_norm")(x)
         if cache is None:
             return x, None
         return x, KVCache(tuple(new_keys), tuple(new_values), k_segments, end + seq)
@@ -136,7 +148,7 @@ def _check_cache_room(cache: KVCache, new_tokens: int) -> None:
 
 __getattr__ = moved_names(__name__, {"HEAD_KEYS": "jaxtune.models.heads.HEAD_KEYS"})
 PREFIX_KEYS = ("prompt", "prefix")  # top-level subtrees the model reads besides its own weights
-TRUNK_KEYS = ("embed", "pos_embed", "final_norm")  # the blocks' own subtrees besides layers_<i>
+TRUNK_KEYS = ("embed", "pos_embed", "type_embed", "embed_norm", "final_norm")  # the blocks' own subtrees besides layers_<i>
 
 
 def is_trunk_key(key: str) -> bool:
@@ -166,12 +178,50 @@ def prefix_key_values(prefix: Any, cfg: ModelConfig) -> tuple[jax.Array, jax.Arr
 
 
 def lm_head(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """hidden: [..., embed] -> logits [..., vocab] float32 (tied heads reuse the embedding)."""
-    if cfg.tie_word_embeddings:
-        kernel = params["embed"]["embedding"].T
-    else:
-        kernel = params["lm_head"]["kernel"]
-    return linear(hidden, kernel, dtype=cfg.compute_dtype).astype(jnp.float32)
+    """hidden: [..., embed] -> logits [..., vocab] float32 (tied heads reuse the embedding; BERT's
+    head first transforms the hidden states, dense + activation + LayerNorm, and adds a bias)."""
+    head = params.get("lm_head", {})
+    if cfg.lm_head_transform:
+        dense, norm = head["transform"], head["transform_norm"]
+        hidden = linear(hidden, dense["kernel"], dtype=cfg.compute_dtype) + dense["bias"].astype(cfg.compute_dtype)
+        hidden = layer_norm(ACTIVATIONS[cfg.activation](hidden), norm["scale"], norm["bias"], cfg.norm_eps,
+                            cfg.compute_dtype)
+    kernel = params["embed"]["embedding"].T if cfg.tie_word_embeddings else head["kernel"]
+    logits = linear(hidden, kernel, dtype=cfg.compute_dtype).astype(jnp.float32)
+    return logits + head["bias"].astype(jnp.float32) if cfg.lm_head_bias else logits
+
+
+def init_lm_head(rng: jax.Array, cfg: ModelConfig) -> Params:
+    """Fresh params of the LM head beside the trunk ({} for a plain tied head)."""
+    init = nn.initializers.normal(cfg.initializer_range)
+    transform_rng = jax.random.fold_in(rng, 1)
+    head = {}
+    if not cfg.tie_word_embeddings:
+        head["kernel"] = init(rng, (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype)
+    if cfg.lm_head_transform:
+        head["transform"] = {"kernel": init(transform_rng, (cfg.hidden_size, cfg.hidden_size), cfg.weight_dtype),
+                             "bias": jnp.zeros((cfg.hidden_size,), cfg.weight_dtype)}
+        head["transform_norm"] = {"scale": jnp.ones((cfg.hidden_size,), cfg.weight_dtype),
+                                  "bias": jnp.zeros((cfg.hidden_size,), cfg.weight_dtype)}
+    if cfg.lm_head_bias:
+        head["bias"] = jnp.zeros((cfg.vocab_size,), cfg.weight_dtype)
+    return head
+
+
+def init_pooler(rng: jax.Array, cfg: ModelConfig) -> Params:
+    """Fresh params of BERT's pooler: dense [embed, embed] + bias, tanh over the first token."""
+    kernel = nn.initializers.normal(cfg.initializer_range)(rng, (cfg.hidden_size, cfg.hidden_size), cfg.weight_dtype)
+    return {"kernel": kernel, "bias": jnp.zeros((cfg.hidden_size,), cfg.weight_dtype)}
+
+
+def pooled_output(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """BERT's pooler: tanh(dense(hidden of the first token)). hidden: [batch, seq, embed] -> [batch, embed]
+    float32. A model without a pooler (``cfg.pooler`` False) gives the first token's hidden state."""
+    first = hidden[:, 0].astype(jnp.float32)
+    if not cfg.pooler:
+        return first
+    pooler = params["pooler"]
+    return jnp.tanh(linear(first, pooler["kernel"], dtype=jnp.float32) + pooler["bias"].astype(jnp.float32))
 
 
 @dataclass(frozen=True)
@@ -198,10 +248,12 @@ class Model:
         segment_ids: Optional[jax.Array] = None,
         cache: Optional[KVCache] = None,
         rng: Optional[jax.Array] = None,
+        token_types: Optional[jax.Array] = None,
     ) -> tuple[jax.Array, Optional[KVCache]]:
         """tokens: [batch, seq] -> (hidden [batch, seq, embed], updated cache or None).
         ``rng``: a key in training steps, for weight leaves with dropout (LoRA); None (the
-        default) runs deterministically. With a "prompt" / "prefix" subtree (module docstring)
+        default) runs deterministically. ``token_types``: [batch, seq] segment A / B ids for a
+        model with a token-type embedding (BERT; default 0). With a "prompt" / "prefix" subtree (module docstring)
         ``positions`` count real tokens within their document and are shifted by n here."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
@@ -221,7 +273,9 @@ class Model:
         prefix = self.prefix_kv(params, rng=prefix_rng)
         if prefix is not None:  # the prefix holds positions 0..n-1
             positions = jnp.asarray(positions) + prefix[0].shape[1]
-        args = (self._decoder_params(params), tokens, positions, segment_ids, cache, prefix, rng)
+        if token_types is not None and token_types.shape != tokens.shape:
+            raise ValueError(f"token_types shape {token_types.shape} != tokens shape {tokens.shape}")
+        args = (self._decoder_params(params), tokens, positions, segment_ids, cache, prefix, rng, token_types)
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
             return _run_decoder(self.cfg, *args)  # inside a traced program (jit, grad, eval_shape): inline
         return _run_decoder_jitted(self.cfg, *args)  # called eagerly: one compiled program, not op by op
@@ -293,9 +347,11 @@ class Model:
     def logits(self, params: Params, hidden: jax.Array) -> jax.Array:
         return lm_head(params, hidden, self.cfg)
 
-    def apply(self, params: Params, tokens: jax.Array, *, positions=None, segment_ids=None, cache=None):
+    def apply(self, params: Params, tokens: jax.Array, *, positions=None, segment_ids=None, cache=None,
+              token_types=None):
         """Logits [batch, seq, vocab] float32; with a cache, (logits, updated cache)."""
-        hidden, new_cache = self.hidden(params, tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+        hidden, new_cache = self.hidden(params, tokens, positions=positions, segment_ids=segment_ids, cache=cache,
+                                        token_types=token_types)
         logits = self.logits(params, hidden)
         return logits if cache is None else (logits, new_cache)
 
@@ -304,9 +360,10 @@ class Model:
         return init_cache(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype or cfg.compute_dtype)
 
 
-def _run_decoder(cfg: ModelConfig, params, tokens, positions, segment_ids, cache, prefix, rng):
+def _run_decoder(cfg: ModelConfig, params, tokens, positions, segment_ids, cache, prefix, rng, token_types=None):
     rngs = None if rng is None else {"dropout": rng}
-    return Decoder(cfg).apply({"params": params}, tokens, positions, segment_ids, cache, prefix, rngs=rngs)
+    return Decoder(cfg).apply({"params": params}, tokens, positions, segment_ids, cache, prefix, None, token_types,
+                              rngs=rngs)
 
 
 _run_decoder_jitted = jax.jit(_run_decoder, static_argnums=0)
@@ -316,10 +373,13 @@ _run_decoder_jitted = jax.jit(_run_decoder, static_argnums=0)
 def _init(cfg: ModelConfig, rng: jax.Array) -> Params:
     tokens = jnp.zeros((1, 1), jnp.int32)
     decoder_rng, head_rng = jax.random.split(rng)
+    pooler_rng = jax.random.fold_in(rng, 2)
     params = dict(Decoder(cfg).init(decoder_rng, tokens, tokens, tokens)["params"])
-    if not cfg.tie_word_embeddings:
-        init = nn.initializers.normal(cfg.initializer_range)
-        params["lm_head"] = {"kernel": init(head_rng, (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype)}
+    head = init_lm_head(head_rng, cfg)
+    if head:
+        params["lm_head"] = head
+    if cfg.pooler:
+        params["pooler"] = init_pooler(pooler_rng, cfg)
     return params
 
 

@@ -4,12 +4,14 @@ named heads a job adds beside the trunk.
 - value / reward head: hidden [batch, seq, embed] -> [batch, seq] scalars
   (PPO values per token; a reward model reads the last real token).
 - sequence classification: pooled hidden -> [batch, num_labels] logits
-  (pooling: the last non-padding token, as Hugging Face does, or the mean).
+  (pooling: the last non-padding token, as Hugging Face does for decoders, the mean, or ``cls``:
+  the first token through the model's pooler, as BERT does).
 
 Named heads live at a top-level key of the param tree, beside the trunk the model reads (so PEFT
 target patterns never reach them): `SCORE` (classification, regression, reward: the classifier
-head), `VALUE_HEAD` (PPO: the scalar head on the policy's own hidden states) and `VALUE_MODEL`
-(PPO: a separate value network, its own trunk with a `VALUE_HEAD`). A `HeadSpec` names one;
+head), `VALUE_HEAD` (PPO: the scalar head on the policy's own hidden states), `VALUE_MODEL`
+(PPO: a separate value network, its own trunk with a `VALUE_HEAD`) and `NSP` (BERT's
+next-sentence classifier over the pooled first token). A `HeadSpec` names one;
 `add_head` puts it on a tree and `head_template` gives its structure for a restore.
 """
 
@@ -22,13 +24,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.models.config import ModelConfig
-from jaxtune.models.decoder import Model, is_trunk_key
+from jaxtune.models.decoder import Model, is_trunk_key, pooled_output
 from jaxtune.ops import linear
 
 SCORE = "score"
 VALUE_HEAD = "value_head"
 VALUE_MODEL = "value_model"
-HEAD_KEYS = (SCORE, VALUE_HEAD, VALUE_MODEL)
+NSP = "nsp"
+HEAD_KEYS = (SCORE, VALUE_HEAD, VALUE_MODEL, NSP)
+POOLINGS = ("last", "mean", "cls")
 
 
 @dataclass(frozen=True)
@@ -38,14 +42,19 @@ class HeadSpec:
 
     key: str
     outputs: int = 1
-    pooling: Literal["last", "mean"] = "last"
+    pooling: Literal["last", "mean", "cls"] = "last"
     model_config: Optional[ModelConfig] = None
 
     def __post_init__(self):
         if self.key not in HEAD_KEYS:
             raise ValueError(f"head: unknown key {self.key!r} ({' | '.join(HEAD_KEYS)})")
-        if self.outputs < 1 or (self.key != SCORE and self.outputs != 1):
+        if self.key == NSP:
+            if self.outputs != 2:
+                raise ValueError(f"head {NSP}: {self.outputs} outputs (next sentence or not: 2)")
+        elif self.outputs < 1 or (self.key != SCORE and self.outputs != 1):
             raise ValueError(f"head {self.key}: {self.outputs} outputs (a value head has 1, a score head >= 1)")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"head {self.key}: unknown pooling {self.pooling!r} ({' | '.join(POOLINGS)})")
         if (self.key == VALUE_MODEL) != (self.model_config is not None):
             raise ValueError(f"head {self.key}: model_config is the architecture of a {VALUE_MODEL} (and only of it)")
 
@@ -66,6 +75,8 @@ def add_head(params: Any, spec: HeadSpec, cfg: ModelConfig, rng: jax.Array, netw
         value = network
     elif spec.key == VALUE_HEAD:
         value = init_scalar_head(rng, cfg)
+    elif spec.key == NSP:
+        value = init_classifier_head(rng, cfg, 2)
     else:
         value = init_classifier_head(rng, cfg, spec.outputs)
     return {**params, spec.key: value}
@@ -93,11 +104,43 @@ def head_template(spec: HeadSpec, cfg: ModelConfig) -> Any:
     return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shape)
 
 
+def batch_token_types(cfg: ModelConfig, batch: dict) -> Optional[jax.Array]:
+    """The batch's ``token_types`` for a model with a token-type embedding (BERT), else None
+    (a decoder has no segment A / B embedding to read them with)."""
+    return batch.get("token_types") if cfg.type_vocab_size else None
+
+
+def batch_hidden(model: Model, params: Any, batch: dict, *, rng=None, tokens=None) -> jax.Array:
+    """Hidden states [batch, seq, embed] of a padded-rows batch (``tokens`` replaces batch["tokens"],
+    e.g. the masked inputs of a masked LM)."""
+    hidden, _ = model.hidden(params, batch["tokens"] if tokens is None else tokens, positions=batch.get("positions"),
+                             segment_ids=batch["segment_ids"], rng=rng, token_types=batch_token_types(model.cfg, batch))
+    return hidden
+
+
+def pooled(model: Model, params: Any, hidden: jax.Array, segment_ids: jax.Array, pooling: str) -> jax.Array:
+    """One vector per row [batch, embed] float32: ``cls`` = the model's pooler over the first token
+    (`pooled_output`), else `pool`."""
+    if pooling == "cls":
+        return pooled_output(params, hidden, model.cfg)
+    return pool(hidden, segment_ids, pooling)
+
+
 def classification_logits(model: Model, params: Any, batch: dict, *, pooling: str = "last", rng=None) -> jax.Array:
     """The `SCORE` head over the pooled hidden states of each row -> [batch, outputs] float32."""
-    hidden, _ = model.hidden(params, batch["tokens"], positions=batch.get("positions"),
-                             segment_ids=batch["segment_ids"], rng=rng)
-    return classifier_head(params[SCORE], hidden, batch["segment_ids"], pooling)
+    hidden = batch_hidden(model, params, batch, rng=rng)
+    return dense_logits(params[SCORE], pooled(model, params, hidden, batch["segment_ids"], pooling))
+
+
+def nsp_logits(model: Model, params: Any, hidden: jax.Array) -> jax.Array:
+    """BERT's next-sentence logits [batch, 2] float32 (index 0: B follows A) from the `NSP` head over
+    the pooled first token."""
+    return dense_logits(params[NSP], pooled_output(params, hidden, model.cfg))
+
+
+def dense_logits(head: dict, pooled: jax.Array) -> jax.Array:
+    """A classifier head {'kernel': [embed, n], 'bias': [n]} over pooled vectors [batch, embed] -> [batch, n]."""
+    return linear(pooled, head["kernel"], dtype=jnp.float32) + head["bias"].astype(jnp.float32)
 
 
 def init_scalar_head(rng: jax.Array, cfg: ModelConfig) -> dict:
@@ -132,13 +175,12 @@ def pool(hidden: jax.Array, segment_ids: jax.Array, how: Literal["last", "mean"]
     if how == "mean":
         mask = (segment_ids != 0).astype(jnp.float32)[..., None]
         return (hidden * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
-    raise ValueError(f"pooling: unknown method {how!r} (last | mean)")
+    raise ValueError(f"pooling: unknown method {how!r} (last | mean; cls needs the model: `pooled`)")
 
 
 def classifier_head(head: dict, hidden: jax.Array, segment_ids: jax.Array, how: str = "last") -> jax.Array:
     """-> logits [batch, num_labels] float32 (for regression, num_labels = 1)."""
-    pooled = pool(hidden, segment_ids, how)
-    return linear(pooled, head["kernel"], dtype=jnp.float32) + head["bias"].astype(jnp.float32)
+    return dense_logits(head, pool(hidden, segment_ids, how))
 
 
 def sequence_scores(head: dict, hidden: jax.Array, segment_ids: jax.Array) -> jax.Array:

@@ -198,19 +198,24 @@ def mlp_by_chunks(mlp: MLP, x: jax.Array, chunk_tokens: int) -> jax.Array:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then h + mlp(norm(h))."""
+    """Transformer block. Pre-norm (``cfg.norm_placement`` "pre"): x + attn(norm(x)), then
+    h + mlp(norm(h)). Post-norm ("post", BERT): norm(x + attn(x)), then norm(h + mlp(h))."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x, rotary, mask, kv_cache=None, cache_end=None, prefix=None):
+        cfg = self.cfg
+        post = cfg.norm_placement == "post"
         x = checkpoint_name(x, "block_input")
-        attn_input = checkpoint_name(make_norm(self.cfg, "attn_norm")(x), "attn_input")
-        attn_out, new_cache = Attention(self.cfg, name="attn")(attn_input, rotary, mask, kv_cache, cache_end, prefix)
-        h = x + attn_out
-        mlp_input = checkpoint_name(make_norm(self.cfg, "mlp_norm")(h), "mlp_input")
-        mlp = MLP(self.cfg, name="mlp")
-        h = h + (mlp_by_chunks(mlp, mlp_input, self.cfg.mlp_chunk_tokens) if self.cfg.mlp_chunk_tokens else mlp(mlp_input))
+        attn_norm, mlp_norm = make_norm(cfg, "attn_norm"), make_norm(cfg, "mlp_norm")
+        attn_input = checkpoint_name(x if post else attn_norm(x), "attn_input")
+        attn_out, new_cache = Attention(cfg, name="attn")(attn_input, rotary, mask, kv_cache, cache_end, prefix)
+        h = attn_norm(x + attn_out) if post else x + attn_out
+        mlp_input = checkpoint_name(h if post else mlp_norm(h), "mlp_input")
+        mlp = MLP(cfg, name="mlp")
+        out = mlp_by_chunks(mlp, mlp_input, cfg.mlp_chunk_tokens) if cfg.mlp_chunk_tokens else mlp(mlp_input)
+        h = mlp_norm(h + out) if post else h + out
         return h, new_cache
 
 

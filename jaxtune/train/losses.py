@@ -35,6 +35,7 @@ import numpy as np
 from jaxtune.data.masking import check_mask_token_id, check_masking_rates, mask_tokens
 from jaxtune.models import Model
 from jaxtune.models.decoder import lm_head
+from jaxtune.models.heads import batch_hidden
 from jaxtune.parallel.rules import context_size
 from jaxtune.utils.moved import moved_names
 
@@ -194,8 +195,7 @@ def masked_lm_loss(
             mask_rng, dropout_rng = rng, jax.random.fold_in(rng, 1)
         segment_ids = batch["segment_ids"]
         inputs, targets, selected = mask_tokens(batch["tokens"], segment_ids, mask_rng, **masking)
-        hidden, _ = model.hidden(params, inputs, positions=batch.get("positions"), segment_ids=segment_ids,
-                                 rng=dropout_rng)
+        hidden = batch_hidden(model, params, batch, rng=dropout_rng, tokens=inputs)
         nll, z, correct = token_cross_entropy(
             params, hidden, targets, selected, model, chunk_tokens=chunk_tokens, count_correct=True
         )

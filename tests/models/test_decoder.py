@@ -145,7 +145,7 @@ def test_bad_inputs_are_named(model_and_params):
     with pytest.raises(ValueError, match="num_kv_heads"):
         ModelConfig(num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="unsupported family"):
-        ModelConfig(family="bert")
+        ModelConfig(family="t5")
 
 
 def test_cache_overflow_is_refused(model_and_params):

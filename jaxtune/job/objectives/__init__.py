@@ -13,6 +13,7 @@ from jaxtune.job.objectives import (  # noqa: F401  (each module registers its o
     dpo,
     grpo,
     masked,
+    nsp,
     ppo,
     reward,
     sft,

@@ -1,8 +1,9 @@
 """``classification`` and ``regression``: a score head over the pooled hidden states.
 
-Records with a text and a label (`jaxtune.data.classify`) become one padded row each; the `SCORE`
-head (``objective.num_labels`` outputs, or one for regression) reads the last real token or the
-mean (``objective.pooling``); the loss is cross-entropy over classes or squared error
+Records with a text and a label (`jaxtune.data.classify`) become one padded row each (``[CLS] text
+[SEP]`` for BERT, with its tokenizer's tokens); the `SCORE` head (``objective.num_labels`` outputs,
+or one for regression) reads the last real token, the mean, or the first token through the model's
+pooler (``objective.pooling``; ``auto``: the pooler where the model has one); the loss is cross-entropy over classes or squared error
 (`jaxtune.train.classify`). `eval_metrics` reports accuracy, macro-F1 and per-class precision /
 recall / F1, or MSE / MAE / Pearson's r, of a restored model.
 """
@@ -24,6 +25,15 @@ from jaxtune.train.classify import classification_loss
 from jaxtune.train.losses import LossFn
 
 
+def pooling(ctx: Context) -> str:
+    """``objective.pooling``, with ``auto`` resolved: the pooler over [CLS] for a model that has one
+    (BERT), else the last real token (decoders, as Hugging Face's *ForSequenceClassification)."""
+    how = ctx.job.objective.pooling
+    if how == "auto":
+        return "cls" if ctx.cfg.pooler else "last"
+    return how
+
+
 @register
 class Classification(Objective):
     name = "classification"
@@ -37,10 +47,10 @@ class Classification(Objective):
         return n
 
     def head(self, ctx: Context) -> HeadSpec:
-        return HeadSpec(SCORE, outputs=self.outputs(ctx), pooling=ctx.job.objective.pooling)
+        return HeadSpec(SCORE, outputs=self.outputs(ctx), pooling=pooling(ctx))
 
     def loss(self, ctx: Context) -> LossFn:
-        return classification_loss(Model(ctx.cfg), num_labels=self.outputs(ctx), pooling=ctx.job.objective.pooling,
+        return classification_loss(Model(ctx.cfg), num_labels=self.outputs(ctx), pooling=pooling(ctx),
                                    regression=self.regression)
 
     def streams(self, ctx: Context, *, train: bool = True) -> Streams:
@@ -50,7 +60,8 @@ class Classification(Objective):
 
         def load(sources, split, name):
             return load_labelled(sources, job.data.classify, ctx.tokenizer, num_labels=self.outputs(ctx),
-                                 regression=self.regression, split=split, name=name, **options)
+                                 regression=self.regression, split=split, name=name, cls_sep=ctx.cfg.pooler,
+                                 **options)
 
         def stream(examples, **kw):
             return LabelledStream(examples, t.batch_size, t.seq_len, regression=self.regression,
@@ -61,8 +72,8 @@ class Classification(Objective):
     def eval_metrics(self, ctx: Context, params: Any, batches: Iterable[dict], limit: Optional[int]) -> dict:
         if SCORE not in params:
             raise ValueError("eval task classify: the restored model has no score head (was it trained for classification?)")
-        model, pooling = Model(ctx.cfg), ctx.job.objective.pooling
-        logits_fn = jax.jit(lambda p, b: classification_logits(model, p, b, pooling=pooling))
+        model, how = Model(ctx.cfg), pooling(ctx)
+        logits_fn = jax.jit(lambda p, b: classification_logits(model, p, b, pooling=how))
         preds, labels = [], []
         for batch in batches:
             keep = batch["row_mask"] > 0

@@ -15,9 +15,20 @@ from jaxtune.train.losses import LossFn, masked_lm_loss
 
 
 def special_ids(tokenizer) -> tuple[int, ...]:
-    """The tokenizer's BOS / EOS / pad ids (never masked)."""
-    ids = (getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad"))
+    """The tokenizer's BOS / EOS / pad / [CLS] / [SEP] ids (never masked)."""
+    ids = (getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad", "cls", "sep"))
     return tuple(sorted({int(i) for i in ids if i is not None}))
+
+
+def mask_token(ctx: Context) -> int:
+    """``objective.mask_token_id``, else the tokenizer's mask token, checked against the vocabulary."""
+    o = ctx.job.objective
+    mask_token_id = o.mask_token_id if o.mask_token_id is not None else getattr(ctx.tokenizer, "mask_token_id", None)
+    if mask_token_id is None:
+        raise ValueError(f"objective '{o.kind}' needs a mask token: set objective.mask_token_id (the tokenizer has "
+                         "no mask token)")
+    source = "objective.mask_token_id" if o.mask_token_id is not None else "the tokenizer's mask token id"
+    return check_mask_token_id(mask_token_id, ctx.cfg.vocab_size, name=source)
 
 
 @register
@@ -30,15 +41,7 @@ class Masked(Objective):
 
     def loss(self, ctx: Context) -> LossFn:
         o, t = ctx.job.objective, ctx.job.train
-        model = Model(ctx.cfg)
-        mask_token_id = o.mask_token_id if o.mask_token_id is not None else getattr(ctx.tokenizer, "mask_token_id", None)
-        if mask_token_id is None:
-            raise ValueError(
-                "objective 'masked' needs a mask token: set objective.mask_token_id (the tokenizer has no mask token)"
-            )
-        source = "objective.mask_token_id" if o.mask_token_id is not None else "the tokenizer's mask token id"
-        check_mask_token_id(mask_token_id, model.cfg.vocab_size, name=source)
-        return masked_lm_loss(model, mask_token_id=mask_token_id, rate=o.mask_rate, random_rate=o.random_rate,
+        return masked_lm_loss(Model(ctx.cfg), mask_token_id=mask_token(ctx), rate=o.mask_rate, random_rate=o.random_rate,
                               keep_rate=o.keep_rate, special_ids=special_ids(ctx.tokenizer), z_loss=t.z_loss,
                               chunk_tokens=t.loss_chunk_tokens)
 
