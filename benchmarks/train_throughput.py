@@ -59,7 +59,12 @@ def jax_side(params, cfg, batch, variant, repeats, block=0):
         cfg = cfg.replace(attention_block_q=block, attention_block_kv=block)
     model = Model(cfg)
     step = make_train_step(causal_lm_loss(model, chunk_tokens=variant["chunk"]), opt, schedule)
-    state = TrainState.create(params, opt, jax.random.key(0))
+    return time_steps(step, TrainState.create(params, opt, jax.random.key(0)), batch, repeats)
+
+
+def time_steps(step, state, batch, repeats):
+    """-> (median seconds of a step after two warm-up steps, the first step's seconds with compilation,
+    the first step's loss) of a jitted ``step(state, None, batch)``."""
     start = time.perf_counter()
     state, metrics = step(state, None, batch)
     first_loss = float(metrics["loss"])
@@ -69,7 +74,7 @@ def jax_side(params, cfg, batch, variant, repeats, block=0):
     holder = {"state": state}
 
     def one():
-        holder["state"], m = step(holder["state"], None, batch)
+        holder["state"], _ = step(holder["state"], None, batch)
         jax.block_until_ready(holder["state"])
 
     return median_seconds(one, repeats), first_s, first_loss
@@ -82,10 +87,20 @@ def torch_side(model, tokens, repeats):
     ids = torch.tensor(tokens[:, :-1], dtype=torch.long)
     labels = torch.tensor(tokens[:, 1:], dtype=torch.long)
 
+    def loss():
+        logits = model(ids).logits
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+    return time_torch_steps(model, opt, loss, repeats)
+
+
+def time_torch_steps(model, opt, loss_fn, repeats):
+    """-> (median seconds of a step after two warm-up steps, the first step's loss): zero grads,
+    ``loss_fn()``, backward, global-norm clip 1.0, ``opt.step()``."""
+
     def one():
         opt.zero_grad(set_to_none=True)
-        logits = model(ids).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss = loss_fn()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from jaxtune.data.tokenizer import has_hf_tokenizer, load_tokenizer
 from jaxtune.interop import load_hf, save_hf
+from jaxtune.interop.hf_config import BERT_ARCHITECTURES
 from jaxtune.interop.adapters import adapter_config, save_adapter
 from jaxtune.interop.hf_weights import read_config
 from jaxtune.job import ModelSource, load_model, runmeta
@@ -38,6 +39,9 @@ def add_parser(sub) -> None:
                    help="orbax-to-hf: fold LoRA / DoRA / IA3 adapters into the weights (no extra latency)")
     p.add_argument("--base", default=None, help="peft-to-hf: the base model (HF directory or jaxtune checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    p.add_argument("--architecture", choices=BERT_ARCHITECTURES, default=None,
+                   help="BERT exports: the Hugging Face architecture (default: from the heads the model holds: "
+                        "score -> BertForSequenceClassification, NSP -> BertForPreTraining, else BertForMaskedLM)")
     p.set_defaults(func=run)
 
 
@@ -102,7 +106,8 @@ def run(args) -> int:
         save_model(args.dst, params, cfg, overwrite=args.overwrite)
     elif args.direction == "orbax-to-hf":
         params, cfg, _ = load_model(ModelSource(checkpoint=args.src))
-        save_hf(_merged(params, args.merge_lora, args.src), cfg, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+        save_hf(_merged(params, args.merge_lora, args.src), cfg, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                architecture=args.architecture)
     elif args.direction == "orbax-to-peft":
         params, cfg, _ = load_model(ModelSource(checkpoint=args.src))
         if not adapter_leaves(params) and not any(k in params for k in ADDED_KEYS):
@@ -113,7 +118,8 @@ def run(args) -> int:
             raise ValueError("peft-to-hf needs --base, the model the adapter was trained on")
         source = _source(args.base)
         params, cfg, _ = load_model(ModelSource(**{**source.__dict__, "adapter": args.src}))
-        save_hf(_merged(params, True, args.src), cfg, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+        save_hf(_merged(params, True, args.src), cfg, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                architecture=args.architecture)
         tokenizer_src = args.base
     if has_hf_tokenizer(tokenizer_src):
         load_tokenizer(tokenizer_src, "hf").save(args.dst)

@@ -100,6 +100,7 @@ def restore_run(directory: Path, cfg: ModelConfig, numerics: dict) -> Any:
     base_source = runmeta.recorded_base(meta, directory)
     if runmeta.froze_part(meta) and base_source is not None:
         params, base_cfg, _ = load_model(dataclasses.replace(base_source, **numerics))
+        params = {k: v for k, v in params.items() if k not in other_heads(params, head)}  # as the run left them out
         base = params if peft is None else put_peft(params, peft, base_cfg)
         if head is not None:
             base = {**base, head.key: head_template(head, cfg)}
@@ -169,12 +170,17 @@ def with_peft(job: TrainJobConfig, params: Params, cfg: ModelConfig, tokenizer,
     return params, mask, peft_optimizer(optimizer, job.peft, job.train.steps)
 
 
+def other_heads(params: Any, head: Optional[HeadSpec]) -> list[str]:
+    """The named heads in ``params`` other than ``head``'s."""
+    return [k for k in HEAD_KEYS if k in params and (head is None or k != head.key)]
+
+
 def without_other_heads(params: Params, head: Optional[HeadSpec]) -> Params:
     """``params`` without the named heads the starting model holds that the job's objective does
     not train (a BERT pre-training checkpoint's NSP head under classification), each named on
     stderr; a head of the objective's own kind stays (`with_head` keeps it)."""
     abstract = jax.eval_shape(params, jax.random.key(0)) if callable(params) else params
-    extra = [k for k in HEAD_KEYS if k in abstract and (head is None or k != head.key)]
+    extra = other_heads(abstract, head)
     if not extra:
         return params
     print(f"model: the starting weights' {', '.join(extra)} head(s) are not used by this objective: left out",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 from typing import Any, Optional
 
 import jax
@@ -15,7 +16,7 @@ from jaxtune.interop.hf_config import from_hf_config
 from jaxtune.interop.hf_quant import bnb_quant_config
 from jaxtune.interop.hf_weights import read_config
 from jaxtune.job import runmeta
-from jaxtune.job.assemble import with_head, with_peft, without_other_heads
+from jaxtune.job.assemble import job_tokenizer, with_head, with_peft, without_other_heads
 from jaxtune.job.objectives import Context, Network, get_objective
 from jaxtune.job.schema import TrainJobConfig
 from jaxtune.models import Model, ModelConfig
@@ -48,6 +49,16 @@ def abstract_model(job: TrainJobConfig) -> tuple[Any, ModelConfig]:
     return (init if quant is None else (lambda rng: quantize(init(rng), quant))), cfg
 
 
+def _tokenizer(job: TrainJobConfig):
+    """The job's tokenizer where its files are at hand (a masked LM reads its mask and special ids
+    from it; the step's shapes do not depend on it), else None."""
+    directory = job.model.hf_dir or job.model.checkpoint
+    try:
+        return job_tokenizer(job, Path(directory) if directory else None)
+    except (OSError, ValueError):
+        return None
+
+
 def plan_step(job: TrainJobConfig, devices: Optional[int] = None) -> StepPlan:
     """The job's train step as abstract values. ``devices``: how many devices the mesh spans
     (default: this process's); the estimate needs no real devices, compiling does."""
@@ -58,7 +69,7 @@ def plan_step(job: TrainJobConfig, devices: Optional[int] = None) -> StepPlan:
     network = None
     if network_cfg is not None:
         network = Network(value_network_template(network_cfg), network_cfg.replace(**job.train.model_numerics))
-    ctx = Context(job, cfg, network=network)
+    ctx = Context(job, cfg, tokenizer=_tokenizer(job), network=network)
     optimizer, schedule = build_optimizer(job.optim, job.train.steps)
     head = objective.head(ctx)
     init, mask, optimizer = with_peft(job, without_other_heads(init, head), cfg, None, optimizer)
@@ -81,4 +92,5 @@ def plan_step(job: TrainJobConfig, devices: Optional[int] = None) -> StepPlan:
 
     return StepPlan(train=job.train, cfg=cfg, params=params, trainable=trainable, frozen=frozen, state=state,
                     state_specs=state_specs, frozen_specs=frozen_specs, optimizer=optimizer, schedule=schedule,
-                    loss_fn=objective.loss(ctx), mesh_shape=dict(zip(AXES, shape)), mesh=mesh, with_layers=with_layers)
+                    loss_fn=objective.loss(ctx), mesh_shape=dict(zip(AXES, shape)), mesh=mesh, with_layers=with_layers,
+                    extra_batch=lambda rows, seq: objective.batch_extras(ctx, rows, seq))

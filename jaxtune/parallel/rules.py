@@ -36,7 +36,7 @@ Rule = tuple[str, P]
 
 DEFAULT_RULES: tuple[Rule, ...] = (
     (r"(^|/)embed/embedding$", P("tensor", "fsdp")),  # [vocab, embed]
-    (r"(^|/)pos_embed/embedding$", P(None, "fsdp")),  # [positions, embed]
+    (r"(^|/)(pos|type)_embed/embedding$", P(None, "fsdp")),  # [positions or token types, embed]
     (r"attn/(q|k|v)_proj/kernel$", P("fsdp", "tensor")),  # [embed, heads*head_dim]
     (r"attn/(q|k|v)_proj/bias$", P("tensor")),
     (r"attn/o_proj/kernel$", P("tensor", "fsdp")),  # [heads*head_dim, embed]
@@ -45,6 +45,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     (r"mlp/down_proj/kernel$", P("tensor", "fsdp")),  # [ffn, embed]
     (r"(^|/)lm_head/kernel$", P("fsdp", "tensor")),  # [embed, vocab]
     (r"(_head|classifier)/kernel$", P("fsdp", None)),  # value / reward / classifier heads [embed, n]
+    (r"(^|/)(pooler|nsp|lm_head/transform)/kernel$", P("fsdp", None)),  # BERT: [embed, embed] / [embed, 2]
     (r".*", P()),
 )
 

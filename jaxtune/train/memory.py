@@ -82,6 +82,8 @@ class StepPlan:
     mesh_shape: dict[str, int]
     mesh: Optional[Mesh]  # real devices, when this process has enough of them (needed to compile)
     with_layers: Callable[..., "StepPlan"]  # (n, remat="none"): the same step with n blocks under that remat policy
+    # (rows, seq) -> the objective's batch arrays beyond the LM layout (labels, row_mask, token_types, ...)
+    extra_batch: Callable[[int, int], dict] = lambda rows, seq: {}
 
     @property
     def micro_batch(self) -> int:
@@ -98,7 +100,7 @@ class StepPlan:
         shape = (rows, self.train.seq_len)
         batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
         batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32)
-        return batch
+        return {**batch, **self.extra_batch(rows, self.train.seq_len)}
 
 
 def _per_device(tree: Any, specs: Any, mesh_shape: dict[str, int]) -> int:

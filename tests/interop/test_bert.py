@@ -174,3 +174,23 @@ def test_lora_on_bert_loads_in_peft(pretraining, tmp_path):
     with_adapter = peft.PeftModel.from_pretrained(hf, out).eval()
     ref = run_hf(with_adapter, tokens, types, mask).prediction_logits.numpy()
     assert np.abs(ours[real] - ref[real]).max() <= 1e-4
+
+
+def test_quantized_bert_goes_through_the_one_linear_op(pretraining):
+    """QLoRA's base on BERT: every attention / MLP projection held as NF4 (double quantized), the
+    logits equal those of the dequantized weights (the quantized leaves are what the model reads)."""
+    from jaxtune.quant.weight import QuantConfig, dequantize, quantize
+
+    _, params, cfg, _ = pretraining
+    quantized = quantize(params, QuantConfig(kind="nf4"))
+    assert type(quantized["layers_0"]["attn"]["q_proj"]["kernel"]).__name__ == "QuantizedWeight"
+    assert type(quantized["layers_1"]["mlp"]["down_proj"]["kernel"]).__name__ == "QuantizedWeight"
+    tokens, types, mask = pair_batch(cfg.vocab_size)
+    args = dict(segment_ids=jnp.asarray(mask, jnp.int32), token_types=jnp.asarray(types, jnp.int32))
+    m = Model(cfg)
+    got = np.asarray(m.apply(quantized, jnp.asarray(tokens, jnp.int32), **args))
+    want = np.asarray(m.apply(dequantize(quantized), jnp.asarray(tokens, jnp.int32), **args))
+    full = np.asarray(m.apply(params, jnp.asarray(tokens, jnp.int32), **args))
+    real = mask.astype(bool)
+    assert np.abs(got[real] - want[real]).max() <= 1e-4
+    assert np.abs(got[real] - full[real]).max() > 1e-3  # 4-bit weights: not the fp32 model

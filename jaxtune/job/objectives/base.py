@@ -74,6 +74,11 @@ class Objective:
     def streams(self, ctx: Context, *, train: bool = True) -> Streams:
         raise NotImplementedError
 
+    def batch_extras(self, ctx: Context, rows: int, seq: int) -> dict:
+        """The arrays (as ``jax.ShapeDtypeStruct``) this objective's batches carry beyond the language-model
+        layout (tokens, targets, segment_ids, positions, loss_mask): what `jaxtune estimate` traces."""
+        return {}
+
     def eval_metrics(self, ctx: Context, params: Any, batches: Iterable[dict], limit: Optional[int]) -> dict:
         raise ValueError(f"objective {self.name} has no metrics besides the held-out loss "
                          "(eval task classify: objective.kind classification / regression)")

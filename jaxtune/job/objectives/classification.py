@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxtune.data.classify import LabelledStream, load_labelled
@@ -48,6 +49,10 @@ class Classification(Objective):
 
     def head(self, ctx: Context) -> HeadSpec:
         return HeadSpec(SCORE, outputs=self.outputs(ctx), pooling=pooling(ctx))
+
+    def batch_extras(self, ctx: Context, rows: int, seq: int) -> dict:
+        return {"labels": jax.ShapeDtypeStruct((rows,), jnp.float32 if self.regression else jnp.int32),
+                "row_mask": jax.ShapeDtypeStruct((rows,), jnp.float32)}
 
     def loss(self, ctx: Context) -> LossFn:
         return classification_loss(Model(ctx.cfg), num_labels=self.outputs(ctx), pooling=pooling(ctx),

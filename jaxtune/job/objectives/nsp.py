@@ -11,6 +11,9 @@ held-out figures report ``mlm_loss``, ``masked_accuracy``, ``nsp_loss`` and ``ns
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+
 from jaxtune.data.sentence_pairs import SentencePairStream, load_sentence_documents
 from jaxtune.job.objectives.base import Context, Objective, register
 from jaxtune.job.objectives.masked import mask_token, special_ids
@@ -31,6 +34,11 @@ class NextSentence(Objective):
 
     def head(self, ctx: Context) -> HeadSpec:
         return HeadSpec(NSP, outputs=2)
+
+    def batch_extras(self, ctx: Context, rows: int, seq: int) -> dict:
+        return {"token_types": jax.ShapeDtypeStruct((rows, seq), jnp.int32),
+                "nsp_labels": jax.ShapeDtypeStruct((rows,), jnp.int32),
+                "row_mask": jax.ShapeDtypeStruct((rows,), jnp.float32)}
 
     def loss(self, ctx: Context) -> LossFn:
         o, t = ctx.job.objective, ctx.job.train
