@@ -64,7 +64,10 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, *, fiel
 def train_wordpiece(inputs: list[str], vocab_size: int, out: str | Path, *, field: str = "text",
                     min_frequency: int = 2, lowercase: bool = True):
     """Train BERT's WordPiece (its normalizer, pre-tokenizer and ``[CLS] A [SEP] B [SEP]`` post-processor)
-    on the documents of ``inputs``; returns the `BertTokenizerFast` saved in ``out``."""
+    on the documents of ``inputs``; returns the `BertTokenizerFast` saved in ``out``. Not reproducible
+    from one process to the next: `tokenizers`' WordPiece trainer numbers continuation pieces (``##a``)
+    in hash-map order, and merges of equal frequency are chosen by those numbers, so a few pieces and
+    many ids differ between runs. Train once and reuse the directory (the BERT recipe ships one)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertTokenizerFast
 

@@ -1,7 +1,10 @@
 """Built-in tokenizers: character-level round trip, saving beside checkpoints, errors."""
 
 import pytest
+from transformers import AutoTokenizer
 
+from jaxtune.cli.main import main
+from jaxtune.cli.tokenizer import train_wordpiece
 from jaxtune.data.streams import resolve_path
 from jaxtune.data.tokenizer import ByteTokenizer, CharTokenizer, load_tokenizer
 
@@ -50,3 +53,23 @@ def test_hf_tokenizer_trained_here_round_trips_and_batches(tmp_path):
     assert batched == [tok.encode(t) for t in texts]
     assert [tok.decode(ids) for ids in batched] == texts
     assert len(batched[0]) < len(texts[0])  # merges learned
+
+
+def test_wordpiece_trained_here_frames_pairs_as_bert_does(tmp_path):
+    """`jaxtune tokenizer train --kind wordpiece`: a BertTokenizerFast (uncased) whose pairs are
+    [CLS] A [SEP] B [SEP] with token types 0 / 1, [PAD] id 0 and [MASK] set; the CLI refuses to
+    overwrite a tokenizer."""
+    text = tmp_path / "text.txt"
+    text.write_text("The red king spoke.\n\nA green field lay there. The blue sky was wide.\n" * 40)
+    assert main(["tokenizer", "train", str(text), "--kind", "wordpiece", "--vocab-size", "120",
+                 "--min-frequency", "1", "--out", str(tmp_path / "wp")]) == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "wp")
+    assert type(tok).__name__ == "BertTokenizer" and tok.pad_token_id == 0 and tok.mask_token_id is not None
+    enc = tok("The RED king", "blue sky")
+    assert tok.convert_ids_to_tokens(enc["input_ids"]) == ["[CLS]", "the", "red", "king", "[SEP]", "blue", "sky", "[SEP]"]
+    assert enc["token_type_ids"] == [0, 0, 0, 0, 0, 1, 1, 1]
+    ours = load_tokenizer(tmp_path / "wp")
+    assert (ours.cls_token_id, ours.sep_token_id) == (tok.cls_token_id, tok.sep_token_id)
+    assert ours.encode("the red king") == enc["input_ids"][1:4]  # no special tokens of its own
+    with pytest.raises(FileExistsError, match="already holds a tokenizer"):
+        train_wordpiece([str(text)], 120, tmp_path / "wp")

@@ -1,4 +1,4 @@
-"""The BERT recipe, shrunk: a WordPiece tokenizer trained here, MLM + NSP pre-training on a slice of
+"""The BERT recipe, shrunk: its shipped WordPiece tokenizer, MLM + NSP pre-training on a slice of
 tiny Shakespeare (configs/bert_shakespeare_nsp.yaml), `jaxtune eval` reporting MLM and NSP figures,
 export to transformers' BertForPreTraining with the same logits, then classification fine-tuning
 (configs/bert_classify_colours.yaml), full and LoRA, from the pre-training run."""
@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from jaxtune.cli.main import main
-from jaxtune.cli.tokenizer import train_wordpiece
 from jaxtune.job.assemble import load_model
 from jaxtune.job.schema import ModelSource
 from jaxtune.models import Model
@@ -21,21 +20,21 @@ from tests.reference import require
 ROOT = Path(__file__).resolve().parents[2]
 SHAKESPEARE = ROOT / "jaxtune" / "data" / "assets" / "tinyshakespeare.txt"
 SMALL = ["model.config.hidden_size=32", "model.config.num_heads=2", "model.config.num_kv_heads=2",
-         "model.config.head_dim=16", "model.config.intermediate_size=64", "model.config.vocab_size=300"]
+         "model.config.head_dim=16", "model.config.intermediate_size=64"]
 QUIET = ["logging.progress=false", "logging.tensorboard=false"]
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """A shrunk pre-training run: its directory, the tokenizer directory and `jaxtune eval`'s JSON."""
+    """A shrunk pre-training run: the temporary root, the run's directory and the job's arguments."""
     root = tmp_path_factory.mktemp("bert")
     text = root / "slice.txt"
     text.write_text("".join(SHAKESPEARE.read_text().splitlines(keepends=True)[:2500]))
-    train_wordpiece([str(text)], 300, root / "tok")
     run = root / "pretrain"
     data = f"data.sources=[{{path: '{text}', text_split: paragraph}}]"
     config = str(ROOT / "configs" / "bert_shakespeare_nsp.yaml")
-    args = [config, f"tokenizer.path={root / 'tok'}", data, f"checkpoint.directory={run}", *QUIET]
+    tokenizer = ROOT / "configs" / "tokenizers" / "shakespeare_wordpiece_2k"
+    args = [config, f"tokenizer.path={tokenizer}", data, f"checkpoint.directory={run}", *QUIET]
     assert main(["train", *args, *SMALL, "train.steps=40", "train.seq_len=48", "train.batch_size=16",
                  "train.eval_every=0", "optim.warmup_steps=5"]) == 0
     return root, run, args
@@ -47,7 +46,7 @@ def test_pretraining_reports_mlm_and_nsp(pretrained, capsys):
     assert main(["eval", "--json", *args, f"model.checkpoint={run}", "train.seq_len=48", "train.batch_size=16"]) == 0
     loss = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
     assert {"mlm_loss", "masked_accuracy", "nsp_loss", "nsp_accuracy"} <= set(loss)
-    assert 0.0 <= loss["nsp_accuracy"] <= 1.0 and loss["mlm_loss"] < np.log(300)  # learnt something of the MLM
+    assert 0.0 <= loss["nsp_accuracy"] <= 1.0 and loss["mlm_loss"] < np.log(2000)  # learnt something of the MLM
     assert loss["loss"] == pytest.approx(loss["mlm_loss"] + loss["nsp_loss"], rel=1e-5)
 
 
