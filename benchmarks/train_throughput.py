@@ -104,7 +104,7 @@ def time_torch_steps(model, opt, loss_fn, repeats):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     first_loss = one()
     one()
