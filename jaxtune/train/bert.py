@@ -17,7 +17,7 @@ Metrics (per pair, so reported as means): ``mlm_loss``, ``masked_accuracy``, ``n
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,18 +25,20 @@ import jax.numpy as jnp
 from jaxtune.data.masking import check_mask_token_id, check_masking_rates, mask_tokens
 from jaxtune.models import Model
 from jaxtune.models.heads import batch_hidden, nsp_logits
-from jaxtune.train.losses import LossFn, token_cross_entropy
+from jaxtune.train.losses import LossFn, selected_cross_entropy, selection_cap
 
 
 def pretraining_loss(model: Model, params: Any, batch: dict, targets: jax.Array, selected: jax.Array, *,
                      mlm_weight: float = 1.0, nsp_weight: float = 1.0, rng=None, z_loss: float = 0.0,
-                     chunk_tokens: int = 0) -> tuple[jax.Array, jax.Array, dict]:
+                     chunk_tokens: int = 0, cap: Optional[int] = None) -> tuple[jax.Array, jax.Array, dict]:
     """The loss of already-masked inputs: ``batch["tokens"]`` are the inputs, ``targets`` [batch, seq]
     the original tokens and ``selected`` [batch, seq] (1 where a token was picked for prediction).
+    ``cap``: the LM head runs on at most this many gathered positions per row
+    (`jaxtune.train.losses.selected_cross_entropy`, exact either way); None: on every position.
     -> (loss sum, pairs, metric sums) (module docstring)."""
     hidden = batch_hidden(model, params, batch, rng=rng)
-    nll, z, correct = token_cross_entropy(params, hidden, targets, selected, model, chunk_tokens=chunk_tokens,
-                                          count_correct=True)
+    nll, z, correct = selected_cross_entropy(params, hidden, targets, selected, model, chunk_tokens=chunk_tokens,
+                                             cap=targets.shape[1] if cap is None else cap)
     rows = batch["row_mask"].astype(jnp.float32)
     pairs = jnp.sum(rows)
     scale = pairs / jnp.maximum(jnp.sum(selected.astype(jnp.float32)), 1.0)
@@ -75,6 +77,7 @@ def nsp_pretraining_loss(model: Model, *, mask_token_id: int, rate: float = 0.15
             mask_rng, dropout_rng = rng, jax.random.fold_in(rng, 1)
         inputs, targets, selected = mask_tokens(batch["tokens"], batch["segment_ids"], mask_rng, **masking)
         return pretraining_loss(model, params, {**batch, "tokens": inputs}, targets, selected, mlm_weight=mlm_weight,
-                                nsp_weight=nsp_weight, rng=dropout_rng, z_loss=z_loss, chunk_tokens=chunk_tokens)
+                                nsp_weight=nsp_weight, rng=dropout_rng, z_loss=z_loss, chunk_tokens=chunk_tokens,
+                                cap=selection_cap(targets.shape[1], rate))
 
     return loss_fn

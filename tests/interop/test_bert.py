@@ -100,11 +100,23 @@ def test_pretraining_loss_matches_transformers(pretraining):
     ref = run_hf(model, inputs, types, mask, labels=np.where(selected, tokens, -100), next_sentence_label=nsp_labels)
     batch = {**batch_of(inputs, types, mask), "nsp_labels": jnp.asarray(nsp_labels, jnp.int32),
              "row_mask": jnp.ones(3, jnp.float32)}
-    loss_sum, weight, metrics = pretraining_loss(Model(cfg), params, batch, jnp.asarray(tokens, jnp.int32),
-                                                 jnp.asarray(selected, jnp.float32))
-    assert float(loss_sum / weight) == pytest.approx(float(ref.loss), abs=1e-5)
     hf_nsp = torch.nn.functional.cross_entropy(ref.seq_relationship_logits, torch.tensor(nsp_labels))
-    assert float(metrics["nsp_loss"] / weight) == pytest.approx(float(hf_nsp), abs=1e-5)
+    assert 2 < selected.sum(1).max() <= 8
+    # the LM head on every position; on each row's gathered targets (cap 8); a cap some row exceeds
+    # (the full computation is taken instead): the same loss and gradient
+    grads = []
+    for cap in (None, 8, 2):
+        def loss(p):
+            total, weight, metrics = pretraining_loss(Model(cfg), p, batch, jnp.asarray(tokens, jnp.int32),
+                                                      jnp.asarray(selected, jnp.float32), cap=cap)
+            return total / weight, (weight, metrics)
+
+        (value, (weight, metrics)), grad = jax.value_and_grad(loss, has_aux=True)(params)
+        assert float(value) == pytest.approx(float(ref.loss), abs=1e-5)
+        assert float(metrics["nsp_loss"] / weight) == pytest.approx(float(hf_nsp), abs=1e-5)
+        grads.append(grad)
+    for other in grads[1:]:
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads[0], other)
 
 
 @pytest.mark.parametrize("cls_name", ["BertForMaskedLM", "BertForSequenceClassification"])
