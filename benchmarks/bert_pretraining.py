@@ -110,7 +110,7 @@ def main():
     cap = selection_cap(args.seq, 0.15)
     variants = {"all positions": None, f"gathered ({cap}/row)": cap}
     results = {name: jax_side(params, cfg, b, args.repeats, c) for name, c in variants.items()}
-    print(f"transformers{"":26s}{n_tokens / torch_s:8.0f} tokens/s  {torch_s * 1e3:7.1f} ms/step  "
+    print(f"{'transformers':38s}{n_tokens / torch_s:8.0f} tokens/s  {torch_s * 1e3:7.1f} ms/step  "
           f"first loss {torch_loss:.5f}")
     for name, (jax_s, first_s, jax_loss) in results.items():
         print(f"jaxtune, MLM head {name:20s}{n_tokens / jax_s:8.0f} tokens/s  {jax_s * 1e3:7.1f} ms/step  "
