@@ -124,9 +124,12 @@ def test_steps_without_model_config_are_refused(lora_run, tmp_path, capsys):
 
 
 def _flip_bytes(step_dir: Path, value: int = 0xFF) -> Path:
-    """Overwrite 64 bytes in the middle of the largest file of a step's params (bit rot, a bad
-    disk): the file stays readable, its numbers change."""
-    target = max((p for p in (step_dir / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    """Overwrite 64 bytes in the middle of the largest array-data file of a step's params (bit rot, a
+    bad disk): the file stays readable, its numbers change. Data files are OCDBT's ``d/`` chunks; which
+    file is largest overall varies (the JSON ``_METADATA`` can outgrow a split data file), and
+    flipping JSON would test a decode error instead."""
+    files = [p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+    target = max(files, key=lambda p: p.stat().st_size)
     data = bytearray(target.read_bytes())
     middle = len(data) // 2
     data[middle:middle + 64] = bytes([value]) * 64

@@ -47,7 +47,8 @@ class PPO(Objective):
         return None if directory is None else read_model_config(directory).replace(**job.model.numerics)
 
     def head(self, ctx: Context) -> HeadSpec:
-        pooling = ctx.job.objective.pooling  # unused by value heads; recorded as given, as runs always did
+        # unused by value heads (they read every token); recorded as given, as runs always did ("auto": last)
+        pooling = "last" if ctx.job.objective.pooling == "auto" else ctx.job.objective.pooling
         if ctx.network is None:
             return HeadSpec(VALUE_HEAD, pooling=pooling)
         return HeadSpec(VALUE_MODEL, pooling=pooling, model_config=ctx.network.cfg)

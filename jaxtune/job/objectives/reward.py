@@ -38,7 +38,9 @@ class Reward(Objective):
 
     def head(self, ctx: Context) -> HeadSpec:
         # the score is read at the last token whatever objective.pooling says; the run records it as given
-        return HeadSpec(SCORE, outputs=1, pooling=ctx.job.objective.pooling)
+        # ("auto": last)
+        pooling = "last" if ctx.job.objective.pooling == "auto" else ctx.job.objective.pooling
+        return HeadSpec(SCORE, outputs=1, pooling=pooling)
 
     def loss(self, ctx: Context) -> LossFn:
         return reward_loss(Model(ctx.cfg), ctx.job.objective.preference)
