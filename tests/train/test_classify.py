@@ -4,14 +4,19 @@ separable toy task learned to high accuracy (full and LoRA), and eval restoring 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
 from jaxtune.config import from_dict
+from jaxtune.data.classify import ClassifyDataConfig, LabelledStream, load_labelled
+from jaxtune.data.sources import SourceConfig, build_source
 from jaxtune.data.tasks import COLOURS, colour_sentences, write_jsonl
+from jaxtune.data.tokenizer import ByteTokenizer, load_tokenizer
 from jaxtune.eval.metrics import classification_report, regression_report
 from jaxtune.job import TrainJobConfig
 from jaxtune.models import Model
@@ -121,3 +126,35 @@ def test_classification_recipe_runs_end_to_end(tmp_path, capsys):
     results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert results["classify"]["examples"] == 120 and results["classify"]["accuracy"] >= 0.95
     assert list((run / "eval").glob("*.json"))
+
+
+def test_text_pairs_are_framed_and_truncated_as_a_bert_tokenizer_does(tmp_path):
+    """data.classify.text_pair: rows equal `BertTokenizerFast(text, text_pair, truncation=True,
+    max_length=seq_len)` (ids and token types, longest_first truncation included); batches carry
+    token_types; a tokenizer without [CLS] / [SEP] is refused; on_long=drop / error act on pairs."""
+    directory = Path(__file__).resolve().parents[2] / "configs" / "tokenizers" / "shakespeare_wordpiece_2k"
+    ref, ours = AutoTokenizer.from_pretrained(directory), load_tokenizer(directory)
+    rows = [{"a": "Is this a dagger which I see before me?", "b": "Come, let me clutch thee.", "y": 1},
+            {"a": "Short.", "b": "The handle toward my hand, come let me clutch thee, I have thee not and yet I see "
+                             "thee still, art thou not fatal vision?", "y": 0},
+            {"a": "To be, or not to be, that is the question, whether tis nobler in the mind to suffer",
+             "b": "The slings and arrows of outrageous fortune, or to take arms", "y": 1}]
+    source = build_source(SourceConfig(path=str(write_jsonl(tmp_path / "pairs.jsonl", rows))))
+    cfg = ClassifyDataConfig(text="a", text_pair="b", label="y")
+    seq_len = 24
+    examples = load_labelled([source], cfg, ours, num_labels=2, regression=False, seq_len=seq_len, cls_sep=True)
+    for example, row in zip(examples.examples, rows):
+        want = ref(row["a"], row["b"], truncation=True, max_length=seq_len)
+        assert example.tokens.tolist() == want["input_ids"] and example.types.tolist() == want["token_type_ids"]
+    assert dict(examples.counts) == {"truncated": 2}
+    batch = next(LabelledStream(examples, 4, seq_len, regression=False, shuffle=False, epochs=1))
+    assert batch["token_types"][0, : len(examples.examples[0].types)].tolist() == examples.examples[0].types.tolist()
+    assert batch["token_types"][3].sum() == 0 and batch["row_mask"].tolist() == [1, 1, 1, 0]
+    dropped = load_labelled([source], ClassifyDataConfig(text="a", text_pair="b", label="y", on_long="drop"), ours,
+                            num_labels=2, regression=False, seq_len=seq_len)
+    assert len(dropped.examples) == 1 and dict(dropped.counts) == {"dropped_long": 2}
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: .* longer than train.seq_len = 24"):
+        load_labelled([source], ClassifyDataConfig(text="a", text_pair="b", label="y", on_long="error"), ours,
+                      num_labels=2, regression=False, seq_len=seq_len)
+    with pytest.raises(ValueError, match=r"text_pair: the tokenizer has no \[CLS\] / \[SEP\]"):
+        load_labelled([source], cfg, ByteTokenizer(), num_labels=2, regression=False, seq_len=seq_len)

@@ -51,8 +51,11 @@ class Classification(Objective):
         return HeadSpec(SCORE, outputs=self.outputs(ctx), pooling=pooling(ctx))
 
     def batch_extras(self, ctx: Context, rows: int, seq: int) -> dict:
-        return {"labels": jax.ShapeDtypeStruct((rows,), jnp.float32 if self.regression else jnp.int32),
-                "row_mask": jax.ShapeDtypeStruct((rows,), jnp.float32)}
+        extras = {"labels": jax.ShapeDtypeStruct((rows,), jnp.float32 if self.regression else jnp.int32),
+                  "row_mask": jax.ShapeDtypeStruct((rows,), jnp.float32)}
+        if ctx.job.data.classify.text_pair:
+            extras["token_types"] = jax.ShapeDtypeStruct((rows, seq), jnp.int32)
+        return extras
 
     def loss(self, ctx: Context) -> LossFn:
         return classification_loss(Model(ctx.cfg), num_labels=self.outputs(ctx), pooling=pooling(ctx),
