@@ -123,18 +123,19 @@ def test_steps_without_model_config_are_refused(lora_run, tmp_path, capsys):
     assert snapshot(run) == before
 
 
-def _flip_bytes(step_dir: Path, value: int = 0xFF) -> Path:
-    """Overwrite 64 bytes in the middle of the largest array-data file of a step's params (bit rot, a
-    bad disk): the file stays readable, its numbers change. Data files are OCDBT's ``d/`` chunks; which
-    file is largest overall varies (the JSON ``_METADATA`` can outgrow a split data file), and
-    flipping JSON would test a decode error instead."""
-    files = [p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
-    target = max(files, key=lambda p: p.stat().st_size)
-    data = bytearray(target.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 64] = bytes([value]) * 64
-    target.write_bytes(bytes(data))
-    return target
+def _flip_bytes(step_dir: Path, value: int = 0xFF) -> list[Path]:
+    """Overwrite 64 bytes in the middle of every array-data file of a step's params (bit rot, a bad
+    disk): the files stay readable, the numbers change. Data files are OCDBT's per-process ``d/``
+    chunks; how the arrays split over them varies from save to save, and the largest file of the step
+    is sometimes the JSON ``_METADATA``, so no single file is sure to hold the arrays a restore reads."""
+    files = [p for p in (step_dir / "params").glob("ocdbt.process_*/d/*") if p.is_file()]
+    assert files, f"no OCDBT data files under {step_dir / 'params'}"
+    for target in files:
+        data = bytearray(target.read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 64] = bytes([value]) * 64
+        target.write_bytes(bytes(data))
+    return files
 
 
 def test_corrupt_newest_checkpoint_is_detected_and_skipped(lora_run, tmp_path, capsys):
