@@ -4,6 +4,9 @@ export to transformers' BertForPreTraining with the same logits, then classifica
 (configs/bert_classify_colours.yaml), full and LoRA, from the pre-training run."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -15,6 +18,7 @@ from jaxtune.job.assemble import load_model
 from jaxtune.job.schema import ModelSource
 from jaxtune.models import Model
 from jaxtune.models.heads import nsp_logits
+from tests.conftest import SUITE_XLA_FLAGS
 from tests.reference import require
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,3 +97,28 @@ def test_memory_estimate_traces_the_objectives_batches(pretrained, capsys):
     assert main(["estimate", *args, *SMALL]) == 0
     assert main(["estimate", str(ROOT / "configs" / "bert_classify_colours.yaml"), f"model.checkpoint={run}"]) == 0
     assert capsys.readouterr().out.count("peak") >= 2
+
+
+def test_pretraining_step_sharded_on_eight_devices_equals_one_device(pretrained, tmp_path):
+    """The shrunk recipe for 6 steps on a (data 2, fsdp 2, tensor 2) mesh of 8 CPU devices (a
+    subprocess) and on this process's one device: the same losses (BERT's declared sharding: token
+    types, pooler, NSP head and MLM transform included)."""
+    _, _, args = pretrained  # config, tokenizer, data: the shrunk recipe's own arguments
+    steps = ["train.steps=6", "train.seq_len=48", "train.batch_size=16", "train.log_every=1", "train.eval_every=0",
+             "optim.warmup_steps=2", "checkpoint.every_steps=100"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS":
+           f"--xla_force_host_platform_device_count=8 --xla_cpu_collective_timeout_seconds=600 {SUITE_XLA_FLAGS}"}
+    runs = {}
+    for name, mesh in (("sharded", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]), ("single", [])):
+        run = tmp_path / name
+        argv = ["train", *args[:3], f"checkpoint.directory={run}", *QUIET, *SMALL, *steps, *mesh]
+        if mesh:
+            proc = subprocess.run([sys.executable, "-m", "jaxtune.cli.main", *argv], env=env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        else:
+            assert main(argv) == 0
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [(h["train/loss"], h["train/nsp_accuracy"]) for h in lines if "train/loss" in h]
+    assert len(runs["single"]) == 6
+    np.testing.assert_allclose(runs["sharded"], runs["single"], rtol=1e-4, atol=1e-5)
