@@ -175,36 +175,36 @@ def _llama_like_fields(hf: dict, model_type: str) -> dict:
 
 
 def _gpt2_fields(hf: dict) -> dict:
-    for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True)):
-        if bool(hf.get(key, ok)) != ok:
-            raise UnsupportedModelError(f"config.json: GPT-2 with {key}={hf[key]} is not supported")
+    _refuse_flags(hf, "GPT-2", (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True)))
     hidden = int(_require(hf, "n_embd"))
-    heads = int(_require(hf, "n_head"))
     return dict(
+        **_learned_position_mha(hidden, int(_require(hf, "n_head"))),
         vocab_size=int(_require(hf, "vocab_size")),
-        hidden_size=hidden,
         num_layers=int(_require(hf, "n_layer")),
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=hidden // heads,
         intermediate_size=int(hf.get("n_inner") or 4 * hidden),
         max_position_embeddings=int(_require(hf, "n_positions")),
-        norm="layernorm",
         norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-        mlp="plain",
         activation=_activation(hf, "activation_function", "gelu_new"),
-        position="learned",
-        qkv_bias=True,
-        o_bias=True,
-        mlp_bias=True,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
     )
 
 
-def _bert_fields(hf: dict) -> dict:
-    for key, ok in (("is_decoder", False), ("add_cross_attention", False)):
+def _refuse_flags(hf: dict, name: str, flags: tuple[tuple[str, bool], ...], why: str = "") -> None:
+    """Refuse a config whose boolean ``flags`` differ from the values jaxtune reproduces."""
+    for key, ok in flags:
         if bool(hf.get(key, ok)) != ok:
-            raise UnsupportedModelError(f"config.json: BERT with {key}={hf[key]} is not supported (an encoder only)")
+            raise UnsupportedModelError(f"config.json: {name} with {key}={hf[key]} is not supported{why}")
+
+
+def _learned_position_mha(hidden: int, heads: int) -> dict:
+    """The fields GPT-2 and BERT share: multi-head attention with biases, learned absolute positions,
+    LayerNorm and a plain (two-matrix) MLP with biases."""
+    return dict(hidden_size=hidden, num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads, norm="layernorm",
+                mlp="plain", position="learned", qkv_bias=True, o_bias=True, mlp_bias=True)
+
+
+def _bert_fields(hf: dict) -> dict:
+    _refuse_flags(hf, "BERT", (("is_decoder", False), ("add_cross_attention", False)), " (an encoder only)")
     position = hf.get("position_embedding_type", "absolute")
     if position not in (None, "absolute"):
         raise UnsupportedModelError(f"config.json: BERT with position_embedding_type={position!r} is not supported "
@@ -214,23 +214,14 @@ def _bert_fields(hf: dict) -> dict:
     if hidden % heads:
         raise UnsupportedModelError(f"config.json: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
     return dict(
+        **_learned_position_mha(hidden, heads),
         vocab_size=int(_require(hf, "vocab_size")),
-        hidden_size=hidden,
         num_layers=int(_require(hf, "num_hidden_layers")),
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=hidden // heads,
         intermediate_size=int(_require(hf, "intermediate_size")),
         max_position_embeddings=int(hf.get("max_position_embeddings", 512)),
-        norm="layernorm",
         norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
         norm_placement="post",
-        mlp="plain",
         activation=_activation(hf, "hidden_act", "gelu"),
-        position="learned",
-        qkv_bias=True,
-        o_bias=True,
-        mlp_bias=True,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
         causal=False,
         type_vocab_size=int(hf.get("type_vocab_size", 2)),
