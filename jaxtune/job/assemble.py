@@ -28,7 +28,7 @@ from jaxtune.interop.hf_weights import load_hf
 from jaxtune.job import runmeta
 from jaxtune.job.schema import ModelSource, TrainJobConfig
 from jaxtune.models import Model, ModelConfig
-from jaxtune.models.heads import HEAD_KEYS, HeadSpec, add_head, head_template
+from jaxtune.models.heads import HEAD_KEYS, VALUE_MODEL, HeadSpec, add_head, head_template
 from jaxtune.models.presets import preset
 from jaxtune.peft.config import PeftConfig, apply_peft, peft_mask, peft_optimizer
 from jaxtune.quant.weight import QuantConfig, quantize
@@ -191,7 +191,7 @@ def without_other_heads(params: Params, head: Optional[HeadSpec]) -> Params:
 def _put_head(params: Any, head: HeadSpec, cfg: ModelConfig, rng: jax.Array, network: Any) -> Any:
     """`add_head`, or the starting weights' own head of this kind when its shapes fit (a BERT
     pre-training checkpoint's NSP head; a sequence classifier's score head)."""
-    if head.key not in params or head.key == "value_model":
+    if head.key not in params or head.key == VALUE_MODEL:
         return add_head(params, head, cfg, rng, network)
     have = jax.tree.map(lambda a: tuple(a.shape), params[head.key])
     want = jax.tree.map(lambda a: tuple(a.shape), head_template(head, cfg))
