@@ -12,7 +12,7 @@ import errno
 import os
 import sys
 
-from jaxtune.cli import convert, estimate, generate, harness, label, plot, tokenizer, train
+from jaxtune.cli import chat, convert, estimate, generate, harness, label, plot, tokenizer, train
 from jaxtune.cli.args import split_config_args
 from jaxtune.config import ConfigError
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=f"show tracebacks (also {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     generate.add_parser(sub)
+    chat.add_parser(sub)
     convert.add_parser(sub)
     estimate.add_parser(sub)
     train.add_parsers(sub)
@@ -61,7 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == [harness.COMMAND]:  # every later argument is lm-eval's, options included
         args = argparse.Namespace(command=harness.COMMAND, func=harness.run, args=argv[1:], debug=False)
     else:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # key=value overrides may follow a flag (`train CONFIG --print-config train.steps=7`): argparse
+        # leaves those after the first flag unparsed
+        unknown = [a for a in extra if a.startswith("-") or not hasattr(args, "args")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if extra:
+            args.args = [*args.args, *extra]
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return int(args.func(args) or 0)

@@ -72,7 +72,7 @@ def generate(model: Model, params, prompt_tokens, prompt_mask, rng: jax.Array, s
     if max_cache_len is not None and cache_len > max_cache_len:
         raise ValueError(f"prompt ({prompt_tokens.shape[1]}) + max_new_tokens ({sampling.max_new_tokens}) "
                          f"exceeds the cache limit {max_cache_len}")
-    params = _resolve_prefix(model, params)  # a prompt's K/V once per call, not per step
+    params = resolve_prefix(model, params)  # a prompt's K/V once per call, not per step
     virtual = model.num_prefix_tokens(params)
     longest = int(prompt_mask.sum(1).max()) + sampling.max_new_tokens + virtual
     if model.cfg.position == "learned" and longest > model.cfg.max_position_embeddings:
@@ -91,7 +91,7 @@ def _resolve_prefix_jit(model: Model, params):
     return model.resolve_prefix(params)
 
 
-def _resolve_prefix(model: Model, params):
+def resolve_prefix(model: Model, params):
     """Plain per-layer prefix K/V for params with a "prompt" or reparameterised "prefix"."""
     if "prompt" in params or ("prefix" in params and not _is_plain_prefix(params["prefix"])):
         return _resolve_prefix_jit(model, params)
@@ -113,7 +113,7 @@ def generate_sliding(model: Model, params, prompt_tokens, prompt_mask, rng: jax.
     keep = context // 2 if keep is None else keep
     if not 0 < keep < context:
         raise ValueError(f"keep must be in (0, {context}), got {keep}")
-    params = _resolve_prefix(model, params)
+    params = resolve_prefix(model, params)
     prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
     check_left_padded(prompt_mask)
     history = [row[m != 0].tolist()[-(context - 1):] for row, m in zip(prompt_tokens, prompt_mask)]
@@ -147,11 +147,21 @@ def generate_sliding(model: Model, params, prompt_tokens, prompt_mask, rng: jax.
 @partial(jax.jit, static_argnums=(0, 1))
 def _generate(model: Model, sampling: SamplingConfig, params, prompt_tokens, prompt_mask, rng) -> Generation:
     batch, prompt_len = prompt_tokens.shape
-    steps = sampling.max_new_tokens
     params = model.resolve_prefix(params)  # no-op when generate() already resolved it
-    cache = model.init_cache(batch, prompt_len + steps)
+    cache = model.init_cache(batch, prompt_len + sampling.max_new_tokens)
     positions = jnp.clip(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
     logits, cache = model.apply(params, prompt_tokens, positions=positions, segment_ids=prompt_mask, cache=cache)
+    out, _ = decode_loop(model, sampling, params, cache, logits[:, -1], prompt_mask.sum(1).astype(jnp.int32), rng)
+    return out
+
+
+def decode_loop(model: Model, sampling: SamplingConfig, params, cache, last_logits, next_pos, rng):
+    """The token-by-token loop after a prefill (traced inside a caller's jit): ``last_logits``
+    [batch, vocab] predict each row's first new token, which goes to position ``next_pos`` [batch]
+    and cache slot ``cache.end``. Every emitted token, a stop token included, is written to the
+    cache. -> (Generation, the cache after the last emitted token)."""
+    batch = last_logits.shape[0]
+    steps = sampling.max_new_tokens
     stop = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
 
     def cond(state):
@@ -172,12 +182,12 @@ def _generate(model: Model, sampling: SamplingConfig, params, prompt_tokens, pro
         return step + 1, cache, logits[:, -1], next_pos + 1, rng, out_tokens, out_logps, done
 
     state = (
-        jnp.zeros((), jnp.int32), cache, logits[:, -1], prompt_mask.sum(1).astype(jnp.int32), rng,
+        jnp.zeros((), jnp.int32), cache, last_logits, next_pos, rng,
         jnp.full((batch, steps), sampling.pad_token_id, jnp.int32), jnp.zeros((batch, steps), jnp.float32),
         jnp.zeros((batch,), bool),
     )
-    step, _, _, _, _, tokens, log_probs, done = jax.lax.while_loop(cond, body, state)
+    step, cache, _, _, _, tokens, log_probs, done = jax.lax.while_loop(cond, body, state)
     is_stop = jnp.isin(tokens, stop) & (jnp.arange(steps)[None, :] < step)
     first_stop = jnp.argmax(is_stop, axis=1)
     lengths = jnp.where(done, first_stop + 1, step).astype(jnp.int32)
-    return Generation(tokens, log_probs, lengths, done)
+    return Generation(tokens, log_probs, lengths, done), cache

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numbers
 import typing
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from jaxtune.align.grpo import GRPOConfig
 from jaxtune.align.ppo import PPOConfig
@@ -20,6 +20,7 @@ from jaxtune.checkpoint.manager import CheckpointConfig
 from jaxtune.data.masking import check_masking_rates
 from jaxtune.data.streams import DataConfig
 from jaxtune.eval.config import EvalConfig
+from jaxtune.generate.chat import conversations_of
 from jaxtune.generate.sampling import SamplingConfig
 from jaxtune.models.config import ModelConfig
 from jaxtune.parallel.mesh import MeshConfig
@@ -117,11 +118,22 @@ class ObjectiveConfig:
 
 @dataclass(frozen=True)
 class JobConfig:
+    """What `jaxtune generate` decodes: ``prompts`` (text, continued as written), or ``messages``:
+    one conversation (a list of {role, content}) or a list of them, each rendered with the
+    tokenizer's chat template and answered by the assistant."""
+
     model: ModelSource = field(default_factory=lambda: ModelSource(preset="tiny-llama"))
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prompts: tuple[str, ...] = ("To be, or not to be",)
+    messages: Optional[tuple[Any, ...]] = None
     seed: int = 0
+
+    def __post_init__(self):
+        if self.messages is not None:
+            if self.prompts != JobConfig.prompts:
+                raise ValueError("give prompts or messages, not both")
+            object.__setattr__(self, "messages", tuple(tuple(c) for c in conversations_of(self.messages)))
 
 
 @dataclass(frozen=True)
