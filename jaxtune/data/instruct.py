@@ -127,19 +127,23 @@ def messages_of(record: dict, cfg: InstructConfig, where: str) -> list[dict]:
         system = _field(record, c.system, where, optional=True) or system
     if system is not None and not (isinstance(raw[0], dict) and raw[0].get(c.role) == "system"):
         messages.append({"role": "system", "content": system})
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict) or c.role not in m or c.content not in m:
-            raise BadRow(where, "not_a_record", f"message {i} must be an object with {c.role!r} and {c.content!r}")
-        role = m[c.role]
-        if not isinstance(role, str) or not role:
-            raise BadRow(where, "not_text", f"message {i}: role must be a non-empty string, got {role!r}")
-        content = m[c.content]
-        if not isinstance(content, str):
-            raise BadRow(where, "not_text", f"message {i}: content is a {type(content).__name__}, not text")
-        messages.append({"role": role, "content": content})
+    messages += [checked_message(m, where, f"message {i}", c.role, c.content) for i, m in enumerate(raw)]
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise BadRow(where, "empty", "the conversation has no non-empty assistant message to learn")
     return messages
+
+
+def checked_message(m, where: str, label: str, role: str = "role", content: str = "content") -> dict:
+    """One message of a conversation as ``{"role", "content"}`` (``role`` / ``content``: its keys in
+    the data); a `BadRow` naming ``label`` (e.g. ``message 2``) when it is not an object with a
+    non-empty role string and text content."""
+    if not isinstance(m, dict) or role not in m or content not in m:
+        raise BadRow(where, "not_a_record", f"{label} must be an object with {role!r} and {content!r}")
+    if not isinstance(m[role], str) or not m[role]:
+        raise BadRow(where, "not_text", f"{label}: role must be a non-empty string, got {m[role]!r}")
+    if not isinstance(m[content], str):
+        raise BadRow(where, "not_text", f"{label}: content is a {type(m[content]).__name__}, not text")
+    return {"role": m[role], "content": m[content]}
 
 
 def prompt_and_completion(record: dict, cfg: InstructConfig, where: str, fmt: str) -> tuple[str, str]:
@@ -240,7 +244,13 @@ def chatml_segments(messages: Sequence[dict], train_prompt: bool, eos: Optional[
 
 
 def chatml_generation_prompt(messages: Sequence[dict]) -> str:
-    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
+    return chatml_text(messages, add_generation_prompt=True)
+
+
+def chatml_text(messages: Sequence[dict], *, add_generation_prompt: bool) -> str:
+    """The built-in ChatML rendering as one text (as a tokenizer's ChatML ``apply_chat_template``)."""
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
 def apply_template(tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool) -> str:

@@ -1,11 +1,21 @@
 """Preference pairs: records -> (prompt, chosen, rejected) -> tokenized pairs -> padded batches.
 
-Layouts (``format``; ``auto``: ``pairs`` when the record has the prompt field, else ``dialogue``):
+Layouts (``format``; ``auto``: ``conversational`` when prompt, chosen or rejected holds a list,
+else ``pairs`` when the record has the prompt field, else ``dialogue``):
 
 - ``pairs``: ``{"prompt", "chosen", "rejected"}`` texts (the completions follow the prompt);
 - ``dialogue``: the Anthropic HH layout, where chosen and rejected are whole dialogues sharing
   their opening turns: the prompt is the shared text up to and including the last
-  ``assistant_tag`` (``"\\n\\nAssistant:"``) they share, the completions the rest of each.
+  ``assistant_tag`` (``"\\n\\nAssistant:"``) they share, the completions the rest of each;
+- ``conversational``: TRL's conversational preference rows, lists of ``{"role", "content"}``
+  messages: an explicit prompt (``{"prompt": [...], "chosen": [...], "rejected": [...]}``) or an
+  implicit one (``chosen`` and ``rejected`` whole conversations; the prompt is their shared leading
+  messages, TRL's ``extract_prompt``). Rendered as TRL's ``apply_chat_template`` does, with the
+  tokenizer's chat template or, when it has none, the built-in ChatML one: the prompt text is
+  ``template(prompt, add_generation_prompt=True)``, each completion ``template(prompt + side)``
+  with that prompt text cut from its start. A prompt ending in an assistant message is followed by
+  the generation prompt too, as TRL's ``DPOTrainer`` tokenizes it. The template's end of turn ends
+  a completion: no EOS is appended unless ``data.add_eos=true`` (TRL adds none to conversations).
 
 Malformed pairs are counted and left out, with a warning naming the counts: ``identical`` (chosen
 == rejected), ``empty`` (a completion with no text), ``no_shared_prefix`` (dialogues that do not
@@ -23,14 +33,17 @@ and ``pair_mask`` [B] (0 for the empty rows that fill the last batch of a finite
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional, Sequence
 
 import numpy as np
+from jinja2 import TemplateError
 
+from jaxtune.data.instruct import apply_template, chatml_text, checked_message, has_chat_template
 from jaxtune.data.packing import empty_rows, write_piece
-from jaxtune.data.segments import encode_completions
+from jaxtune.data.segments import common_prefix, encode_completions
 from jaxtune.data.sft import ExampleSet, OnePerRowStream, finish_loading, read_records, skip_or_raise
 from jaxtune.data.sources import BadRow, DocumentSource, checked_text
 
@@ -41,7 +54,7 @@ SIDES = ("chosen", "rejected")
 class PreferenceConfig:
     """``data.preference``: the layout and field names of preference records."""
 
-    format: Literal["auto", "pairs", "dialogue"] = "auto"
+    format: Literal["auto", "pairs", "dialogue", "conversational"] = "auto"
     prompt: str = "prompt"
     chosen: str = "chosen"
     rejected: str = "rejected"
@@ -49,6 +62,7 @@ class PreferenceConfig:
     assistant_tag: str = "\n\nAssistant:"  # dialogue: the prompt ends after the last shared one
     on_long: Literal["truncate", "drop", "error"] = "truncate"
     margin: Optional[str] = "margin"  # field of a per-pair reward margin (TRL's column; all rows or none); null: never read
+    system_prompt: Optional[str] = None  # conversational: a system turn before every prompt that does not open with one
 
 
 class Pair(NamedTuple):
@@ -56,6 +70,7 @@ class Pair(NamedTuple):
     chosen: str
     rejected: str
     margin: Optional[float] = None  # the row's reward margin, when it has one
+    template: Optional[str] = None  # conversational: the chat template it was rendered with (tokenizer | chatml)
 
 
 class TokenPair(NamedTuple):
@@ -80,11 +95,21 @@ def split_dialogues(chosen: str, rejected: str, tag: str) -> Optional[Pair]:
     return Pair(chosen[:end], chosen[end:], rejected[end:])
 
 
-def pair_of(record: dict, where: str, cfg: PreferenceConfig) -> Pair:
-    """The record as a `Pair` (BadRow for missing fields; malformed pairs raise ``Malformed``)."""
-    fmt = cfg.format
-    if fmt == "auto":
-        fmt = "pairs" if cfg.prompt in record else "dialogue"
+def layout_of(record: dict, cfg: PreferenceConfig) -> str:
+    """The record's layout: ``cfg.format``, or the one ``auto`` picks (module docstring)."""
+    if cfg.format != "auto":
+        return cfg.format
+    if any(isinstance(record.get(key), list) for key in (cfg.prompt, cfg.chosen, cfg.rejected)):
+        return "conversational"
+    return "pairs" if cfg.prompt in record else "dialogue"
+
+
+def pair_of(record: dict, where: str, cfg: PreferenceConfig, tokenizer=None) -> Pair:
+    """The record as a `Pair` (BadRow for missing fields; malformed pairs raise ``Malformed``);
+    ``tokenizer``: its chat template renders conversational records."""
+    fmt = layout_of(record, cfg)
+    if fmt == "conversational":
+        return chat_pair(record, where, cfg, tokenizer)._replace(margin=margin_of(record, where, cfg.margin))
     texts = {}
     for key in ((cfg.prompt,) if fmt == "pairs" else ()) + (cfg.chosen, cfg.rejected):
         if key not in record:
@@ -105,6 +130,79 @@ def pair_of(record: dict, where: str, cfg: PreferenceConfig) -> Pair:
     if not pair.chosen.strip() or not pair.rejected.strip():
         raise Malformed(where, "empty", "a completion is empty after the shared prompt")
     return pair._replace(margin=margin_of(record, where, cfg.margin))
+
+
+def chat_template_of(tokenizer) -> str:
+    """The template conversational records are rendered with: the tokenizer's (``tokenizer``) when
+    it has one, else the built-in ChatML (``chatml``), as SFT's ``data.sft.template=auto``."""
+    return "tokenizer" if has_chat_template(tokenizer) else "chatml"
+
+
+def render_chat(tokenizer, template: str, messages: Sequence[dict], where: str, *, add_generation_prompt: bool) -> str:
+    """``messages`` rendered as text by ``template`` (tokenizer | chatml); a template error names the row."""
+    if template == "chatml":
+        return chatml_text(messages, add_generation_prompt=add_generation_prompt)
+    try:
+        return apply_template(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    except TemplateError as err:
+        raise BadRow(where, "template", f"the tokenizer's chat template rejects the conversation: {err}") from None
+
+
+def chat_messages(record: dict, key: str, where: str) -> list[dict]:
+    """Field ``key`` of the record as a non-empty list of ``{"role", "content"}`` messages, or a `BadRow`."""
+    if record.get(key) is None:
+        fields = ", ".join(map(str, list(record)[:12])) or "none"
+        raise BadRow(where, "missing_field", f"no field {key!r} (fields: {fields})")
+    raw = record[key]
+    if not isinstance(raw, list) or not raw:
+        got = "an empty list" if isinstance(raw, list) else f"a {type(raw).__name__}"
+        raise BadRow(where, "not_text", f"field {key!r} must be a non-empty list of messages ({{role, content}}), "
+                     f"got {got} (format conversational)")
+    return [checked_message(m, where, f"{key} message {i}") for i, m in enumerate(raw)]
+
+
+def chat_parts(record: dict, where: str, cfg: PreferenceConfig) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt, chosen, rejected) messages of a conversational record: an explicit prompt list, else the
+    leading messages both conversations share (TRL's ``extract_prompt``; a text prompt beside message
+    lists is ignored, as TRL's ``maybe_extract_prompt`` does); ``cfg.system_prompt`` put first."""
+    chosen, rejected = chat_messages(record, cfg.chosen, where), chat_messages(record, cfg.rejected, where)
+    if isinstance(record.get(cfg.prompt), list):
+        prompt = chat_messages(record, cfg.prompt, where)
+    else:
+        n = common_prefix(chosen, rejected)
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if not prompt:
+            raise Malformed(where, "no_shared_prefix", "chosen and rejected share no leading message (the prompt)")
+    if chosen == rejected:
+        raise Malformed(where, "identical", "chosen and rejected are identical")
+    for key, side in ((cfg.chosen, chosen), (cfg.rejected, rejected)):
+        if not any(m["content"].strip() for m in side):
+            raise Malformed(where, "empty", f"the {key!r} completion has no text after the prompt")
+    if cfg.system_prompt is not None and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": cfg.system_prompt}] + prompt
+    return prompt, chosen, rejected
+
+
+def chat_pair(record: dict, where: str, cfg: PreferenceConfig, tokenizer) -> Pair:
+    """A conversational record rendered as TRL's ``apply_chat_template`` renders it (module docstring).
+    Where the prompt alone and the prompt + a completion render differently, the prompt text is their
+    common start (TRL's rule, for templates whose generation prompt differs, e.g. DeepSeek-R1's); a
+    difference before the generation prompt (earlier turns rewritten) is a `BadRow` naming the row."""
+    template = chat_template_of(tokenizer)
+    prompt, chosen, rejected = chat_parts(record, where, cfg)
+    head = render_chat(tokenizer, template, prompt, where, add_generation_prompt=True)
+    sides = [render_chat(tokenizer, template, prompt + side, where, add_generation_prompt=False)
+             for side in (chosen, rejected)]
+    shared = min(common_prefix(head, text) for text in sides)
+    if shared < len(head):
+        turns = render_chat(tokenizer, template, prompt, where, add_generation_prompt=False)
+        if not head.startswith(turns) or shared < len(turns):
+            side = min(range(2), key=lambda i: common_prefix(head, sides[i]))
+            raise BadRow(where, "template", f"the rendering of prompt + {(cfg.chosen, cfg.rejected)[side]} does not "
+                         f"start with the prompt's rendering (they part at character {shared}: "
+                         f"{head[shared:shared + 30]!r} vs {sides[side][shared:shared + 30]!r}): the chat template "
+                         "renders the prompt's turns differently once a completion follows")
+    return Pair(head[:shared], sides[0][shared:], sides[1][shared:], template=template)
 
 
 def margin_of(record: dict, where: str, name: Optional[str]) -> Optional[float]:
@@ -139,7 +237,7 @@ def load_pairs(sources: Sequence[DocumentSource], cfg: PreferenceConfig, tokeniz
     pairs = []
     for record, where in records:
         try:
-            pairs.append((pair_of(record, where, cfg), where))
+            pairs.append((pair_of(record, where, cfg, tokenizer), where))
         except Malformed as bad:
             counts[bad.kind] += 1
         except BadRow as bad:
@@ -147,10 +245,12 @@ def load_pairs(sources: Sequence[DocumentSource], cfg: PreferenceConfig, tokeniz
     eos = getattr(tokenizer, "eos_token_id", None) if add_eos is not False else None
     bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
     check_margins(pairs, cfg.margin)
+    announce_templates({p.template for p, _ in pairs} - {None}, name, split)
     encoded = encode_completions(tokenizer, [(p.prompt, (p.chosen, p.rejected)) for p, _ in pairs])
     for (pair, where), (prompt_ids, completions) in zip(pairs, encoded):
         prompt = np.asarray(bos + prompt_ids, np.int32)
-        sides = [np.asarray(ids + ([eos] if eos is not None else []), np.int32) for ids in completions]
+        end = [eos] if eos is not None and (pair.template is None or add_eos) else []  # chats: only when asked
+        sides = [np.asarray(ids + end, np.int32) for ids in completions]
         if not all(len(ids) for ids in completions):
             counts["empty"] += 1  # a completion whose text merged into the prompt's last token
             continue
@@ -168,6 +268,16 @@ def load_pairs(sources: Sequence[DocumentSource], cfg: PreferenceConfig, tokeniz
             sides = [s[:room] for s in sides]
         result.examples.append(TokenPair(prompt, sides[0], sides[1], where, pair.margin))
     return finish_loading(result, name, split, "preference pairs")
+
+
+def announce_templates(templates: set[str], name: str, split: str) -> None:
+    """Say on stderr (stdout may carry --json results) which chat template rendered conversational pairs."""
+    described = {"tokenizer": "the tokenizer's chat template", "chatml": "the built-in ChatML template (the tokenizer "
+                 "has no chat template)"}
+    if templates:
+        print(f"{name} ({split} split): conversational pairs rendered with "
+              f"{' and '.join(described[t] for t in sorted(templates))}; completions end with the template's end of "
+              "turn (EOS appended only with data.add_eos=true)", file=sys.stderr, flush=True)
 
 
 class PairStream(OnePerRowStream):
