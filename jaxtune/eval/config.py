@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -10,6 +11,7 @@ from jaxtune.data.sources import SourceConfig
 
 TASK_KINDS = ("loss", "generate", "choice", "classify", "score", "reward")
 GSM8K_ANSWER = r"####\s*(-?[\d,]*\.?\d+)"
+ANSWER_PRESETS = {"gsm8k": (GSM8K_ANSWER, True)}  # answer_pattern name -> (regex, compare as numbers)
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,9 @@ class EvalTaskConfig:
     - ``loss``: token-weighted loss and perplexity on the job's held-out stream (``sources``
       replace data.eval_sources);
     - ``generate``: greedy KV-cache generation from each record's prompt, scored by exact match
-      of the answer ``answer_pattern`` extracts (its first group) from prediction and reference;
+      of the stripped text (default), or of the answer ``answer_pattern`` extracts (its first
+      group) from prediction and reference: ``gsm8k`` is the number after ``####``, compared as
+      a number;
     - ``choice``: log-likelihood multiple choice: the record's prompt with each of its
       ``choices_field`` continuations, the right one at index ``answer_field``;
     - ``classify``: accuracy and F1 (or MSE for regression) of a classification job's head;
@@ -46,8 +50,8 @@ class EvalTaskConfig:
     seed: int = 0
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()  # generated text is cut at the first of these strings
-    answer_pattern: Optional[str] = GSM8K_ANSWER  # regex, group 1 = the answer; None: the whole stripped text
-    numeric: bool = True  # compare extracted answers as numbers ("1,000" == "1000.0")
+    answer_pattern: Optional[str] = None  # None: the whole stripped text; a regex (group 1 = the answer); "gsm8k"
+    numeric: Optional[bool] = None  # compare answers as numbers ("1,000" == "1000.0"); None: only for "gsm8k"
     choices_field: str = "choices"
     answer_field: str = "answer"
     response_field: str = "response"  # score: the field holding a single response
@@ -75,9 +79,7 @@ class EvalTaskConfig:
             if self.reference is not None and self.temperature != 1.0:
                 raise ValueError(f"eval task {self.label}: the KL to reference is estimated on samples of the policy "
                                  f"itself (temperature 1), got temperature {self.temperature}")
-        if self.answer_pattern is not None:
-            import re
-
+        if self.answer_pattern is not None and self.answer_pattern not in ANSWER_PRESETS:
             try:
                 if re.compile(self.answer_pattern).groups < 1:
                     raise ValueError(f"eval task {self.label}: answer_pattern needs one (group) holding the answer")
@@ -87,6 +89,12 @@ class EvalTaskConfig:
     @property
     def label(self) -> str:
         return self.name or self.kind
+
+    @property
+    def answer(self) -> tuple[Optional[str], bool]:
+        """(regex or None, compare as numbers): ``answer_pattern`` with its presets resolved."""
+        pattern, numeric = ANSWER_PRESETS.get(self.answer_pattern, (self.answer_pattern, False))
+        return pattern, numeric if self.numeric is None else self.numeric
 
 
 @dataclass(frozen=True)

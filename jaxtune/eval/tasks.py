@@ -47,13 +47,16 @@ def exact_match(task: EvalTaskConfig, model: Model, params, tokenizer, records: 
                 sft: InstructConfig, *, add_bos: bool = False) -> dict:
     """Greedy generation per prompt, scored by exact match of the extracted answers."""
     prompts, references = [], []
+    pattern, numeric = task.answer
     for i, (record, where) in enumerate(records):
         shots = draw_shots(pool, task.shots, task.seed, i, where)
         prompt, reference = generation_prompt(record, where, sft, tokenizer, shots=shots)
-        answer = extract_answer(reference, task.answer_pattern, task.numeric)
+        answer = extract_answer(reference, pattern, numeric)
         if answer is None:
-            raise ValueError(f"{where}: the reference answer {reference[-80:]!r} has no answer matching "
-                             f"answer_pattern {task.answer_pattern!r}")
+            what = f"answer_pattern {task.answer_pattern!r}" + (" as a number" if numeric else "")
+            raise ValueError(f"eval task {task.label}: {where}: the reference answer {reference[-80:]!r} has no answer "
+                             f"matching {what} (answer_pattern: null compares the whole text; gsm8k takes the number "
+                             "after '####'; or a regex whose group 1 is the answer)")
         prompts.append(prompt)
         references.append((reference, answer))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (model.cfg.pad_token_id or 0)
@@ -70,9 +73,9 @@ def exact_match(task: EvalTaskConfig, model: Model, params, tokenizer, records: 
             i = start + j
             new = [int(t) for t in out.tokens[j, : out.lengths[j]] if int(t) not in sampling.stop_tokens]
             text = cut_at_stops(tokenizer.decode(new), task.stop)
-            predicted = extract_answer(text, task.answer_pattern, task.numeric)
+            predicted = extract_answer(text, pattern, numeric)
             reference, answer = references[i]
-            hit = predicted is not None and (abs(predicted - answer) < 1e-6 if task.numeric else predicted == answer)
+            hit = predicted is not None and (abs(predicted - answer) < 1e-6 if numeric else predicted == answer)
             hits += hit
             lengths.append(int(out.lengths[j]))
             if len(samples) < task.samples:

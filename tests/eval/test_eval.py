@@ -87,7 +87,8 @@ def test_exact_match_scores_an_independent_greedy_decode(model_params):
         continuation = BYTE.decode([t for t in _greedy_without_cache(params, BYTE.encode(prompt), 6) if t < 256])
         reference = continuation if i % 2 == 0 else continuation + "!"  # odd rows can never match
         records.append(({"prompt": prompt, "completion": reference}, f"row:{i}"))
-    task = EvalTaskConfig(kind="generate", batch_size=4, max_new_tokens=6, answer_pattern=None, numeric=False)
+    task = EvalTaskConfig(kind="generate", batch_size=4, max_new_tokens=6)  # the default: the whole text
+    assert task.answer == (None, False)
     out = exact_match(task, model, params, BYTE, records, [], InstructConfig())
     # the byte tokenizer has an EOS (258), so a row may stop early: this model (random weights) must not
     assert out["mean_new_tokens"] == 6
@@ -96,7 +97,8 @@ def test_exact_match_scores_an_independent_greedy_decode(model_params):
 
 
 def test_answer_extraction_gsm8k_style():
-    pattern = EvalTaskConfig().answer_pattern
+    pattern, numeric = EvalTaskConfig(answer_pattern="gsm8k").answer
+    assert numeric and EvalTaskConfig(answer_pattern="gsm8k", numeric=False).answer == (pattern, False)
     assert extract_answer("so 48+24 = 72 clips.\n#### 72", pattern, True) == 72.0
     assert extract_answer("#### 1,234", pattern, True) == 1234.0
     assert extract_answer("#### -3.5", pattern, True) == -3.5

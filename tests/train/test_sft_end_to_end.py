@@ -65,7 +65,7 @@ def test_sft_recipes_train_and_evaluate_shrunk_to_a_cpu(tmp_path, capsys, shakes
     assert main(["train", f"configs/{recipe}.yaml", "train.steps=2", "optim.warmup_steps=1", *cpu]) == 0
     # the job says how it chose the targets (the byte tokenizer has no template: the built-in ChatML)
     assert "targets: assistant turns of the built-in ChatML template" in capsys.readouterr().err
-    tasks = ("eval.tasks=[{kind: loss}, {kind: generate, name: gsm8k, limit: 2, batch_size: 2, max_new_tokens: 4, "
+    tasks = ("eval.tasks=[{kind: loss}, {kind: generate, name: gsm8k, answer_pattern: gsm8k, limit: 2, batch_size: 2, max_new_tokens: 4, "
              "stop: ['<|im_end|>']}]")
     assert main(["eval", "--json", f"configs/{recipe}.yaml", *cpu, f"model.checkpoint={run}", tasks]) == 0
     results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
