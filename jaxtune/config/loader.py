@@ -8,6 +8,7 @@ bad values fail at once with a message that names the dotted key, e.g.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -60,9 +61,11 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
 
-def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Iterable[str] = ()) -> T:
-    """Read ``path`` (YAML mapping, optional), apply ``key=value`` overrides, build ``cls``."""
-    data: dict[str, Any] = {}
+def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Iterable[str] = (),
+                defaults: Optional[dict] = None) -> T:
+    """Read ``path`` (YAML mapping, optional; ``defaults``, a saved config as plain data, stands in
+    for it when there is no file), apply ``key=value`` overrides, build ``cls``."""
+    data: dict[str, Any] = copy.deepcopy(defaults) if defaults is not None else {}
     if path is not None:
         path = Path(path)
         if not path.exists():
@@ -196,8 +199,8 @@ def _coerce(tp, value, key: str):
         if value not in args:
             raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
         return value
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
+    if dataclasses.is_dataclass(tp):  # null: the section's defaults (``peft=null`` = no PEFT)
+        return from_dict(tp, {} if value is None else value, key)
     if origin in (tuple, list):
         if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
             if isinstance(value, (int, float, str)) and origin is tuple:
