@@ -4,7 +4,9 @@
     orbax-to-hf   SRC DST [--merge-lora]      params checkpoint or training run -> transformers checkpoint;
                                               a PEFT run needs --merge-lora (adapters folded into the weights)
     orbax-to-peft RUN DST                     the adapter of a PEFT run -> PEFT adapter directory
-                                              (adapter_config.json + adapter_model.safetensors)
+                                              (adapter_config.json + adapter_model.safetensors; the base's
+                                              path, and jaxtune_adapter.json: the run, its base, the
+                                              quantization a QLoRA adapter was trained against)
     peft-to-hf    ADAPTER DST --base SRC      a PEFT adapter merged into its base -> transformers checkpoint
                                               (--base: HF directory or jaxtune checkpoint)
 """
@@ -12,12 +14,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Optional
 
+from jaxtune.config import to_dict
 from jaxtune.data.tokenizer import has_hf_tokenizer, load_tokenizer
 from jaxtune.interop import load_hf, save_hf
 from jaxtune.interop.hf_config import BERT_ARCHITECTURES
 from jaxtune.interop.adapters import adapter_config, save_adapter
+from jaxtune.interop.hf_quant import bnb_load_config
 from jaxtune.interop.hf_weights import read_config
 from jaxtune.job import ModelSource, load_model, runmeta
 from jaxtune.job.assemble import save_model
@@ -25,6 +31,7 @@ from jaxtune.peft.core import ADDED_KEYS, adapter_leaves, merge_adapters
 from jaxtune.quant.weight import dequantize, quantized_paths
 
 DIRECTIONS = ("hf-to-orbax", "orbax-to-hf", "orbax-to-peft", "peft-to-hf")
+ADAPTER_RECORD = "jaxtune_adapter.json"  # beside an exported adapter: the run, its base, the quantization it trained on
 
 
 def add_parser(sub) -> None:
@@ -91,6 +98,34 @@ def _rslora(run_dir: str) -> bool:
     return False
 
 
+def _adapter_provenance(run_dir: str) -> tuple[Optional[str], list[str], dict]:
+    """-> (``base_model_name_or_path`` for adapter_config.json, notes for the user, the record written
+    beside the adapter): the run's base model and, for QLoRA, the quantization its adapter was
+    trained against (loaded on a 16/32-bit base it gives other outputs)."""
+    meta = runmeta.read_train_meta(run_dir)
+    base = runmeta.recorded_base(meta, run_dir)
+    quant = runmeta.recorded_quant(meta, run_dir)
+    base_path, notes = None, []
+    if base is not None and base.hf_dir is not None:
+        base_path = str(Path(base.hf_dir).resolve())
+    elif base is not None:
+        notes.append(f"base_model_name_or_path is null: the run's base ({runmeta.source_text(meta.get('base'))}) is not "
+                     "a Hugging Face directory; `jaxtune convert orbax-to-hf` makes one, then set the field to it")
+    bnb = None if quant is None else bnb_load_config(quant)
+    if quant is not None:
+        merged = f"`jaxtune convert orbax-to-hf {run_dir} DST --merge-lora`"
+        how = (f"load it on the 4-bit base: `AutoModelForCausalLM.from_pretrained(BASE, quantization_config="
+               f"BitsAndBytesConfig(**{bnb}))`, then `PeftModel.from_pretrained(model, ADAPTER)`; or export the run "
+               f"merged: {merged}" if bnb is not None else
+               f"bitsandbytes has no equivalent of this quantization: export the run merged instead, {merged}")
+        notes.append(f"this adapter was trained against the base quantized as {quant.kind} (blocksize {quant.blocksize}, "
+                     f"double_quant {quant.double_quant}); on the 16/32-bit base its outputs differ. To reproduce the "
+                     f"run, {how}")
+    record = {"run": str(Path(run_dir).resolve()), "base": meta.get("base"),
+              "quantization": None if quant is None else to_dict(quant), "bitsandbytes": bnb}
+    return base_path, notes, record
+
+
 def run(args) -> int:
     if args.direction != "peft-to-hf" and args.base is not None:
         raise ValueError("--base applies to peft-to-hf only")
@@ -112,7 +147,12 @@ def run(args) -> int:
         params, cfg, _ = load_model(ModelSource(checkpoint=args.src))
         if not adapter_leaves(params) and not any(k in params for k in ADDED_KEYS):
             raise ValueError(f"{args.src} carries no PEFT adapter (train with a peft: section)")
-        save_adapter(params, cfg, args.dst, overwrite=args.overwrite, use_rslora=_rslora(args.src))
+        base_path, notes, record = _adapter_provenance(args.src)
+        save_adapter(params, cfg, args.dst, overwrite=args.overwrite, use_rslora=_rslora(args.src),
+                     base_model_name_or_path=base_path)
+        (Path(args.dst) / ADAPTER_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        for note in notes:
+            print(note)
     else:
         if args.base is None:
             raise ValueError("peft-to-hf needs --base, the model the adapter was trained on")

@@ -46,6 +46,16 @@ def bnb_quant_config(hf_config: dict) -> Optional[QuantConfig]:
     return None
 
 
+def bnb_load_config(quant: QuantConfig) -> Optional[dict]:
+    """The ``BitsAndBytesConfig`` arguments that quantize a dense base as ``quant`` does (bitsandbytes'
+    4-bit blocks are 64 wide, its 8-bit is LLM.int8 with outliers in 16-bit: only close), or None
+    where bitsandbytes has no equivalent (int4, other block sizes)."""
+    if quant.kind in ("nf4", "fp4") and quant.blocksize == 64:
+        return {"load_in_4bit": True, "bnb_4bit_quant_type": quant.kind,
+                "bnb_4bit_use_double_quant": bool(quant.double_quant)}
+    return None
+
+
 def companion_names(name: str, names: set[str]) -> list[str]:
     """The extra tensors bitsandbytes saved beside kernel ``name`` (empty for a dense kernel)."""
     module = name[: -len(".weight")] if name.endswith(".weight") else name
