@@ -26,6 +26,7 @@ checksum differs) or holding NaN / inf (``save`` never writes those).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import warnings
@@ -41,6 +42,17 @@ from orbax.checkpoint import checkpoint_managers
 from jaxtune.utils.fingerprint import leaf_checksums, mismatches
 from jaxtune.utils.moved import moved_names
 from jaxtune.utils.tree import keypath_str
+
+
+class _ReadOnlyNotice(logging.Filter):
+    """Drops Orbax's "Given directory is read only" warning: every restore opens the run read-only on
+    purpose (so that reading never writes), and the notice would print on every `eval` / `generate`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotice())
 
 PARAMS_ITEM, STATE_ITEM, DATA_ITEM, CHECKSUMS_ITEM = "params", "state", "data", "checksums"
 __getattr__ = moved_names(__name__, {"TRAIN_META_FILE": "jaxtune.job.runmeta.TRAIN_META_FILE"})
