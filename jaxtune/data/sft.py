@@ -158,8 +158,8 @@ def finish_loading(result: ExampleSet, name: str, split: str, what: str = "examp
 
 def report_counts(name: str, split: str, result: ExampleSet) -> None:
     if result.counts:
-        log.warning("%s (%s split): %d of %d rows changed or left out: %s", name, split, sum(result.counts.values()),
-                    result.total_rows, ", ".join(f"{n} {k}" for k, n in sorted(result.counts.items())))
+        log.warning("%s (%s split), of %d rows: %s", name, split, result.total_rows,
+                    ", ".join(f"{n} {k}" for k, n in sorted(result.counts.items())))
 
 
 class ExampleStream:

@@ -97,13 +97,14 @@ class SyntheticStream:
     """Learnable synthetic sequences: each row counts up from a random start by a random stride
     (mod vocab), so a model's loss falls as it learns. Batch ``i`` depends only on (seed, i).
     ``pad_fraction`` > 0 pads each row by a random share up to that fraction, so batches carry
-    different numbers of real tokens."""
+    different numbers of real tokens. ``batches``: end after that many (a held-out set; None: endless)."""
 
-    def __init__(self, batch_size: int, seq_len: int, vocab_size: int, *, seed: int = 0, pad_fraction: float = 0.0, pad_id: int = 0):
+    def __init__(self, batch_size: int, seq_len: int, vocab_size: int, *, seed: int = 0, pad_fraction: float = 0.0,
+                 pad_id: int = 0, batches: Optional[int] = None):
         if not 0.0 <= pad_fraction < 1.0:
             raise ValueError(f"data.pad_fraction must be in [0, 1), got {pad_fraction}")
         self.batch_size, self.seq_len, self.vocab_size = batch_size, seq_len, vocab_size
-        self.seed, self.pad_fraction, self.pad_id = seed, pad_fraction, pad_id
+        self.seed, self.pad_fraction, self.pad_id, self.batches = seed, pad_fraction, pad_id, batches
         self.position = 0
 
     def batch_at(self, index: int) -> dict[str, np.ndarray]:
@@ -122,6 +123,8 @@ class SyntheticStream:
         return self
 
     def __next__(self):
+        if self.batches is not None and self.position >= self.batches:
+            raise StopIteration
         batch = self.batch_at(self.position)
         self.position += 1
         return batch

@@ -31,6 +31,7 @@ from jaxtune.job.schema import ModelSource, TrainJobConfig
 from jaxtune.models import Model
 from jaxtune.parallel.mesh import batch_sharding, make_mesh
 from jaxtune.parallel.rules import param_shardings
+from jaxtune.train.batch_checks import check_positions
 from jaxtune.train.loop import evaluate
 from jaxtune.train.step import make_eval_step
 
@@ -80,8 +81,8 @@ def held_out_loss(objective: Objective, ctx: Context, task: EvalTaskConfig, para
     ctx, eval_streams = _held_out(objective, ctx, task)
     step = make_eval_step(objective.loss(ctx), mesh=mesh, params_shardings=param_shardings(params, mesh, warn=False),
                           batch_shardings=batch_sharding(mesh))
-    batches = task.limit or ctx.job.train.eval_batches or math.inf
-    result = evaluate(step, params, eval_streams(), mesh, batches)
+    batches = task.limit or math.inf  # a full pass unless the task says otherwise (train.eval_batches is training's)
+    result = evaluate(step, params, eval_streams(), mesh, batches, objective.unit)
     if not result:
         raise ValueError("eval task loss: the held-out stream produced no batches with real tokens")
     return result
@@ -139,6 +140,7 @@ def run_eval_job(job: TrainJobConfig) -> dict:
     objective = get_objective(job.objective.kind)
     params, cfg, model_dir = load_model(job.model)
     cfg = objective.model_config(cfg)
+    check_positions(job.train, cfg)
     mesh = make_mesh(job.mesh)
     params = jax.device_put(params, param_shardings(params, mesh, warn=False))
     ctx = Context(job, cfg, job_tokenizer(job, model_dir), start=params)

@@ -24,6 +24,7 @@ import jax
 from etils import epath
 
 from jaxtune.config.loader import from_dict, to_dict
+from jaxtune.job.explain import config_changes
 from jaxtune.job.schema import ModelSource, TrainJobConfig
 from jaxtune.models.config import ModelConfig
 from jaxtune.models.heads import SCORE, VALUE_MODEL, HeadSpec
@@ -48,6 +49,11 @@ def read_model_config(directory: str | os.PathLike) -> ModelConfig:
     if not path.exists():
         raise FileNotFoundError(f"{directory}: no {MODEL_CONFIG_FILE} (not a jaxtune checkpoint)")
     return from_dict(ModelConfig, json.loads(path.read_text()), prefix=str(path))
+
+
+def saved_job(directory: str | os.PathLike) -> Optional[dict]:
+    """The job a run was started with (its config as plain data), or None."""
+    return read_train_meta(directory).get("job")
 
 
 def read_train_meta(directory: str | os.PathLike) -> dict:
@@ -86,8 +92,11 @@ def check_resumable(directory: str | os.PathLike, cfg: ModelConfig, meta: dict) 
     old_meta = read_train_meta(directory)
     for key in MATCH_ON_RESUME:
         if key in old_meta and key in meta and old_meta[key] != meta[key]:
-            raise ValueError(f"checkpoint.directory {directory} was trained with {key}={old_meta[key]!r}; "
-                             f"this run asks for {meta[key]!r}. Resume with the same {key} or use a new directory")
+            changes = config_changes({key: old_meta[key]}, {key: meta[key]})
+            detail = ", ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in changes[:8])
+            more = f" and {len(changes) - 8} more" if len(changes) > 8 else ""
+            raise ValueError(f"checkpoint.directory {directory} was trained with other {key} settings ({detail}{more}); "
+                             f"resume with the run's {key} settings or use a new directory")
 
 
 def check_same_base(directory: str | os.PathLike, meta: dict, frozen) -> dict:
@@ -102,18 +111,21 @@ def check_same_base(directory: str | os.PathLike, meta: dict, frozen) -> dict:
         bad = mismatches(recorded, checksums)
         if bad:
             raise ValueError(f"checkpoint.directory {_path(directory)} was trained on the base model "
-                             f"{_source_text(old_meta.get('base'))}; this run's base {_source_text(meta.get('base'))} "
+                             f"{source_text(old_meta.get('base'))}; this run's base {source_text(meta.get('base'))} "
                              f"has other weights ({bad[0]} differs{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}"
                              "). Resume on the run's own base or use a new directory")
     return {**meta, BASE_CHECKSUMS: checksums}
 
 
-def _source_text(base: Optional[dict]) -> str:
+def source_text(base: Optional[dict]) -> str:
+    """Where a model comes from, in words (``hf_dir=/models/x``), from a recorded ``model`` section."""
     if not base:
         return "(unrecorded)"
-    given = {k: v for k, v in base.items() if k in ("hf_dir", "checkpoint", "preset", "init_seed") and v is not None}
+    given = {k: v for k, v in base.items() if k in ("hf_dir", "checkpoint", "preset") and v is not None}
     if "config" in base and base["config"] is not None and "preset" not in given:
         given["config"] = "inline"
+    if "preset" in given or "config" in given:  # a random init: its seed says which
+        given["init_seed"] = base.get("init_seed", 0)
     return ", ".join(f"{k}={v}" for k, v in given.items()) or "(unrecorded)"
 
 

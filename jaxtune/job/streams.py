@@ -38,8 +38,10 @@ def lm_streams(job: TrainJobConfig, cfg: ModelConfig, tokenizer=None, *, train: 
     if d.kind == "synthetic":
         train_stream = SyntheticStream(t.batch_size, t.seq_len, cfg.vocab_size, seed=t.seed, pad_fraction=d.pad_fraction,
                                        pad_id=pad)
+        # the held-out set: train.eval_batches batches (4 when 0) of another seed; synthetic data has no end
         return train_stream, lambda: SyntheticStream(
-            t.batch_size, t.seq_len, cfg.vocab_size, seed=t.seed + EVAL_SEED_OFFSET, pad_fraction=d.pad_fraction, pad_id=pad
+            t.batch_size, t.seq_len, cfg.vocab_size, seed=t.seed + EVAL_SEED_OFFSET, pad_fraction=d.pad_fraction,
+            pad_id=pad, batches=t.eval_batches or 4,
         )
     if d.kind == "text":
         return _text_streams(job, cfg, tokenizer)

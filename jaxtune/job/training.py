@@ -9,6 +9,7 @@ once the state is built or restored, right before the first step.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -20,6 +21,7 @@ from jaxtune.checkpoint.manager import TrainCheckpointer
 from jaxtune.config import to_dict
 from jaxtune.job import runmeta
 from jaxtune.job.assemble import job_tokenizer, model_for_training, with_head, with_peft, without_other_heads
+from jaxtune.job.explain import describe_job, describe_resume
 from jaxtune.job.objectives import Context, Objective, get_objective
 from jaxtune.job.runlock import RunLock
 from jaxtune.job.schema import TrainJobConfig
@@ -27,6 +29,7 @@ from jaxtune.job.streams import report_skipped
 from jaxtune.models import ModelConfig
 from jaxtune.models.heads import HeadSpec
 from jaxtune.parallel.mesh import make_mesh
+from jaxtune.train.batch_checks import check_positions
 from jaxtune.train.loop import TrainResult, check_batch_layout, check_steps_per_call, train
 from jaxtune.train.losses import LossFn
 from jaxtune.train.optim import build_optimizer
@@ -63,6 +66,7 @@ def setup_training(job: TrainJobConfig) -> TrainingSetup:
     ctx = Context(job, cfg, tokenizer, start=start, network=objective.network(job))
     mesh = make_mesh(job.mesh)
     check_batch_layout(job.train, mesh)
+    check_positions(job.train, cfg)
     stream, eval_streams = objective.streams(ctx)
     check_steps_per_call(job.train, stream)
     optimizer, schedule = build_optimizer(job.optim, job.train.steps)
@@ -86,8 +90,15 @@ def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict
     s = setup_training(job)
     own_checkpointer = checkpointer is None
     directory = job.checkpoint.directory if own_checkpointer else checkpointer.directory
-    if directory and runmeta.has_steps(directory):
+    resuming = bool(directory) and runmeta.has_steps(directory)
+    if resuming:
         runmeta.check_resumable(directory, s.cfg, s.meta)
+    if jax.process_index() == 0:
+        lines = describe_job(job, s.objective.name, s.objective.unit, s.cfg, s.stream, s.eval_streams,
+                             runmeta.source_text(to_dict(job.model)))
+        if resuming:
+            lines += describe_resume(runmeta.saved_job(directory), job)
+        print("\n".join(lines), file=sys.stderr, flush=True)
 
     def on_start(state, frozen) -> None:
         if not directory:
@@ -107,7 +118,7 @@ def run_training(job: TrainJobConfig, *, callbacks: Sequence[Callable[[int, dict
             loss_fn=s.loss_fn, params=s.params, model_cfg=s.cfg, optimizer=s.optimizer, schedule=s.schedule,
             cfg=job.train, batches=s.stream, mesh=s.mesh, eval_batches=s.eval_streams, checkpointer=checkpointer,
             trainable_mask=s.trainable_mask, logging=job.logging, log_dir=job.logging.directory or directory,
-            callbacks=callbacks, on_start=on_start, run_config=to_dict(job),
+            callbacks=callbacks, on_start=on_start, run_config=to_dict(job), weight_unit=s.objective.unit,
         )
     except KeyboardInterrupt:  # a second Ctrl-C: exit at once, without waiting for a save in flight
         interrupted = True

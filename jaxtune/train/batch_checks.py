@@ -4,10 +4,11 @@ steps per call only for streams that can give their batches up front."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from jax.sharding import Mesh
 
+from jaxtune.models.config import ModelConfig
 from jaxtune.parallel.mesh import CONTEXT_AXIS, axis_size
 from jaxtune.train.config import TrainConfig
 
@@ -28,6 +29,15 @@ def check_batch_layout(cfg: TrainConfig, mesh: Mesh) -> None:
             f"train.seq_len ({cfg.seq_len}) must divide by mesh.context ({contexts}): every sequence is split "
             "into equal blocks over the context-parallel devices"
         )
+
+
+def check_positions(cfg: TrainConfig, model_cfg: Optional[ModelConfig]) -> None:
+    """A model with learned absolute positions has no embedding past ``max_position_embeddings``:
+    longer rows would look up positions that do not exist (NaN losses, not an error)."""
+    if model_cfg is not None and model_cfg.position == "learned" and cfg.seq_len > model_cfg.max_position_embeddings:
+        raise ValueError(f"train.seq_len ({cfg.seq_len}) exceeds the model's {model_cfg.max_position_embeddings} "
+                         f"learned positions (max_position_embeddings); set train.seq_len <= "
+                         f"{model_cfg.max_position_embeddings}")
 
 
 def check_steps_per_call(cfg: TrainConfig, batches: Any) -> None:

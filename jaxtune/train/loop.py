@@ -31,7 +31,7 @@ from jaxtune.models import ModelConfig
 from jaxtune.parallel.collectives import allgather_json, any_process
 from jaxtune.parallel.mesh import batch_sharding
 from jaxtune.parallel.rules import Rule, param_specs
-from jaxtune.train.batch_checks import check_batch_layout, check_steps_per_call
+from jaxtune.train.batch_checks import check_batch_layout, check_positions, check_steps_per_call
 from jaxtune.train.config import LoggingConfig, TrainConfig
 from jaxtune.train.losses import LossFn
 from jaxtune.train.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
@@ -132,8 +132,10 @@ def _accumulate(totals: dict, out: dict) -> dict:
     return result
 
 
-def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Mesh, max_batches: int) -> dict:
-    """Token-weighted mean loss and perplexity over up to ``max_batches`` batches. The sums stay on
+def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Mesh, max_batches: float,
+             unit: str = "tokens") -> dict:
+    """Weighted mean loss (and perplexity) over up to ``max_batches`` batches, with the total weight
+    under ``unit`` (tokens; pairs for DPO...), the examples and batches it covers. The sums stay on
     the device and are fetched once at the end, so the host prepares the next batch while the
     device runs this one. A host-sharded stream may run dry on one process before another: it
     then contributes empty rows until every process is done, so all take part in every step."""
@@ -141,7 +143,7 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Me
     local = is_process_local(batches)
     synced = local and jax.process_count() > 1
     iterator = iter(batches)
-    n = 0
+    n, examples = 0, 0
     while n < max_batches:
         batch = next(iterator, None)
         if synced:
@@ -151,6 +153,7 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Me
                 batch = batches.empty_batch()
         elif batch is None:
             break
+        examples += batch_examples(batch)
         out = eval_step(params, place_batch(batch, mesh, local))
         if totals is None:
             totals = jax.tree.map(lambda v: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), out)
@@ -162,11 +165,25 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Me
     if totals.get("weight", 0.0) <= 0:
         return {}
     weight = totals.pop("weight")
-    result = {"loss": totals.pop("loss_sum") / weight, "tokens": weight, "batches": n}
+    result = {"loss": totals.pop("loss_sum") / weight, unit: weight, "examples": examples, "batches": n}
     result.update({k: v / weight for k, v in totals.items()})
     if "nll" in result:
         result["perplexity"] = math.exp(min(result["nll"], 700.0))
     return result
+
+
+def batch_examples(batch: dict) -> int:
+    """The examples a host batch holds: real pairs (``pair_mask``), real rows (``row_mask``), else
+    the documents with a loss-bearing token (one per row and segment id: packed rows hold several).
+    Counted on this process's rows."""
+    if "pair_mask" in batch:
+        return int(np.sum(np.asarray(batch["pair_mask"]) > 0))
+    if "row_mask" in batch:
+        return int(np.sum(np.asarray(batch["row_mask"]) > 0))
+    segments = np.asarray(batch["segment_ids"])
+    if "loss_mask" in batch:
+        segments = np.where(np.asarray(batch["loss_mask"]) > 0, segments, 0)
+    return sum(len(np.unique(row[row > 0])) for row in segments.reshape(-1, segments.shape[-1]))
 
 
 def stack_batches(batches: Sequence[dict]) -> dict:
@@ -246,6 +263,9 @@ def _set_up(loss_fn: LossFn, params: Any, optimizer: optax.GradientTransformatio
         frozen = jax.jit(frozen_only, static_argnums=static, out_shardings=frozen_sh)(params)
         resumed_from, r_params, r_extras, saved_position = restored
         state = TrainState(params=r_params, **r_extras)
+        if jax.process_index() == 0:
+            print(f"resumed from step {resumed_from} of {cfg.steps} ({checkpointer.directory})", file=sys.stderr,
+                  flush=True)
         if saved_position and hasattr(batches, "set_state"):
             batches.set_state(saved_position)
 
@@ -266,8 +286,9 @@ class _Bookkeeper:
 
     def __init__(self, result: TrainResult, cfg: TrainConfig, model_cfg: Optional[ModelConfig], mesh: Mesh,
                  logger: MetricsLogger, checkpointer: TrainCheckpointer, batches: Any, eval_batches, eval_step,
-                 callbacks: Sequence[Callable[[int, dict], None]], peak_flops: Optional[float], start: int):
-        self.result, self.cfg, self.mesh, self.logger = result, cfg, mesh, logger
+                 callbacks: Sequence[Callable[[int, dict], None]], peak_flops: Optional[float], start: int,
+                 unit: str = "tokens"):
+        self.result, self.cfg, self.mesh, self.logger, self.unit = result, cfg, mesh, logger, unit
         self.checkpointer, self.batches, self.eval_batches, self.eval_step = checkpointer, batches, eval_batches, eval_step
         self.callbacks, self.start = callbacks, start
         # MFU needs the architecture; a loss over a foreign (non-jaxtune) model trains without it.
@@ -330,10 +351,10 @@ class _Bookkeeper:
         finite = max(window["finite"], 1)
         logged = {"loss": window["loss"] / finite if window["finite"] else float("nan"),
                   "grad_norm": metrics["grad_norm"], "skipped": metrics["skipped"],
-                  "tokens": window["tokens"]}  # loss tokens of the window (summed into tokens seen by plots)
+                  self.unit: window["tokens"]}  # the window's loss weight (loss tokens: summed into tokens seen by plots)
         if not window["compiling"]:
-            logged.update(tokens_per_s=window["tokens"] / max(elapsed, 1e-9),
-                          step_time_s=elapsed / max(window["steps"], 1))
+            logged.update({f"{self.unit}_per_s": window["tokens"] / max(elapsed, 1e-9),
+                           "step_time_s": elapsed / max(window["steps"], 1)})
         if "lr" in metrics:
             logged["lr"] = metrics["lr"]
         logged.update({k: v / finite for k, v in window["extra"].items()})
@@ -347,7 +368,7 @@ class _Bookkeeper:
         if self.eval_step is None:
             return
         self.last_eval = evaluate(self.eval_step, join(state.params, frozen), self.eval_batches(), self.mesh,
-                                  self.cfg.eval_batches)
+                                  self.cfg.eval_batches, self.unit)
         self.last_eval_step = step
         if self.last_eval:
             self.result.evals.append({"step": step, **self.last_eval})
@@ -396,6 +417,7 @@ def train(
     callbacks: Sequence[Callable[[int, dict], None]] = (),
     on_start: Optional[Callable[[TrainState, Any], None]] = None,
     run_config: Optional[dict] = None,
+    weight_unit: str = "tokens",
 ) -> TrainResult:
     """Run ``cfg.steps`` optimizer steps (resuming from ``checkpointer`` if it holds a state).
 
@@ -408,8 +430,11 @@ def train(
     and before anything is logged: the caller's last chance to refuse the run (by raising) and the
     moment to record it (run metadata is written there, never for a run that did not start).
     ``run_config``: the job's config as a dict, for the logging sinks that keep it (W&B).
+    ``weight_unit``: what the loss's weight counts (tokens, pairs, examples...): the logs' and the
+    progress bar's throughput are named by it.
     """
     check_batch_layout(cfg, mesh)
+    check_positions(cfg, model_cfg)
     check_steps_per_call(cfg, batches)
     checkpointer = checkpointer or TrainCheckpointer(CheckpointConfig())  # directory None: no-op
     setup = _set_up(loss_fn, params, optimizer, schedule, cfg, batches, mesh, eval_batches, checkpointer,
@@ -427,7 +452,7 @@ def train(
     )
     logger.log(start, {"trainable": setup.trainable_params, "total": setup.total_params}, prefix="params")
     books = _Bookkeeper(result, cfg, model_cfg, mesh, logger, checkpointer, batches, eval_batches, setup.eval_step,
-                        callbacks, logging.peak_flops, start)
+                        callbacks, logging.peak_flops, start, weight_unit)
     local_batches = is_process_local(batches)
     status = "completed"
     stacked = cfg.steps_per_call > 1

@@ -135,8 +135,18 @@ def _postfix(values: dict[str, int | float]) -> str:
         shown.append(f"loss={values['loss']:.4f}")
     if "lr" in values:
         shown.append(f"lr={values['lr']:.2e}")
-    if "tokens_per_s" in values:
-        shown.append(f"tok/s={values['tokens_per_s']:,.0f}")
+    for name in ("reward_accuracy", "accuracy", "nsp_accuracy"):
+        if name in values:
+            shown.append(f"acc={values[name]:.3f}")
+            break
+    for name in ("reward_margin", "margin"):
+        if name in values:
+            shown.append(f"margin={values[name]:.3f}")
+            break
+    for name, value in values.items():
+        if name.endswith("_per_s"):
+            unit = name[: -len("_per_s")]
+            shown.append(f"{'tok' if unit == 'tokens' else unit}/s={value:,.{0 if value >= 100 else 1}f}")
     if "step_time_s" in values:
         shown.append(f"step={values['step_time_s']:.3f}s")
     return ", ".join(shown)
@@ -207,7 +217,8 @@ class MetricsLogger:
     the bar is shown. Files are opened for appending, so a resumed run continues the same logs.
     Each `log` call writes one JSON line ``{"step", "time", "<prefix>/<name>": value, ...}`` with
     NaN and infinities as the strings "nan", "inf", "-inf". The bar's postfix shows loss, lr,
-    tokens/s and step time from "train" metrics; every call advances the bar to `step`.
+    accuracy and margin (classification, preference objectives), throughput in the loss's unit
+    (tokens/s, pairs/s, ...) and step time from "train" metrics; every call advances the bar to `step`.
     `close` gives the sinks `close_timeout_s` seconds in all, then moves on (see `close_within`).
     """
 

@@ -82,7 +82,7 @@ def test_ctrl_c_saves_exits_130_and_the_same_command_resumes(tmp_path, capsys):
 
     # The same command (with a reachable step count) resumes from there (in process: no second start-up).
     assert main(["train", f"train.steps={saved + 1}", *args[2:]]) == 0
-    assert f"resumed from step {saved}" in capsys.readouterr().out
+    assert f"resumed from step {saved}" in capsys.readouterr().err
     assert _train_lines(log)[-1]["step"] == saved + 1
 
 

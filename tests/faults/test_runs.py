@@ -69,7 +69,7 @@ def test_convert_never_writes_into_a_training_run(lora_run, hf_checkpoint, tmp_p
     assert "holds a training run" in error_line(capsys, "convert")
     assert snapshot(run) == before and not (run / "params").exists()
     assert train(run, "train.steps=6", *LORA) == 0
-    assert "resumed from step 4" in capsys.readouterr().out
+    assert "resumed from step 4" in capsys.readouterr().err
 
 
 def test_convert_into_a_non_empty_directory_needs_overwrite(hf_checkpoint, tmp_path, capsys):
@@ -150,7 +150,7 @@ def test_corrupt_newest_checkpoint_is_detected_and_skipped(lora_run, tmp_path, c
     assert "nan" not in capsys.readouterr().out.lower()
     with pytest.warns(UserWarning, match=r"/4/params: array .*(checksum|NaN)"):
         assert train(run, "train.steps=6", *LORA) == 0
-    assert "resumed from step 2" in capsys.readouterr().out
+    assert "resumed from step 2" in capsys.readouterr().err
     for step in ("2", "6"):
         _flip_bytes(run / step)
     shutil.rmtree(run / "4")
@@ -213,7 +213,7 @@ def test_disk_full_during_a_save_is_one_line_and_earlier_steps_survive(lora_run,
     assert str(run / "6") in line and "disk is full" in line
     monkeypatch.undo()
     assert train(run, "train.steps=6", *LORA) == 0
-    assert "resumed from step 4" in capsys.readouterr().out
+    assert "resumed from step 4" in capsys.readouterr().err
 
 
 def test_unwritable_run_directory_is_one_line(tmp_path, capsys):

@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxtune.config import from_dict
+from jaxtune.eval.config import EvalConfig, EvalTaskConfig
 from jaxtune.job import TrainJobConfig, load_model, run_eval_job, run_training
 from jaxtune.job.assemble import with_peft
 from jaxtune.job.schema import ModelSource
@@ -133,5 +134,7 @@ def test_text_initialised_prompt_run_restores_without_its_tokenizer(tmp_path):
 
 
 def held_out(job):
-    """`jaxtune eval`'s default task on the job: the held-out loss."""
-    return run_eval_job(job)["loss"]
+    """`jaxtune eval`'s held-out loss over the batches the training run's periodic evaluation covers
+    (train.eval_batches; `jaxtune eval` alone makes a full pass)."""
+    limited = EvalConfig(tasks=(EvalTaskConfig(kind="loss", limit=job.train.eval_batches),))
+    return run_eval_job(dataclasses.replace(job, eval=limited))["loss"]

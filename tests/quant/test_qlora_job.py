@@ -2,12 +2,15 @@
 unseen style as well as LoRA on the unquantized base (held-out loss within 2%), checkpoints hold
 the adapter only, and eval rebuilds the 4-bit base from the run's reference bit for bit."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from jaxtune.config import from_dict
+from jaxtune.eval.config import EvalConfig, EvalTaskConfig
 from jaxtune.job import TrainJobConfig, load_model, run_eval_job, run_training
 from jaxtune.job.schema import ModelSource
 from jaxtune.peft import LoraWeight
@@ -49,5 +52,7 @@ def test_qlora_matches_lora_on_a_pretrained_base_and_restores_onto_its_4bit_base
 
 
 def held_out(job):
-    """`jaxtune eval`'s default task on the job: the held-out loss."""
-    return run_eval_job(job)["loss"]
+    """`jaxtune eval`'s held-out loss over the batches the training run's periodic evaluation covers
+    (train.eval_batches; `jaxtune eval` alone makes a full pass)."""
+    limited = EvalConfig(tasks=(EvalTaskConfig(kind="loss", limit=job.train.eval_batches),))
+    return run_eval_job(dataclasses.replace(job, eval=limited))["loss"]

@@ -295,7 +295,8 @@ def test_shakespeare_char_recipe_trains_evaluates_and_generates(tmp_path, capsys
     records = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
     val = [r["eval/loss"] for r in records if "eval/loss" in r]
     assert len(val) == 1 and 3.0 < val[0] < 4.5  # ~ln(65) = 4.17 after 4 steps
-    assert main(["eval", "--json", "configs/pretrain_shakespeare_char.yaml", f"model.checkpoint={ckpt}", *short]) == 0
+    assert main(["eval", "--json", "configs/pretrain_shakespeare_char.yaml", f"model.checkpoint={ckpt}", *short,
+                 "eval.tasks=[{kind: loss, limit: 3}]"]) == 0  # the training run's 3 evaluation batches
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]["loss"] == pytest.approx(val[0], rel=1e-6)
     assert main(["generate", f"model.checkpoint={ckpt}", "model.preset=null", 'prompts=["ROMEO:"]',
                  "sampling.max_new_tokens=8", "--json"]) == 0

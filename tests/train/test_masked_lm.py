@@ -364,7 +364,7 @@ def test_masked_lm_switch_trains_and_evaluates_from_the_cli(tmp_path, capsys):
     val = [r for r in records if "eval/loss" in r]
     assert len(val) == 1 and 0.0 <= val[0]["eval/masked_accuracy"] <= 1.0
     assert not load_model(ModelSource(checkpoint=str(ckpt)))[1].causal
-    assert main(["eval", "--json", *args, f"model.checkpoint={ckpt}"]) == 0
+    assert main(["eval", "--json", *args, f"model.checkpoint={ckpt}", "eval.tasks=[{kind: loss, limit: 2}]"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]["loss"] == pytest.approx(val[0]["eval/loss"], rel=1e-6)
     # Without a mask token the error names the key.
     assert main(["train", "configs/pretrain_shakespeare_char.yaml", "objective.kind=masked", "train.steps=1",

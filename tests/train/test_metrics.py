@@ -201,6 +201,13 @@ def test_progress_bar_postfix_and_position(capsys):
     assert "other" not in last and "loss=9" not in last  # (the rate field may hold any digits)
 
 
+def test_progress_bar_of_a_preference_run_counts_pairs_and_shows_accuracy_and_margin(capsys):
+    with MetricsLogger(None, total_steps=10) as logger:
+        logger.log(2, {"loss": 0.6, "reward_accuracy": 0.75, "reward_margin": 0.125, "pairs_per_s": 42.25})
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "acc=0.750" in last and "margin=0.125" in last and "pairs/s=42.2" in last and "tok/s" not in last
+
+
 def test_progress_disabled_and_no_log_dir_writes_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with MetricsLogger(None, total_steps=5, progress=False) as logger:

@@ -97,9 +97,11 @@ def test_peft_sft_checkpoint_evaluates_to_its_training_metrics(tmp_path, method)
     result = run_training(job)
     assert result.trainable_params < result.total_params / 10
     trained_eval = result.evals[-1]
-    restore = {"model": {"config": None, "checkpoint": str(tmp_path / "run")}}
+    # the loss over the training run's evaluation batches (train.eval_batches; eval alone makes a full pass)
+    restore = {"model": {"config": None, "checkpoint": str(tmp_path / "run")},
+               "eval": {"tasks": [{"kind": "loss", "limit": 2}]}}
     if method == "lora":  # the same evaluation gives the one-device greedy generations the 8-device ones must match
-        restore["eval"] = {"tasks": [{"kind": "loss"}, {"kind": "generate", "name": "gsm8k", "limit": 4,
+        restore["eval"] = {"tasks": [{"kind": "loss", "limit": 2}, {"kind": "generate", "name": "gsm8k", "answer_pattern": "gsm8k", "limit": 4,
                                       "batch_size": 4, "max_new_tokens": 8}]}
     eval_job = _sft_job(tmp_path / "run", **restore)
     evaluated = run_eval_job(eval_job)

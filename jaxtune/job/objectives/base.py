@@ -48,6 +48,7 @@ class Objective:
 
     name: str = ""
     data_kinds: tuple[str, ...] = ()
+    unit: str = "tokens"  # what the loss's weight counts (tokens, pairs, examples, completions): logs and reports name it
 
     def model_config(self, cfg: ModelConfig) -> ModelConfig:
         return cfg

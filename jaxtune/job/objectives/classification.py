@@ -39,6 +39,7 @@ def pooling(ctx: Context) -> str:
 class Classification(Objective):
     name = "classification"
     data_kinds = ("classification",)
+    unit = "examples"
     regression = False
 
     def outputs(self, ctx: Context) -> int:

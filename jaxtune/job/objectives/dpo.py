@@ -24,6 +24,7 @@ from jaxtune.train.losses import LossFn
 class DPO(Objective):
     name = "dpo"
     data_kinds = ("preference",)
+    unit = "pairs"
 
     def reference(self, job: TrainJobConfig) -> str:
         """adapter (PEFT policies) or precomputed (full fine-tuning) under ``reference: auto``;

@@ -20,6 +20,7 @@ from jaxtune.train.losses import LossFn
 class GRPO(Objective):
     name = "grpo"
     data_kinds = ("sft",)
+    unit = "completions"
 
     def reference(self, job: TrainJobConfig) -> str:
         return reference_kind(job, job.objective.grpo.kl_coef)

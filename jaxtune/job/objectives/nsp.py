@@ -28,6 +28,7 @@ from jaxtune.train.losses import LossFn
 class NextSentence(Objective):
     name = "nsp"
     data_kinds = ("sentence_pairs",)
+    unit = "pairs"
 
     def model_config(self, cfg: ModelConfig) -> ModelConfig:
         return cfg.replace(causal=False)  # the masked LM half attends both ways

@@ -29,6 +29,7 @@ from jaxtune.train.losses import LossFn
 class PPO(Objective):
     name = "ppo"
     data_kinds = ("sft",)
+    unit = "completions"
 
     def reference(self, job: TrainJobConfig) -> str:
         return reference_kind(job, job.objective.ppo.kl_coef)

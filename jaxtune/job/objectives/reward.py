@@ -35,6 +35,7 @@ def pair_streams(ctx: Context, *, train: bool = True, prepare=None) -> Streams:
 class Reward(Objective):
     name = "reward"
     data_kinds = ("preference",)
+    unit = "pairs"
 
     def head(self, ctx: Context) -> HeadSpec:
         # the score is read at the last token whatever objective.pooling says; the run records it as given
