@@ -24,18 +24,22 @@ SMALL = ["train.steps=2", "train.steps_per_call=1", "optim.warmup_steps=1", "tra
          "checkpoint.every_steps=2"]
 
 
-@pytest.fixture(scope="module")
-def char_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("journey") / "char"
+def test_one_run_through_eval_refusals_and_resume(tmp_path, capfd):
+    """One small run of the main job (trained once), then what a user does with it."""
+    run = tmp_path / "char"
     assert main(["train", CHAR, *SMALL, f"checkpoint.directory={run}"]) == 0
-    return run
+    capfd.readouterr()
+    _eval_uses_the_saved_job_with_a_full_pass_and_counts(run, capfd)
+    _reading_a_run_prints_no_read_only_notice(run, capfd)
+    _synthetic_data_for_a_real_run_is_refused_unless_asked(run, capfd)
+    _resume_lists_changed_settings_and_says_where_it_resumed(run, tmp_path / "resumed", capfd)
 
 
 def _json_out(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_eval_of_a_run_uses_its_saved_job_with_a_full_pass_and_counts(char_run, capsys):
+def _eval_uses_the_saved_job_with_a_full_pass_and_counts(char_run, capsys):
     assert main(["eval", "--json", f"model.checkpoint={char_run}"]) == 0
     out, err = capsys.readouterr()
     saved = json.loads(out.strip().splitlines()[-1])["loss"]
@@ -49,13 +53,13 @@ def test_eval_of_a_run_uses_its_saved_job_with_a_full_pass_and_counts(char_run, 
     assert saved["examples"] == 105 and saved["batches"] == 27 and saved["tokens"] == 6692
 
 
-def test_reading_a_run_prints_no_read_only_notice(char_run, capfd):
+def _reading_a_run_prints_no_read_only_notice(char_run, capfd):
     assert main(["eval", f"model.checkpoint={char_run}"]) == 0
     out, err = capfd.readouterr()
     assert "examples" in out and "read only" not in err and "read only" not in out
 
 
-def test_synthetic_data_for_a_real_run_is_refused_unless_asked(char_run, capsys):
+def _synthetic_data_for_a_real_run_is_refused_unless_asked(char_run, capsys):
     assert main(["eval", str(ROOT / "configs/train_demo.yaml"), f"model.checkpoint={char_run}"]) == 1
     err = capsys.readouterr().err
     assert "trained on data.kind=text" in err and "data.kind=synthetic" in err
@@ -67,8 +71,7 @@ def test_synthetic_data_for_a_real_run_is_refused_unless_asked(char_run, capsys)
     assert _json_out(capsys)["loss"]["loss"] < 100  # finite
 
 
-def test_resume_lists_changed_settings_and_says_where_it_resumed(char_run, tmp_path, capsys):
-    run = tmp_path / "char"
+def _resume_lists_changed_settings_and_says_where_it_resumed(char_run, run, capsys):
     shutil.copytree(char_run, run)  # the fixture's run, resumed here with other settings
     assert main(["train", CHAR, *SMALL, f"checkpoint.directory={run}"]) == 0  # nothing to do: the same settings
     start = capsys.readouterr().err
