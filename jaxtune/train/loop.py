@@ -34,7 +34,7 @@ from jaxtune.parallel.rules import Rule, param_specs
 from jaxtune.train.batch_checks import check_batch_layout, check_positions, check_steps_per_call
 from jaxtune.train.config import LoggingConfig, TrainConfig
 from jaxtune.train.losses import LossFn
-from jaxtune.train.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
+from jaxtune.train.metrics import MetricsLogger, batch_examples, device_peak_flops, mfu, model_flops_per_token
 from jaxtune.utils.partition import count, join, mask_by_regex, split
 from jaxtune.train.step import TrainState, abstract_layout, make_eval_step, make_train_step, named
 from jaxtune.train.stopping import StopSignals
@@ -170,20 +170,6 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Me
     if "nll" in result:
         result["perplexity"] = math.exp(min(result["nll"], 700.0))
     return result
-
-
-def batch_examples(batch: dict) -> int:
-    """The examples a host batch holds: real pairs (``pair_mask``), real rows (``row_mask``), else
-    the documents with a loss-bearing token (one per row and segment id: packed rows hold several).
-    Counted on this process's rows."""
-    if "pair_mask" in batch:
-        return int(np.sum(np.asarray(batch["pair_mask"]) > 0))
-    if "row_mask" in batch:
-        return int(np.sum(np.asarray(batch["row_mask"]) > 0))
-    segments = np.asarray(batch["segment_ids"])
-    if "loss_mask" in batch:
-        segments = np.where(np.asarray(batch["loss_mask"]) > 0, segments, 0)
-    return sum(len(np.unique(row[row > 0])) for row in segments.reshape(-1, segments.shape[-1]))
 
 
 def stack_batches(batches: Sequence[dict]) -> dict:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tqdm
 
 from jaxtune.models.config import ModelConfig
@@ -115,6 +116,20 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 def mfu(tokens_per_second_per_device: float, flops_per_token: float, peak: float) -> float:
     """Model FLOPs utilization: achieved model FLOP/s of one device over its peak (0..1)."""
     return tokens_per_second_per_device * flops_per_token / peak
+
+
+def batch_examples(batch: dict) -> int:
+    """The examples a host batch holds: real pairs (``pair_mask``), real rows (``row_mask``), else
+    the documents with a loss-bearing token (one per row and segment id: packed rows hold several).
+    Counted on this process's rows."""
+    if "pair_mask" in batch:
+        return int(np.sum(np.asarray(batch["pair_mask"]) > 0))
+    if "row_mask" in batch:
+        return int(np.sum(np.asarray(batch["row_mask"]) > 0))
+    segments = np.asarray(batch["segment_ids"])
+    if "loss_mask" in batch:
+        segments = np.where(np.asarray(batch["loss_mask"]) > 0, segments, 0)
+    return sum(len(np.unique(row[row > 0])) for row in segments.reshape(-1, segments.shape[-1]))
 
 
 def _number(value: Any) -> int | float:

@@ -223,3 +223,14 @@ def test_only_process_zero_logs(tmp_path, capsys, monkeypatch):
         logger.log(1, {"loss": 1.0})
     assert not log_dir.exists()
     assert capsys.readouterr().err == ""
+
+
+def test_batch_examples_counts_pairs_rows_and_packed_documents_with_a_target():
+    from jaxtune.train.metrics import batch_examples
+
+    assert batch_examples({"pair_mask": np.array([1, 1, 0]), "segment_ids": np.ones((6, 4))}) == 2
+    assert batch_examples({"row_mask": np.array([1.0, 0.0, 1.0, 1.0])}) == 3
+    segments = np.array([[1, 1, 2, 2, 3, 0], [1, 1, 1, 1, 0, 0]])
+    loss_mask = np.array([[0, 1, 0, 0, 1, 0], [1, 1, 1, 0, 0, 0]])  # document 2 of row 0 has no target
+    assert batch_examples({"segment_ids": segments, "loss_mask": loss_mask}) == 3
+    assert batch_examples({"segment_ids": segments}) == 4
