@@ -43,9 +43,10 @@ from jinja2 import TemplateError
 
 from jaxtune.data.instruct import apply_template, chatml_text, checked_message, has_chat_template
 from jaxtune.data.packing import empty_rows, write_piece
-from jaxtune.data.segments import common_prefix, encode_completions
+from jaxtune.data.segments import encode_completions
 from jaxtune.data.sft import ExampleSet, OnePerRowStream, finish_loading, read_records, skip_or_raise
 from jaxtune.data.sources import BadRow, DocumentSource, checked_text
+from jaxtune.utils.sequences import common_prefix
 
 SIDES = ("chosen", "rejected")
 

@@ -31,6 +31,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from jaxtune.data.instruct import Segment
+from jaxtune.utils.sequences import common_prefix
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()  # tokenizer classes already warned about
@@ -117,15 +118,6 @@ def _rows(examples: Sequence[Sequence[tuple[list[int], list[bool]]]]) -> list[tu
     """Each example's pieces (ids, trained flags) joined into (tokens int32, trained bool)."""
     return [(np.asarray([t for ids, _ in pieces for t in ids], np.int32),
              np.asarray([f for _, flags in pieces for f in flags], bool)) for pieces in examples]
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def encode_completions(tokenizer, items: Sequence[tuple[str, Sequence[str]]]) -> list[tuple[list[int], list[list[int]]]]:

@@ -30,6 +30,7 @@ from jaxtune.generate.decode import decode_loop, resolve_prefix
 from jaxtune.generate.sampling import SamplingConfig
 from jaxtune.models import Model
 from jaxtune.models.attention import KVCache
+from jaxtune.utils.sequences import common_prefix
 
 MIN_BUCKET = 16  # shortest padded chunk of new tokens
 MIN_CACHE = 256  # smallest cache allocated (capped by the conversation's max_len)
@@ -174,7 +175,7 @@ def chat_turn(model: Model, state: ChatState, prompt_ids: Sequence[int], rng: ja
     if need > state.max_len:
         raise ContextFull(f"{len(prompt_ids)} prompt tokens + max_new_tokens {sampling.max_new_tokens} exceed "
                           f"the conversation's {state.max_len} tokens")
-    reused = min(_common_prefix(state.ids, prompt_ids), len(prompt_ids) - 1)
+    reused = min(common_prefix(state.ids, prompt_ids), len(prompt_ids) - 1)
     new = prompt_ids[reused:]
     cache = _cache_with_room(model, state, need)
     bucket = min(_next_power_of_two(len(new), MIN_BUCKET), cache.max_len - reused)
@@ -190,16 +191,6 @@ def chat_turn(model: Model, state: ChatState, prompt_ids: Sequence[int], rng: ja
     reply = out.tokens[0, :length].tolist()
     state = state._replace(cache=cache, ids=tuple(prompt_ids + reply))
     return Turn(reply, out.log_probs[0, :length].tolist(), bool(out.stopped[0]), reused, len(new), state)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """The length of the longest common prefix of ``a`` and ``b``."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _next_power_of_two(n: int, floor: int) -> int:
