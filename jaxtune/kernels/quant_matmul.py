@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-KINDS = ("nf4", "fp4", "int4", "int8")
-FLOAT_KINDS = ("nf4", "fp4")  # 4-bit codes that index a table of 16 floats
+from jaxtune.kernels.packed import check_layout, dequant_halves, pad_to, round_up
+
 
 
 @dataclass(frozen=True)
@@ -62,25 +62,6 @@ def _compiler_params(tiles: Tiles, interpret: bool):
         return None
 
 
-def _select_tree(c: jax.Array, values: tuple[float, ...]) -> jax.Array:
-    """``values[c]`` for int32 codes ``c`` in [0, 16) by a 4-level tree of selects on the code's
-    bits (Triton has no gather from a small table)."""
-    level = [jnp.full(c.shape, v, jnp.float32) for v in values]
-    for bit in range(4):
-        on = ((c >> bit) & 1) == 1
-        level = [jnp.where(on, level[i + 1], level[i]) for i in range(0, len(level), 2)]
-    return level[0]
-
-
-def _dequant_halves(packed: jax.Array, kind: str, table: tuple[float, ...]) -> tuple[jax.Array, jax.Array]:
-    """uint8 ``[rows, cols]`` -> float32 values of the high and the low nibbles, ``[rows, cols]`` each."""
-    p = packed.astype(jnp.int32)
-    hi, lo = (p >> 4) & 0xF, p & 0xF
-    if kind == "int4":
-        return (hi - 8).astype(jnp.float32), (lo - 8).astype(jnp.float32)
-    return _select_tree(hi, table), _select_tree(lo, table)
-
-
 def _dot(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
     """``a [m, k] . b`` over ``b``'s dimension ``contract_b`` (0: ``a @ b``, 1: ``a @ b.T``), float32."""
     return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
@@ -101,7 +82,7 @@ def _forward_kernel(x_ref, codes_ref, scales_ref, *rest, kind, table, blocksize,
         if kind == "int8":
             w = codes_ref[:, pl.ds(k0, bk)].astype(jnp.float32) * s
             return acc + _dot(x_ref[:, pl.ds(k0, bk)], w.astype(x_ref.dtype), 1)
-        hi, lo = _dequant_halves(codes_ref[:, pl.ds(k0 // 2, half)], kind, table)
+        hi, lo = dequant_halves(codes_ref[:, pl.ds(k0 // 2, half)], kind, table)
         x_even = x_ref[:, pl.ds(k0, half, stride=2)]
         x_odd = x_ref[:, pl.ds(k0 + 1, half, stride=2)]
         acc = acc + _dot(x_even, (hi * s).astype(x_ref.dtype), 1)
@@ -126,7 +107,7 @@ def _transposed_kernel(dy_ref, codes_ref, scales_ref, o_ref, *, kind, table, blo
         if kind == "int8":
             w = codes_ref[pl.ds(n0, bn), :].astype(jnp.float32) * s
             return (accs[0] + _dot(dy, w.astype(dy.dtype), 0),)
-        hi, lo = _dequant_halves(codes_ref[pl.ds(n0, bn), :], kind, table)
+        hi, lo = dequant_halves(codes_ref[pl.ds(n0, bn), :], kind, table)
         return (accs[0] + _dot(dy, (hi * s).astype(dy.dtype), 0), accs[1] + _dot(dy, (lo * s).astype(dy.dtype), 0))
 
     if kind == "int8":
@@ -139,25 +120,9 @@ def _transposed_kernel(dy_ref, codes_ref, scales_ref, o_ref, *, kind, table, blo
     o_ref[:, pl.ds(1, half, stride=2)] = odd.astype(o_ref.dtype)
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def _pad_to(a: jax.Array, shape: tuple[int, ...], value=0) -> jax.Array:
-    pads = [(0, s - d) for d, s in zip(a.shape, shape)]
-    return a if all(p == (0, 0) for p in pads) else jnp.pad(a, pads, constant_values=value)
-
-
 def _check(kind: str, table: tuple[float, ...], blocksize: int, codes: jax.Array, n: int, k: int,
            tiles: Tiles) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"fused kernel: unsupported quantization {kind!r} ({', '.join(KINDS)})")
-    if kind in FLOAT_KINDS and len(table) != 16:
-        raise ValueError(f"fused kernel: {kind} needs its 16-value code table (table=...), got {len(table)} values")
-    want = (n, k) if kind == "int8" else (n, k // 2)
-    if codes.ndim != 2 or tuple(codes.shape) != want:
-        raise ValueError(f"fused kernel: codes of shape {tuple(codes.shape)}, expected {want} (the 2-D layout: "
-                         "inputs a multiple of the blocksize)")
+    check_layout(kind, table, codes, n, k)
     if kind != "int8" and (blocksize % tiles.bk or tiles.bk % 2):
         raise ValueError(f"fused kernel: tile bk={tiles.bk} must be even and divide the blocksize {blocksize}")
 
@@ -178,15 +143,15 @@ def forward(x: jax.Array, codes: jax.Array, scales: jax.Array, *, kind: str, blo
     bm, bn, bk, splits = tiles.bm, tiles.bn, tiles.bk, tiles.splits
     # each split covers whole tiles and (4-bit) whole absmax blocks; bk divides the blocksize
     unit = splits * (bk if kind == "int8" else blocksize)
-    mp, np_, kp = _round_up(m, bm), _round_up(n, bn), _round_up(k, unit)
+    mp, np_, kp = round_up(m, bm), round_up(n, bn), round_up(k, unit)
     if kind == "int8":
         scales = scales.reshape(n, 1)
         group = kp  # one scale per row
     else:
         group = blocksize
-    xp = _pad_to(x, (mp, kp))
-    cp = _pad_to(codes, (np_, kp if kind == "int8" else kp // 2))
-    sp = _pad_to(scales.astype(jnp.float32), (np_, 1 if kind == "int8" else kp // blocksize))
+    xp = pad_to(x, (mp, kp))
+    cp = pad_to(codes, (np_, kp if kind == "int8" else kp // 2))
+    sp = pad_to(scales.astype(jnp.float32), (np_, 1 if kind == "int8" else kp // blocksize))
     k_block = kp // splits
     lora = xa is not None and splits == 1
     kernel = functools.partial(_forward_kernel, kind=kind, table=table, blocksize=group, bk=bk, k_block=k_block, lora=lora,
@@ -200,8 +165,8 @@ def forward(x: jax.Array, codes: jax.Array, scales: jax.Array, *, kind: str, blo
     args = [xp, cp, sp]
     if lora:
         r = xa.shape[1]
-        rp = _round_up(r, 16)  # the matrix units want 16 on every dimension
-        args += [_pad_to(xa.astype(x.dtype), (mp, rp)), _pad_to(b.astype(x.dtype), (rp, np_))]
+        rp = round_up(r, 16)  # the matrix units want 16 on every dimension
+        args += [pad_to(xa.astype(x.dtype), (mp, rp)), pad_to(b.astype(x.dtype), (rp, np_))]
         in_specs += [pl.BlockSpec((bm, rp), lambda i, j, s: (i, 0)), pl.BlockSpec((rp, bn), lambda i, j, s: (0, j))]
     out_shape = jax.ShapeDtypeStruct((splits, mp, np_), jnp.float32 if splits > 1 else out_dtype)
     aliases = {}
@@ -219,8 +184,8 @@ def forward(x: jax.Array, codes: jax.Array, scales: jax.Array, *, kind: str, blo
     if splits > 1:
         out = out.sum(axis=0)
         if xa is not None:
-            out = out + lora_scale * _dot(_pad_to(xa, (mp, xa.shape[1])).astype(jnp.float32),
-                                          _pad_to(b, (b.shape[0], np_)).astype(jnp.float32), 0)
+            out = out + lora_scale * _dot(pad_to(xa, (mp, xa.shape[1])).astype(jnp.float32),
+                                          pad_to(b, (b.shape[0], np_)).astype(jnp.float32), 0)
         out = out.astype(out_dtype)
     else:
         out = out[0]
@@ -236,16 +201,16 @@ def transposed(dy: jax.Array, codes: jax.Array, scales: jax.Array, *, kind: str,
     _check(kind, table, blocksize, codes, n, k, tiles)
     out_dtype = out_dtype or dy.dtype
     bm, bn, bk = tiles.bm, tiles.bn, tiles.bk
-    mp, np_, kp = _round_up(m, bm), _round_up(n, bn), _round_up(k, bk if kind == "int8" else blocksize)
-    dyp = _pad_to(dy, (mp, np_))
+    mp, np_, kp = round_up(m, bm), round_up(n, bn), round_up(k, bk if kind == "int8" else blocksize)
+    dyp = pad_to(dy, (mp, np_))
     if kind == "int8":
-        cp = _pad_to(codes, (np_, kp))
-        sp = _pad_to(scales.reshape(n, 1).astype(jnp.float32), (np_, 1))
+        cp = pad_to(codes, (np_, kp))
+        sp = pad_to(scales.reshape(n, 1).astype(jnp.float32), (np_, 1))
         code_spec = pl.BlockSpec((np_, bk), lambda i, j: (0, j))
         scale_spec = pl.BlockSpec((np_, 1), lambda i, j: (0, 0))
     else:
-        cp = _pad_to(codes, (np_, kp // 2))
-        sp = _pad_to(scales.astype(jnp.float32), (np_, kp // blocksize))
+        cp = pad_to(codes, (np_, kp // 2))
+        sp = pad_to(scales.astype(jnp.float32), (np_, kp // blocksize))
         code_spec = pl.BlockSpec((np_, bk // 2), lambda i, j: (0, j))
         per_block = blocksize // bk  # tiles of K per absmax block
         scale_spec = pl.BlockSpec((np_, 1), lambda i, j: (0, j // per_block))

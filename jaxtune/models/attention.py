@@ -30,11 +30,9 @@ implementation other than ``auto`` / ``blockwise``), except with a KV cache.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import logging
 import math
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,26 +45,11 @@ from jaxtune.models.context_attention import context_attention, context_mesh
 from jaxtune.models.masks import MaskInfo, attention_mask  # noqa: F401  (attention_mask: also importable here)
 from jaxtune.parallel.mesh import BATCH_AXES
 from jaxtune.parallel.rules import current_mesh
+from jaxtune.utils.platform import per_platform
 
 log = logging.getLogger(__name__)
 IMPLEMENTATIONS = ("auto", "blockwise", "splash", "flash", "cudnn", "dpa", "xla")
 _warned: set[str] = set()
-_platform: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("attention_platform", default=None)
-
-
-@contextlib.contextmanager
-def traced_for(platform: str) -> Iterator[None]:
-    """Within the block, ``auto`` picks the implementation for ``platform`` (cpu | cuda | tpu) while
-    tracing instead of staging out every platform's (`jax.lax.platform_dependent`): for analyses of
-    the traced program (the memory estimator's residuals) that must see one implementation only."""
-    platform = {"gpu": "cuda"}.get(platform, platform)  # jax.default_backend() says gpu on NVIDIA
-    if platform not in ("cpu", "cuda", "tpu"):
-        raise ValueError(f"attention: no implementation is chosen for platform {platform!r} (cpu | cuda | tpu)")
-    token = _platform.set(platform)
-    try:
-        yield
-    finally:
-        _platform.reset(token)
 
 
 class KVCache(NamedTuple):
@@ -110,15 +93,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo, impl: str =
     if impl == "blockwise":
         return blockwise()
     if impl == "auto":
-        per_platform = {
+        branches = {
             "cpu": lambda *a: blockwise_attention(*a, block_q=block_q, block_kv=block_kv),
             "cuda": lambda *a: _kernel_or_blockwise("flash", *a, block_q=block_q, block_kv=block_kv, warn=False),
             "tpu": lambda *a: _kernel_or_blockwise("splash", *a, block_q=block_q, block_kv=block_kv, warn=False),
         }
-        chosen = _platform.get()
-        if chosen is not None:
-            return per_platform[chosen](q, k, v, mask)
-        return jax.lax.platform_dependent(q, k, v, mask, **per_platform, default=per_platform["cpu"])
+        return per_platform(branches, q, k, v, mask)
     if impl in ("splash", "flash"):
         return _kernel_or_blockwise(impl, q, k, v, mask, block_q=block_q, block_kv=block_kv)
     if impl == "cudnn":

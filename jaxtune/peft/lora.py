@@ -63,12 +63,10 @@ class LoraWeight:
 @register_linear(LoraWeight)
 def _lora_linear(x, w: LoraWeight, *, dtype, rng=None):
     h = dropout(x, w.dropout, rng)
+    low_rank = lambda h, a, b: linear(linear(h, a, dtype=dtype), b, dtype=dtype)  # noqa: E731
     if isinstance(w.base, QuantizedWeight):  # QLoRA: one fused kernel where the quantized kernel takes that path
-        fused = lora_over_quantized(x, h, w.base, w.a, w.b, w.scale, dtype)
-        if fused is not None:
-            return fused
-    y = linear(x, w.base, dtype=dtype)
-    return y + w.scale * linear(linear(h, w.a, dtype=dtype), w.b, dtype=dtype)
+        return lora_over_quantized(x, h, w.base, w.a, w.b, w.scale, dtype, low_rank)
+    return linear(x, w.base, dtype=dtype) + w.scale * low_rank(h, w.a, w.b)
 
 
 @register_sharding(LoraWeight)

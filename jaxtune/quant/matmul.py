@@ -1,4 +1,4 @@
-"""The one linear op for quantized kernels: XLA's dequantize-then-matmul or the fused Pallas kernel.
+"""The one linear op for quantized kernels: XLA's dequantize-then-matmul or a fused Pallas kernel.
 
 `quant_matmul(x, w)` is ``x @ dequantize(w)`` and `quant_lora_matmul(x, h, w, a, b, s)` is
 ``x @ dequantize(w) + s * (h @ a) @ b`` (``h``: the LoRA input, ``x`` after dropout in training).
@@ -7,48 +7,86 @@ dequantized copy -- and whose backward pass gives ``dx = dy @ dequantize(w)^T`` 
 after ``dy`` exists) and, for LoRA, ``da``, ``db`` by ordinary matmuls; the quantized kernel gets a
 zero cotangent (it is frozen).
 
-Which path runs is decided per call (`path`) from ``w.kernel``: ``xla``; ``pallas`` (the Triton
-kernel: GPU only); ``interpret`` (the same kernel in Pallas' interpreter, any backend: tests);
-``auto``: the kernel on a GPU whose tile table (``benchmarks/qlora_matmul.py --autotune``) measured
-it faster for this shape, where the kernel's layout applies (2-D codes: inputs a multiple of the
-blocksize); XLA otherwise -- including every shape no one has measured on this device kind.
+Implementations (``impl``): ``xla``; ``pallas`` (the Triton kernel, `jaxtune.kernels.quant_matmul`:
+NVIDIA GPUs); ``tpu`` (the Mosaic kernel, `jaxtune.kernels.quant_matmul_tpu`); ``interpret`` /
+``interpret_tpu`` (those kernels in Pallas' interpreter, any backend: tests). Under a mesh a kernel
+runs in `jax.shard_map` on each device's rows (XLA cannot split a custom call).
+
+Which one runs follows ``w.kernel`` (``quant.kernel``) and the platform the program is *lowered*
+for, not the host it is traced on (`jaxtune.utils.platform.per_platform`):
+
+- ``auto``: on CPU, XLA. On a GPU, the Triton kernel where the tile table (`jaxtune.kernels.tiles`,
+  filled by ``benchmarks/accelerator_suite.py``) measured it faster for this device kind and shape,
+  XLA where it measured XLA faster, and for a shape no one measured the kernel below `KERNEL_ROWS`
+  rows, XLA from there. On a TPU the Mosaic kernel below `KERNEL_ROWS` rows. The kernels need the
+  2-D code layout (inputs a multiple of the blocksize); other kernels take XLA everywhere.
+- ``xla``, ``interpret``, ``interpret_tpu``: that implementation everywhere;
+- ``pallas``: the platform's fused kernel (Triton on GPU, Mosaic on TPU); an error on a CPU host
+  unless the program is traced for an accelerator (`jaxtune.utils.platform.traced_for`).
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+from jaxtune.kernels import quant_matmul_tpu
 from jaxtune.kernels.quant_matmul import Tiles, forward, transposed
 from jaxtune.kernels.tiles import choose, measured
 from jaxtune.ops.linear import register_linear
+from jaxtune.parallel.mesh import BATCH_AXES, CONTEXT_AXIS
+from jaxtune.parallel.rules import current_mesh
 from jaxtune.quant.codes import CODES_4BIT
 from jaxtune.quant.weight import QuantizedWeight
+from jaxtune.utils.platform import PLATFORMS, per_platform, traced_platform
+
+# Unmeasured shapes take the fused kernel below this many rows. Roofline: XLA writes and reads
+# the dequantized bf16 weight (about 4.5 bytes a parameter against the kernel's 0.5), while the
+# kernel's matmul runs below the vendor GEMM (say 80%); with H100 / H200 (or TPU v5) FLOP/s per
+# byte/s near 200-240, the extra traffic costs more than the slower matmul up to M ~ 1,600 rows.
+KERNEL_ROWS = 2048
+KERNEL_IMPLS = ("pallas", "interpret", "tpu", "interpret_tpu")
 
 
-def path(w: QuantizedWeight, m: int) -> str:
-    """``xla``, ``pallas`` or ``interpret`` for a call with ``m`` rows."""
+def paths(w: QuantizedWeight, m: int) -> dict[str, str]:
+    """The implementation of a call with ``m`` rows for each platform it may be lowered for."""
     choice = w.kernel
     if choice == "xla":
-        return "xla"
-    fits = w.codes.ndim == 2  # the kernel reads the 2-D layout
-    if choice in ("pallas", "interpret"):
+        return dict.fromkeys(PLATFORMS, "xla")
+    fits = w.codes.ndim == 2  # the kernels read the 2-D layout
+    if choice in KERNEL_IMPLS:
         if not fits:
             raise ValueError(f"quant.kernel={choice}: the fused kernel needs the 2-D layout (inputs a multiple of "
                              f"the blocksize {w.blocksize}); this kernel has {w.shape[0]} inputs")
-        if choice == "pallas" and jax.default_backend() != "gpu":
-            raise ValueError(f"quant.kernel=pallas: the fused kernel is lowered by Triton (GPU); this backend is "
-                             f"{jax.default_backend()!r}. Use quant.kernel=auto (XLA here) or interpret (tests)")
-        return choice
-    if not fits or jax.default_backend() != "gpu":
-        return "xla"
+        if choice != "pallas":
+            return dict.fromkeys(PLATFORMS, choice)
+        if traced_platform() == "cpu" or (traced_platform() is None and jax.default_backend() == "cpu"):
+            raise ValueError("quant.kernel=pallas: the fused kernels are lowered for GPUs (Triton) and TPUs (Mosaic); "
+                             "this program is for the CPU. Use quant.kernel=auto (XLA here) or interpret (tests)")
+        return {"cpu": "xla", "cuda": "pallas", "tpu": "tpu"}
+    if not fits:
+        return dict.fromkeys(PLATFORMS, "xla")
+    return {"cpu": "xla", "cuda": "pallas" if _gpu_kernel_wins(w, m) else "xla",
+            "tpu": "tpu" if m < KERNEL_ROWS else "xla"}
+
+
+def path(w: QuantizedWeight, m: int, platform: Optional[str] = None) -> str:
+    """The implementation for ``platform`` (default: the traced-for platform, else this host's)."""
+    platform = platform or traced_platform() or {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
+    return paths(w, m).get(platform, "xla")
+
+
+def _gpu_kernel_wins(w: QuantizedWeight, m: int) -> bool:
     n_in, n_out = w.shape
     entry = measured(m, n_out, n_in, w.kind, jax.devices()[0].device_kind)
-    return "xla" if entry is None or entry == "xla" else "pallas"  # the kernel where this GPU measured it faster
+    if entry is None:
+        return m < KERNEL_ROWS
+    return entry != "xla"
 
 
 def _tiles(w: QuantizedWeight, m: int):
@@ -70,15 +108,44 @@ def kernel_scales(w: QuantizedWeight) -> jax.Array:
 
 
 def _kernel_forward(x2, w: QuantizedWeight, dtype, impl, xa=None, b=None, s=1.0):
-    return forward(x2.astype(dtype), w.codes, kernel_scales(w), kind=w.kind, blocksize=w.blocksize, n=w.shape[1],
-                   table=code_table(w.kind), xa=xa, b=b, lora_scale=s, tiles=_tiles_or_default(w, x2.shape[0]),
-                   out_dtype=dtype, interpret=impl == "interpret")
+    def call(rows, codes, scales, xa=None, b=None):
+        common = dict(kind=w.kind, blocksize=w.blocksize, n=w.shape[1], table=code_table(w.kind), xa=xa, b=b,
+                      lora_scale=s, out_dtype=dtype)
+        if impl in ("tpu", "interpret_tpu"):
+            return quant_matmul_tpu.forward(rows, codes, scales, interpret=impl == "interpret_tpu", **common)
+        return forward(rows, codes, scales, tiles=_tiles_or_default(w, rows.shape[0]), interpret=impl == "interpret",
+                       **common)
+
+    return _on_each_device(call, x2.astype(dtype), w.codes, kernel_scales(w), xa=xa, b=b)
 
 
 def _kernel_transposed(dy2, w: QuantizedWeight, dtype, impl):
-    return transposed(dy2.astype(dtype), w.codes, kernel_scales(w), kind=w.kind, blocksize=w.blocksize, k=w.shape[0],
-                      table=code_table(w.kind), tiles=_tiles_or_default(w, dy2.shape[0], backward=True),
-                      out_dtype=dtype, interpret=impl == "interpret")
+    def call(rows, codes, scales):
+        common = dict(kind=w.kind, blocksize=w.blocksize, k=w.shape[0], table=code_table(w.kind), out_dtype=dtype)
+        if impl in ("tpu", "interpret_tpu"):
+            return quant_matmul_tpu.transposed(rows, codes, scales, interpret=impl == "interpret_tpu", **common)
+        return transposed(rows, codes, scales, tiles=_tiles_or_default(w, rows.shape[0], backward=True),
+                          interpret=impl == "interpret", **common)
+
+    return _on_each_device(call, dy2.astype(dtype), w.codes, kernel_scales(w))
+
+
+def _on_each_device(call, rows, codes, scales, **lora):
+    """``call(rows, codes, scales, **lora)`` on each device's rows under the activation mesh (in
+    `jax.shard_map`: XLA cannot split a custom call), the kernel and LoRA's ``b`` whole on every
+    device (an FSDP-sharded kernel is gathered, as for any matmul); ``xa`` is split like the rows.
+    Rows that do not divide over the batch (and context) axes run whole."""
+    mesh = current_mesh()
+    lora = {k: v for k, v in lora.items() if v is not None}
+    if mesh is None or mesh.size == 1:
+        return call(rows, codes, scales, **lora)
+    axes = tuple(a for a in (*BATCH_AXES, CONTEXT_AXIS) if mesh.shape.get(a, 1) > 1)
+    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    row_spec = P(axes) if axes and rows.shape[0] % shards == 0 else P()
+    lora_specs = {k: row_spec if k == "xa" else P() for k in lora}
+    local = lambda rows, codes, scales, lora: call(rows, codes, scales, **lora)  # noqa: E731
+    return jax.shard_map(local, mesh=mesh, in_specs=(row_spec, P(), P(), lora_specs), out_specs=row_spec,
+                         check_vma=False)(rows, codes, scales, lora)
 
 
 def _tiles_or_default(w: QuantizedWeight, m: int, backward: bool = False):
@@ -172,18 +239,31 @@ quant_lora_matmul.defvjp(_quant_lora_fwd, _quant_lora_bwd)
 
 @register_linear(QuantizedWeight)
 def _quantized_linear(x, w: QuantizedWeight, *, dtype, rng=None):
-    dtype = x.dtype if dtype is None else dtype
+    dtype = jnp.dtype(x.dtype if dtype is None else dtype).name
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"linear: x has {x.shape[-1]} input features, quantized kernel expects {w.shape[0]}")
-    m = int(np.prod(x.shape[:-1]))
-    return quant_matmul(x.astype(dtype), w, jnp.dtype(dtype).name, path(w, m))
+    impls = paths(w, int(np.prod(x.shape[:-1])))
+    branches = _branches(impls, lambda impl: lambda x, w: quant_matmul(x.astype(dtype), w, dtype, impl))
+    return per_platform(branches, x, w)
 
 
-def lora_over_quantized(x: jax.Array, h: jax.Array, w: QuantizedWeight, a, b, s: float, dtype) -> Optional[jax.Array]:
-    """The fused QLoRA product when ``w``'s kernel path is the Pallas kernel, else None (the LoRA
-    rule then adds its low-rank term to the XLA product itself)."""
-    dtype = x.dtype if dtype is None else dtype
-    impl = path(w, int(np.prod(x.shape[:-1])))
-    if impl == "xla":
-        return None
-    return quant_lora_matmul(x.astype(dtype), h.astype(dtype), w, a, b, float(s), jnp.dtype(dtype).name, impl)
+def lora_over_quantized(x: jax.Array, h: jax.Array, w: QuantizedWeight, a, b, s, dtype,
+                        low_rank: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]) -> jax.Array:
+    """``x @ dequantize(w) + s * low_rank(h, a, b)``: the fused QLoRA kernel on the platforms whose
+    path for ``w`` is a Pallas kernel, XLA's product plus the LoRA rule's own ``low_rank`` term
+    elsewhere."""
+    dtype = jnp.dtype(x.dtype if dtype is None else dtype).name
+    impls = paths(w, int(np.prod(x.shape[:-1])))
+
+    def product(impl):
+        if impl == "xla":
+            return lambda x, h, w, a, b: quant_matmul(x.astype(dtype), w, dtype, "xla") + s * low_rank(h, a, b)
+        return lambda x, h, w, a, b: quant_lora_matmul(x.astype(dtype), h.astype(dtype), w, a, b, float(s), dtype, impl)
+
+    return per_platform(_branches(impls, product), x, h, w, a, b)
+
+
+def _branches(impls: dict[str, str], make) -> dict:
+    """One function per platform, shared between platforms with the same implementation."""
+    made = {impl: make(impl) for impl in set(impls.values())}
+    return {p: made[impls[p]] for p in PLATFORMS}

@@ -50,7 +50,7 @@ from jaxtune.utils.targets import map_targets, target_patterns
 from jaxtune.utils.tree import keypath_str
 
 KINDS = ("nf4", "fp4", "int8", "int4")
-KERNELS = ("auto", "xla", "pallas", "interpret")
+KERNELS = ("auto", "xla", "pallas", "interpret", "interpret_tpu")
 @dataclass(frozen=True)
 class QuantConfig:
     """The ``quant:`` section. ``blocksize``: the NF4/FP4 block (32..4096, default 64) or the
@@ -62,9 +62,11 @@ class QuantConfig:
     blocksize: int = 64
     double_quant: bool = True
     targets: tuple[str, ...] = ("all-linear",)
-    # how the linear op multiplies: auto (the fused Pallas kernel on GPU where it is faster, else
-    # XLA's dequantize-then-matmul) | xla | pallas | interpret (the kernel in Pallas' interpreter: tests)
-    kernel: Literal["auto", "xla", "pallas", "interpret"] = "auto"
+    # how the linear op multiplies (jaxtune.quant.matmul): auto (by the platform lowered for: the fused
+    # Pallas kernel on GPU / TPU where it is expected or measured faster, else XLA's
+    # dequantize-then-matmul) | xla | pallas (the platform's fused kernel) | interpret (the GPU kernel
+    # in Pallas' interpreter: tests) | interpret_tpu (the TPU kernel in the interpreter: tests)
+    kernel: Literal["auto", "xla", "pallas", "interpret", "interpret_tpu"] = "auto"
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -53,7 +53,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxtune.models import ModelConfig
-from jaxtune.models.attention import traced_for
+from jaxtune.utils.platform import traced_for
 from jaxtune.parallel.mesh import BATCH_AXES
 from jaxtune.train.config import TrainConfig
 from jaxtune.train.step import make_train_step, named
