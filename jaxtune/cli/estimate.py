@@ -12,6 +12,7 @@ import numpy as np
 from jaxtune.cli.args import split_config_args
 from jaxtune.config import load_config
 from jaxtune.job import TrainJobConfig, plan_step
+from jaxtune.job.lowering import lower_job
 from jaxtune.train.memory import compiled, estimate, longest_context
 from jaxtune.utils.partition import count
 
@@ -24,6 +25,10 @@ def add_parser(sub) -> None:
     p.add_argument("--compiled", action="store_true", help="also compile the step abstractly and print XLA's memory analysis")
     p.add_argument("--max-context", type=float, nargs="+", metavar="GIB", default=None,
                    help="also the longest train.seq_len whose estimated peak fits each budget (GiB per device)")
+    p.add_argument("--lower", default=None, metavar="PLATFORMS",
+                   help="also lower the train, eval and decode programs for these platforms (e.g. cuda,tpu; no "
+                        "accelerator needed) and list the fused kernels each contains; --devices fake CPU devices "
+                        "(XLA_FLAGS=--xla_force_host_platform_device_count=N) stand in for the mesh")
     p.add_argument("--batch", type=int, default=1, help="KV cache line: generation batch")
     p.add_argument("--seq", type=int, default=None, help="KV cache line: tokens (default train.seq_len)")
     p.set_defaults(func=run)
@@ -55,6 +60,8 @@ def run(args) -> int:
     print(f"KV cache (generation, batch {args.batch} x {seq} tokens, {cfg.dtype}): {_gib(kv).strip()}")
     if args.max_context:
         _print_max_context(plan, args.max_context, job)
+    if args.lower:
+        _print_lowered(job, args)
     if args.compiled:
         xla = compiled(plan)
         print(f"per device (XLA memory_analysis of the compiled step, {jax.devices()[0].platform}):")
@@ -62,6 +69,14 @@ def run(args) -> int:
             print(f"  {name:34s}{_gib(xla[name])}")
         print(f"  estimate / compiler peak          {est.peak / xla['peak']:10.3f}")
     return 0
+
+
+def _print_lowered(job, args) -> None:
+    platforms = tuple(p.strip() for p in args.lower.split(",") if p.strip())
+    print(f"lowered (no compile) on a mesh of {jax.device_count()} {jax.devices()[0].platform} devices:")
+    for lowered in lower_job(job, platforms, devices=args.devices):
+        kernels = ", ".join(f"{name} x{n}" for name, n in sorted(lowered.kernels.items())) or "no custom calls (XLA only)"
+        print(f"  {lowered.program:7s}{lowered.platform:6s}{kernels}")
 
 
 def _print_max_context(plan, budgets: list[float], job) -> None:

@@ -59,6 +59,15 @@ def _tokenizer(job: TrainJobConfig):
         return None
 
 
+def without_text_init(peft):
+    """Prompt sections initialised from text, initialised at random instead: without the tokenizer's
+    files the text cannot be read, and the step's shapes do not depend on the init's values."""
+    changes = {name: dataclasses.replace(section, init="random", init_text=None)
+               for name in ("prompt_tuning", "p_tuning", "prefix_tuning")
+               if getattr(section := getattr(peft, name), "init", None) == "text"}
+    return dataclasses.replace(peft, **changes) if changes else peft
+
+
 def plan_step(job: TrainJobConfig, devices: Optional[int] = None) -> StepPlan:
     """The job's train step as abstract values. ``devices``: how many devices the mesh spans
     (default: this process's); the estimate needs no real devices, compiling does."""
@@ -72,7 +81,8 @@ def plan_step(job: TrainJobConfig, devices: Optional[int] = None) -> StepPlan:
     ctx = Context(job, cfg, tokenizer=_tokenizer(job), network=network)
     optimizer, schedule = build_optimizer(job.optim, job.train.steps)
     head = objective.head(ctx)
-    init, mask, optimizer = with_peft(job, without_other_heads(init, head), cfg, None, optimizer)
+    peft_job = job if ctx.tokenizer is not None else dataclasses.replace(job, peft=without_text_init(job.peft))
+    init, mask, optimizer = with_peft(peft_job, without_other_heads(init, head), cfg, ctx.tokenizer, optimizer)
     init, mask = with_head(job, init, cfg, mask, head, None if network is None else network.params)
     params = jax.eval_shape(init, jax.random.key(0)) if callable(init) else init
     if mask is None:

@@ -73,6 +73,19 @@ def test_estimate_counts_parameters_exactly(hf_checkpoint, capsys):
     assert f"parameters   {sum(p.numel() for p in torch_model.parameters()):,}" in out
 
 
+def test_estimate_lowers_a_qlora_job_for_accelerators(capsys):
+    """--lower: the job's programs lowered for TPU and CUDA from this CPU, with the fused kernels listed."""
+    config = ("model.config={family: llama, vocab_size: 256, hidden_size: 128, num_layers: 1, num_heads: 4, "
+              "num_kv_heads: 2, intermediate_size: 256}")
+    assert main(["estimate", "configs/sft_qlora_llama_small.yaml", "model.checkpoint=null", config, "train.batch_size=2",
+                 "train.seq_len=128", "--lower", "tpu,cuda"]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    lowered = {(f[0], f[1]): " ".join(f[2:]) for f in lines if len(f) > 2 and f[0] in ("train", "eval", "decode")}
+    assert sorted(lowered) == sorted((p, pl) for p in ("train", "eval", "decode") for pl in ("tpu", "cuda"))
+    assert "tpu_custom_call:nf4_matmul_t_tpu" in lowered["train", "tpu"] and "triton:nf4_matmul_t" in lowered["train", "cuda"]
+    assert "tpu_custom_call:nf4_matmul_tpu" in lowered["decode", "tpu"]
+
+
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "jaxtune.cli.main", "convert", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "hf-to-orbax" in out.stdout

@@ -14,6 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
+import jax
+import jax.numpy as jnp
+
 from jaxtune.job.schema import OBJECTIVES, TrainJobConfig
 from jaxtune.job.streams import Streams
 from jaxtune.models import ModelConfig
@@ -49,6 +52,7 @@ class Objective:
     name: str = ""
     data_kinds: tuple[str, ...] = ()
     unit: str = "tokens"  # what the loss's weight counts (tokens, pairs, examples, completions): logs and reports name it
+    generates: bool = False  # the trained model decodes text (a language-model policy): `jaxtune.job.lowering`
 
     def model_config(self, cfg: ModelConfig) -> ModelConfig:
         return cfg
@@ -83,6 +87,22 @@ class Objective:
     def eval_metrics(self, ctx: Context, params: Any, batches: Iterable[dict], limit: Optional[int]) -> dict:
         raise ValueError(f"objective {self.name} has no metrics besides the held-out loss "
                          "(eval task classify: objective.kind classification / regression)")
+
+
+def abstract_floats(names: Iterable[str], shape: tuple[int, ...]) -> dict:
+    """float32 ``jax.ShapeDtypeStruct``s of ``shape`` by name (`Objective.batch_extras`)."""
+    return {name: jax.ShapeDtypeStruct(shape, jnp.float32) for name in names}
+
+
+def abstract_pairs(rows: int, seq: int) -> dict:
+    """A preference batch of ``rows`` pairs (`jaxtune.data.preference`): each side's language-model
+    rows and ``pair_mask``."""
+    out = {"pair_mask": jax.ShapeDtypeStruct((rows,), jnp.float32)}
+    for side in ("chosen", "rejected"):
+        out.update({f"{side}_{k}": jax.ShapeDtypeStruct((rows, seq), jnp.int32)
+                    for k in ("tokens", "targets", "segment_ids", "positions")})
+        out[f"{side}_loss_mask"] = jax.ShapeDtypeStruct((rows, seq), jnp.float32)
+    return out
 
 
 _REGISTRY: dict[str, Objective] = {}

@@ -17,6 +17,7 @@ from jaxtune.train.losses import LossFn, causal_lm_loss
 @register
 class Causal(Objective):
     name = "causal"
+    generates = True
     data_kinds = (*LM_KINDS, "sft")
 
     def loss(self, ctx: Context) -> LossFn:

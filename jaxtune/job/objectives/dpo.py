@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 import jax
 
 from jaxtune.align.preference import dpo_loss, precompute_reference
-from jaxtune.job.objectives.base import Context, Objective, register
+from jaxtune.job.objectives.base import Context, Objective, abstract_floats, abstract_pairs, register
 from jaxtune.job.objectives.reward import pair_streams
 from jaxtune.job.schema import TrainJobConfig
 from jaxtune.job.streams import Streams, check_data_kind
@@ -23,6 +23,7 @@ from jaxtune.train.losses import LossFn
 @register
 class DPO(Objective):
     name = "dpo"
+    generates = True
     data_kinds = ("preference",)
     unit = "pairs"
 
@@ -38,6 +39,11 @@ class DPO(Objective):
         if chosen == "auto":
             return "adapter" if job.peft.active else "precomputed"
         return chosen
+
+    def batch_extras(self, ctx: Context, rows: int, seq: int) -> dict:
+        reference = self.reference(ctx.job) == "precomputed"
+        return {**abstract_pairs(rows, seq),
+                **abstract_floats(("ref_chosen_logps", "ref_rejected_logps") if reference else (), (rows,))}
 
     def loss(self, ctx: Context) -> LossFn:
         return dpo_loss(Model(ctx.cfg), ctx.job.objective.preference, reference=self.reference(ctx.job))

@@ -15,7 +15,7 @@ import jax
 
 from jaxtune.align.ppo import PPORolloutStream, ppo_loss, value_network
 from jaxtune.job.assemble import load_model, load_reward_judge
-from jaxtune.job.objectives.base import Context, Network, Objective, register
+from jaxtune.job.objectives.base import Context, Network, Objective, abstract_floats, register
 from jaxtune.job.objectives.rollouts import prompt_records, reference_kind, rollout_options
 from jaxtune.job.runmeta import read_model_config
 from jaxtune.job.schema import ModelSource, TrainJobConfig
@@ -28,6 +28,7 @@ from jaxtune.train.losses import LossFn
 @register
 class PPO(Objective):
     name = "ppo"
+    generates = True
     data_kinds = ("sft",)
     unit = "completions"
 
@@ -53,6 +54,10 @@ class PPO(Objective):
         if ctx.network is None:
             return HeadSpec(VALUE_HEAD, pooling=pooling)
         return HeadSpec(VALUE_MODEL, pooling=pooling, model_config=ctx.network.cfg)
+
+    def batch_extras(self, ctx: Context, rows: int, seq: int) -> dict:
+        return {**abstract_floats(("old_logps", "old_values", "advantages", "returns"), (rows, seq)),
+                **abstract_floats(("scores", "kl", "explained_variance"), (rows,))}
 
     def loss(self, ctx: Context) -> LossFn:
         values = None if ctx.network is None else Model(ctx.network.cfg)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from jaxtune.align.preference import reward_loss
 from jaxtune.data.preference import PairStream, load_pairs
-from jaxtune.job.objectives.base import Context, Objective, register
+from jaxtune.job.objectives.base import Context, Objective, abstract_pairs, register
 from jaxtune.job.streams import Streams, check_data_kind, record_options, record_streams
 from jaxtune.models import Model
 from jaxtune.models.heads import SCORE, HeadSpec
@@ -42,6 +42,9 @@ class Reward(Objective):
         # ("auto": last)
         pooling = "last" if ctx.job.objective.pooling == "auto" else ctx.job.objective.pooling
         return HeadSpec(SCORE, outputs=1, pooling=pooling)
+
+    def batch_extras(self, ctx: Context, rows: int, seq: int) -> dict:
+        return abstract_pairs(rows, seq)
 
     def loss(self, ctx: Context) -> LossFn:
         return reward_loss(Model(ctx.cfg), ctx.job.objective.preference)

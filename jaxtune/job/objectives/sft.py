@@ -32,6 +32,7 @@ def instruction_streams(ctx: Context, *, train: bool = True) -> Streams:
 @register
 class SFT(Objective):
     name = "sft"
+    generates = True
     data_kinds = ("sft",)
 
     def loss(self, ctx: Context) -> LossFn:
