@@ -4,7 +4,8 @@
 #   launch/gpu_vm.sh train configs/train_demo.yaml mesh.fsdp=8 checkpoint.directory=runs/a
 # Every argument goes to `jaxtune` unchanged.
 #   JAXTUNE_SKIP_INSTALL=1   skip the pip install (already installed)
-#   JAXTUNE_JAX_SPEC=...     the JAX requirement to install (default: jax[cuda12] within pyproject's range)
+#   JAXTUNE_JAX_SPEC=...     a JAX requirement to install instead of the project's cuda12 extra
+#                            (default: pip install -e ".[cuda12]", i.e. jax[cuda12] within pyproject's range)
 #   JAXTUNE_XLA_GPU_FLAGS=.. XLA flags to add (default: the latency-hiding scheduler, which overlaps
 #                            collectives with compute); flags this XLA does not know are dropped.
 #                            Your own XLA_FLAGS are kept and win over these.
@@ -15,9 +16,12 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 
 if [[ "${JAXTUNE_SKIP_INSTALL:-0}" != 1 ]]; then
-  # pyproject has no gpu extra: install the CUDA wheels explicitly (they bundle CUDA and cuDNN;
-  # the VM needs only an NVIDIA driver).
-  "$PYTHON" -m pip install -q -e . "${JAXTUNE_JAX_SPEC:-jax[cuda12]>=0.10,<0.13}"
+  # the cuda12 extra: JAX's CUDA 12 wheels (they bundle CUDA and cuDNN; the VM needs only an NVIDIA driver)
+  if [[ -n "${JAXTUNE_JAX_SPEC:-}" ]]; then
+    "$PYTHON" -m pip install -q -e . "$JAXTUNE_JAX_SPEC"
+  else
+    "$PYTHON" -m pip install -q -e ".[cuda12]"
+  fi
 fi
 
 if command -v nvidia-smi >/dev/null 2>&1; then

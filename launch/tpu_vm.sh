@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run a jaxtune command on every worker of a Cloud TPU VM (single host or a multi-host slice).
 # Run it from your workstation (needs an authenticated gcloud); it copies this checkout to each
-# worker, installs it with jax[tpu] there, and starts the same command on all workers at once:
+# worker, installs it with its tpu extra (jax[tpu]) there, and starts the same command on all workers at once:
 #   TPU_NAME=my-v4-32 TPU_ZONE=us-central2-b launch/tpu_vm.sh \
 #       train configs/train_demo.yaml mesh.fsdp=16 checkpoint.directory=gs://my-bucket/runs/a
 # Every argument goes to `jaxtune` unchanged. On a multi-host slice the checkpoint directory must be
@@ -56,7 +56,7 @@ py="${TPU_PYTHON:-python3}"
 remote="set -euo pipefail; mkdir -p $(printf %q "$remote_dir"); tar -xzf ~/jaxtune.tgz -C $(printf %q "$remote_dir")"
 remote+="; cd $(printf %q "$remote_dir")"
 if [[ "${JAXTUNE_SKIP_INSTALL:-0}" != 1 ]]; then
-  remote+="; $(printf %q "$py") -m pip install -q -e . $(printf %q 'jax[tpu]>=0.10,<0.13')"
+  remote+="; $(printf %q "$py") -m pip install -q -e $(printf %q '.[tpu]')"  # the tpu extra: jax[tpu] (libtpu)
 fi
 for name in ${TPU_FORWARD_ENV:-}; do
   [[ -n "${!name+x}" ]] || die "TPU_FORWARD_ENV names $name, which is not set here"
