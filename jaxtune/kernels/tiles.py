@@ -1,10 +1,11 @@
 """Tile sizes for the fused quantized matmul, per shape: a measured table, else a heuristic.
 
 `choose(m, n, k, kind, blocksize)` returns the `Tiles` of one call, or None where XLA's
-dequantize-then-matmul is faster (a measured entry says so); `measured` says whether this device
-and shape were measured at all (``quant.kernel=auto`` takes the kernel only where they were). Measured entries live in
-``tiles.json`` beside this file, written by ``python benchmarks/qlora_matmul.py --autotune`` on a
-GPU: ``{"<device kind>|<kind>|<m bucket>|<n>|<k>": {"bm": .., "bn": .., "bk": .., "splits": ..,
+dequantize-then-matmul is faster (a measured entry says so); `measured` gives this device's entry
+for a shape, if any (``quant.kernel=auto`` follows it on a GPU; unmeasured shapes go by their rows,
+`jaxtune.quant.matmul.KERNEL_ROWS`). Measured entries live in
+``tiles.json`` beside this file, written (`write`) by ``python benchmarks/qlora_matmul.py --autotune`` or
+``benchmarks/accelerator_suite.py`` on a GPU: ``{"<device kind>|<kind>|<m bucket>|<n>|<k>": {"bm": .., "bn": .., "bk": .., "splits": ..,
 "num_warps": .., "num_stages": ..} or "xla"}``. Without an entry:
 
 - decode (``m <= 16``): one 16-row tile, ``bn = 64``, split-K so that ``n/bn * splits`` programs
@@ -37,6 +38,24 @@ def _measured() -> dict:
 
 def key(device_kind: str, kind: str, m: int, n: int, k: int) -> str:
     return f"{device_kind}|{kind}|{m_bucket(m)}|{n}|{k}"
+
+
+def write(entries: dict, path: Optional[Path] = None) -> Path:
+    """Merge ``entries`` (`key` -> `Tiles`, a dict of its fields, or "xla") into the table at ``path``
+    (default: `TABLE`, the one `choose` reads), in the format ``benchmarks/qlora_matmul.py
+    --autotune`` writes; the next lookup re-reads the table. -> the path written."""
+    path = TABLE if path is None else Path(path)
+    table = json.loads(path.read_text()) if path.exists() else {}
+    fields = ("bm", "bn", "bk", "splits", "num_warps", "num_stages")
+    for name, entry in entries.items():
+        if isinstance(entry, Tiles):
+            entry = {f: getattr(entry, f) for f in fields}
+        if entry != "xla" and not (isinstance(entry, dict) and set(entry) <= set(fields)):
+            raise ValueError(f"tile table: entry {name!r} must be Tiles, their fields or 'xla', got {entry!r}")
+        table[name] = entry
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    _measured.cache_clear()
+    return path
 
 
 def measured(m: int, n: int, k: int, kind: str, device_kind: str) -> Optional[object]:
