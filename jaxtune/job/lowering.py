@@ -9,8 +9,9 @@ for each platform (``cuda``, ``tpu``; ``cpu`` too) without compiling them:
 - ``decode``: one token of generation against a KV cache (objectives whose model generates:
   ``Objective.generates``).
 
-Lowering runs the whole front end an accelerator would run -- tracing, the platform's branch of
-every `jax.lax.platform_dependent` (attention, the quantized matmul), the Pallas kernels' Triton
+Lowering runs the whole front end an accelerator would run -- tracing (inside
+`jaxtune.utils.platform.lowering_for` those platforms, so attention and the quantized matmul take
+their branches), the platform's branch of every `jax.lax.platform_dependent`, the Pallas kernels' Triton
 and Mosaic lowering, sharding annotations -- so most errors a GPU or TPU would hit show up here
 (what does not: the backend compiler's own limits, memory). A failure is a `LoweringError` naming
 the program, the platform and the op. `Lowered.kernels` counts the custom calls of the lowered
@@ -38,6 +39,7 @@ from jaxtune.parallel.mesh import BATCH_AXES
 from jaxtune.parallel.rules import activation_mesh
 from jaxtune.train.step import make_eval_step, make_train_step, named
 from jaxtune.utils.partition import join
+from jaxtune.utils.platform import lowering_for
 
 PROGRAMS = ("train", "eval", "decode")
 DECODE_SLOTS = 64  # KV cache slots of the decode program
@@ -79,10 +81,11 @@ def kernel_census(text: str) -> Counter:
 
 
 def _lower(jitted, args: tuple, program: str, platforms: tuple[str, ...]) -> list[Lowered]:
-    """Trace once, lower for each platform."""
+    """Trace once (every platform's branch staged out), lower for each platform."""
     out, platform = [], platforms[0]
     try:
-        traced = jitted.trace(*args)
+        with lowering_for(*platforms):
+            traced = jitted.trace(*args)
         for platform in platforms:
             text = traced.lower(lowering_platforms=(platform,)).as_text()
             out.append(Lowered(program, platform, text, kernel_census(text)))

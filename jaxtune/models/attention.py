@@ -15,9 +15,10 @@ Implementations (``ModelConfig.attention_impl``), numerically equivalent:
   the window and sequence lengths as arguments (NVIDIA GPUs);
 - ``dpa``: `jax.nn.dot_product_attention` on its XLA path with a dense mask;
 - ``xla``: a grouped-query einsum with a dense mask that never repeats K/V heads;
-- ``auto`` (the default): on the platform the program is lowered for (`jax.lax.platform_dependent`,
-  not the host's), ``splash`` on TPU and ``flash`` on GPU where they express the mask, else
-  ``blockwise``; on CPU ``blockwise`` (measured faster than the dense paths, README).
+- ``auto`` (the default): by the platform the program is lowered for (the host's, or those of
+  `jaxtune.utils.platform.lowering_for`, staged out with `jax.lax.platform_dependent`): ``splash``
+  on TPU and ``flash`` on GPU where they express the mask, else ``blockwise``; on CPU ``blockwise``
+  (measured faster than the dense paths, README).
 
 A kernel that cannot express a call's mask (a prefix, a KV cache, a sliding window on GPU,
 packed documents for cuDNN) falls back to ``blockwise`` with one warning naming what it lacked.

@@ -13,7 +13,7 @@ NVIDIA GPUs); ``tpu`` (the Mosaic kernel, `jaxtune.kernels.quant_matmul_tpu`); `
 runs in `jax.shard_map` on each device's rows (XLA cannot split a custom call).
 
 Which one runs follows ``w.kernel`` (``quant.kernel``) and the platform the program is *lowered*
-for, not the host it is traced on (`jaxtune.utils.platform.per_platform`):
+for (`jaxtune.utils.platform.per_platform`: the host's, or those of `lowering_for`):
 
 - ``auto``: on CPU, XLA. On a GPU, the Triton kernel where the tile table (`jaxtune.kernels.tiles`,
   filled by ``benchmarks/accelerator_suite.py``) measured it faster for this device kind and shape,
@@ -22,7 +22,7 @@ for, not the host it is traced on (`jaxtune.utils.platform.per_platform`):
   2-D code layout (inputs a multiple of the blocksize); other kernels take XLA everywhere.
 - ``xla``, ``interpret``, ``interpret_tpu``: that implementation everywhere;
 - ``pallas``: the platform's fused kernel (Triton on GPU, Mosaic on TPU); an error on a CPU host
-  unless the program is traced for an accelerator (`jaxtune.utils.platform.traced_for`).
+  unless the program may be lowered for an accelerator (`jaxtune.utils.platform.lowering_for`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from jaxtune.parallel.mesh import BATCH_AXES, CONTEXT_AXIS
 from jaxtune.parallel.rules import current_mesh
 from jaxtune.quant.codes import CODES_4BIT
 from jaxtune.quant.weight import QuantizedWeight
-from jaxtune.utils.platform import PLATFORMS, per_platform, traced_platform
+from jaxtune.utils.platform import PLATFORMS, per_platform, target_platforms
 
 # Unmeasured shapes take the fused kernel below this many rows. Roofline: XLA writes and reads
 # the dequantized bf16 weight (about 4.5 bytes a parameter against the kernel's 0.5), while the
@@ -65,7 +65,7 @@ def paths(w: QuantizedWeight, m: int) -> dict[str, str]:
                              f"the blocksize {w.blocksize}); this kernel has {w.shape[0]} inputs")
         if choice != "pallas":
             return dict.fromkeys(PLATFORMS, choice)
-        if traced_platform() == "cpu" or (traced_platform() is None and jax.default_backend() == "cpu"):
+        if target_platforms() == ("cpu",):
             raise ValueError("quant.kernel=pallas: the fused kernels are lowered for GPUs (Triton) and TPUs (Mosaic); "
                              "this program is for the CPU. Use quant.kernel=auto (XLA here) or interpret (tests)")
         return {"cpu": "xla", "cuda": "pallas", "tpu": "tpu"}
@@ -76,8 +76,8 @@ def paths(w: QuantizedWeight, m: int) -> dict[str, str]:
 
 
 def path(w: QuantizedWeight, m: int, platform: Optional[str] = None) -> str:
-    """The implementation for ``platform`` (default: the traced-for platform, else this host's)."""
-    platform = platform or traced_platform() or {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
+    """The implementation for ``platform`` (default: the first the program may be lowered for)."""
+    platform = platform or target_platforms()[0]
     return paths(w, m).get(platform, "xla")
 
 

@@ -53,7 +53,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxtune.models import ModelConfig
-from jaxtune.utils.platform import traced_for
+from jaxtune.utils.platform import host_platform, traced_for
 from jaxtune.parallel.mesh import BATCH_AXES
 from jaxtune.train.config import TrainConfig
 from jaxtune.train.step import make_train_step, named
@@ -140,7 +140,7 @@ def saved_activations(fn, *args) -> list[tuple[tuple[int, ...], Any, str, bool]]
     iota and compares is recomputed) -- and counts a buffer once, however many reshaped views
     of it are kept (`_VIEWS`: bitcasts)."""
     leaves = jax.tree.leaves(args)
-    with traced_for(jax.default_backend()):  # one attention implementation, not every platform's
+    with traced_for(host_platform()):  # one implementation per op, not every platform's
         closed, shapes = jax.make_jaxpr(
             lambda *xs: jax.vjp(lambda *ys: fn(*jax.tree.unflatten(jax.tree.structure(args), ys)), *xs),
             return_shape=True)(*leaves)

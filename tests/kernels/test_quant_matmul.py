@@ -4,7 +4,6 @@ dequantize-then-matmul, on random inputs, shapes that are not tile multiples, po
 gradients of the custom VJP (over the GPU and the TPU kernel); dispatch by the platform lowered for; every
 kind's Triton kernels lowered for CUDA; a QLoRA training step on either kernel equals the XLA path."""
 
-import contextlib
 import dataclasses
 
 import jax
@@ -22,7 +21,7 @@ from jaxtune.peft.lora import LoraWeight
 from jaxtune.quant.matmul import (KERNEL_ROWS, code_table, kernel_scales, path, paths, quant_lora_matmul,
                                   quant_matmul)
 from jaxtune.quant.weight import with_kernel
-from jaxtune.utils.platform import traced_for
+from jaxtune.utils.platform import lowering_for, traced_for
 
 M, IN, OUT = 37, 192, 80  # none of them a multiple of the tiles below
 TILES = Tiles(bm=16, bn=32, bk=32)
@@ -168,7 +167,7 @@ def test_dispatch_follows_the_platform_and_refuses_what_cannot_run():
 
 @pytest.mark.parametrize("kernel", ["auto", "pallas"])
 def test_a_qlora_layer_lowered_for_each_platform_contains_that_platforms_kernel(kernel):
-    """Lowering decides, not the host: one traced program, lowered for cpu / cuda / tpu, holds XLA's
+    """One program traced for cpu / cuda / tpu (`lowering_for`) and lowered for each holds XLA's
     product, the Triton kernels or the Mosaic kernels (forward and, in the gradient, transposed)."""
     x, q, a, b, _ = _inputs("nf4", m=32)
     q = with_kernel(q, kernel)
@@ -179,15 +178,14 @@ def test_a_qlora_layer_lowered_for_each_platform_contains_that_platforms_kernel(
 
     want = {"cpu": (), "cuda": ("triton:nf4_matmul", "triton:nf4_matmul_t"),
             "tpu": ("tpu_custom_call:nf4_matmul_tpu", "tpu_custom_call:nf4_matmul_t_tpu")}
-    platforms = ("cuda", "tpu") if kernel == "pallas" else ("cpu", "cuda", "tpu")
-    with contextlib.ExitStack() as stack:
-        if kernel == "pallas":  # pallas on a CPU host: only when traced for an accelerator
-            stack.enter_context(traced_for("cuda"))
-            platforms = ("cuda",)
+    platforms = ("cuda", "tpu") if kernel == "pallas" else ("cpu", "cuda", "tpu")  # pallas: refused for a CPU program
+    with lowering_for(*platforms):  # one trace, each platform's branch staged out
         traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, a, b)
-        for platform in platforms:
-            kernels = kernel_census(traced.lower(lowering_platforms=(platform,)).as_text())
-            assert sorted(kernels) == sorted(want[platform]), (kernel, platform, kernels)
+    for platform in platforms:
+        kernels = kernel_census(traced.lower(lowering_platforms=(platform,)).as_text())
+        assert sorted(kernels) == sorted(want[platform]), (kernel, platform, kernels)
+    if kernel == "auto":  # traced for this host only: XLA, no kernel staged out
+        assert not kernel_census(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, a, b).lower().as_text())
 
 
 SPLIT_K = Tiles(bm=16, bn=64, bk=64, splits=4, num_stages=4)  # the decode path's shape of tiles

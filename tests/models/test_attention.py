@@ -20,6 +20,7 @@ from jaxtune.models.blockwise import blockwise_attention
 from jaxtune.models.masks import MaskInfo
 from jaxtune.models.presets import preset
 from jaxtune.train.losses import causal_lm_loss
+from jaxtune.utils.platform import lowering_for
 from tests.conftest import SUITE_XLA_FLAGS
 
 
@@ -196,13 +197,15 @@ def _train_step_text(cfg, platform):
     rows["loss_mask"] = jax.ShapeDtypeStruct((2, 256), jnp.float32)
     loss = causal_lm_loss(Model(cfg))
     step = jax.jit(jax.value_and_grad(lambda p, b: loss(p, b, None)[0]))
-    return step.trace(params, rows).lower(lowering_platforms=(platform,)).as_text()
+    with lowering_for("cpu", "cuda", "tpu"):  # one trace, every platform's branch staged out
+        traced = step.trace(params, rows)
+    return traced.lower(lowering_platforms=(platform,)).as_text()
 
 
 @pytest.mark.parametrize("impl", ["auto", "splash", "flash"])
 def test_a_training_step_lowers_to_the_accelerators_kernels(impl):
     """Lowered (not compiled) for TPU and CUDA from this CPU: auto follows the platform being
-    lowered for, not the host's. cuDNN cannot be lowered without a GPU (JAX looks for it when tracing)."""
+    lowered for (traced for all three, lowered for each). cuDNN cannot be lowered without a GPU (JAX looks for it when tracing)."""
     cfg = preset("tiny-llama").replace(num_layers=1, attention_impl=impl)
     platforms = {"auto": ("tpu", "cuda"), "splash": ("tpu",), "flash": ("cuda",)}[impl]
     for platform in platforms:
@@ -222,6 +225,7 @@ from jaxtune.models.presets import preset
 from jaxtune.parallel import MeshConfig, make_mesh
 from jaxtune.parallel.rules import activation_mesh
 from jaxtune.train.losses import causal_lm_loss
+from jaxtune.utils.platform import lowering_for
 cfg = preset("tiny-llama").replace(num_layers=1)
 params = jax.eval_shape(Model(cfg).init, jax.random.key(0))
 rows = {k: jax.ShapeDtypeStruct((8, 256), jnp.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
@@ -231,7 +235,8 @@ def f(p, b):
     with activation_mesh(mesh):
         return loss(p, b, None)[0]
 for platform, call in (("tpu", "tpu_custom_call"), ("cuda", "triton")):
-    text = jax.jit(jax.value_and_grad(f)).trace(params, rows).lower(lowering_platforms=(platform,)).as_text()
+    with lowering_for(platform):
+        text = jax.jit(jax.value_and_grad(f)).trace(params, rows).lower(lowering_platforms=(platform,)).as_text()
     print(platform, call.lower() in text.lower(), "manual" in text.lower())
 """
 

@@ -11,6 +11,7 @@ import pytest
 from jaxtune.models import Model, ModelConfig
 from jaxtune.models import layers
 from jaxtune.train.memory import saved_activations
+from jaxtune.utils.platform import lowering_for
 
 CFG = ModelConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                   intermediate_size=80, initializer_range=0.2)
@@ -90,5 +91,6 @@ def test_offload_lowers_for_accelerators_with_one_host_placement_per_block(param
     (XLA's host-offload passes then schedule the copies, overlapped with compute)."""
     cfg = CFG.replace(remat="offload", attention_impl="blockwise")
     grad = jax.jit(jax.grad(lambda p: _loss(p, cfg)))
-    text = grad.trace(params).lower(lowering_platforms=(platform,)).as_text()
+    with lowering_for(platform):
+        text = grad.trace(params).lower(lowering_platforms=(platform,)).as_text()
     assert text.count('"pinned_host"') == CFG.num_layers, text.count("pinned_host")
