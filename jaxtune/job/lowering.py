@@ -63,7 +63,9 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 def kernel_census(text: str) -> Counter:
     """Custom calls of a lowered (StableHLO) module, by kernel: Mosaic calls as
-    ``tpu_custom_call:<kernel name>``, Triton calls as ``triton:<kernel name>``, others by target."""
+    ``tpu_custom_call:<kernel name>``, Triton calls as ``triton:<kernel name>``, others by target.
+    Counted as written in the module: a kernel jitted once and called from several places (the
+    quantized matmul of one shape and configuration, `jaxtune.quant.matmul`) counts once."""
     found: Counter = Counter()
     for line in text.splitlines():
         target = re.search(r"stablehlo\.custom_call @([\w$.]+)", line)
