@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -81,6 +82,13 @@ def recipe(name: str) -> tuple[TrainJobConfig, tuple[str, ...]]:
     return load_config(TrainJobConfig, None, [f"model={json.dumps(model)}"]), ("decode",)
 
 
+def quant_kernel_rows(text: str) -> list[int]:
+    """Rows of the first operand of every fused quantized-matmul call in a lowered module: per device
+    when the kernel runs in shard_map on each device's rows."""
+    return sorted({int(m.group(1)) for line in text.splitlines() if "_matmul" in line and "tpu_custom_call" in line
+                   for m in [re.search(r"\} : \(tensor<(\d+)x", line)] if m})
+
+
 def main(names: list[str]) -> None:
     made_by = producers()
     for name in names:
@@ -89,6 +97,8 @@ def main(names: list[str]) -> None:
             job, programs = recipe(name)
             for lowered in lower_job(shrunk(job, made_by), ("cuda", "tpu"), programs=programs):
                 record["lowered"][f"{lowered.program}/{lowered.platform}"] = dict(lowered.kernels)
+                if (lowered.program, lowered.platform) == ("train", "tpu"):
+                    record["quant_kernel_rows"] = quant_kernel_rows(lowered.text)
         except LoweringError as err:
             record["error"] = f"{name}: {err}"
         print(json.dumps(record), flush=True)

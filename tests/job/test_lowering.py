@@ -68,6 +68,8 @@ def test_every_recipe_lowers_for_cuda_and_tpu_with_its_kernels(half):
                 for program in [p for p in programs if p != "eval" or 8 * accum * 128 < KERNEL_ROWS]:
                     for kernel in QUANT[platform][program]:
                         assert lowered[f"{program}/{platform}"].get(kernel), (name, program, platform, kernel)
+                # one micro-batch of 8 x 128 rows split over the 8 devices: the kernel sees its device's rows
+                assert record["quant_kernel_rows"] == [128], (name, record["quant_kernel_rows"])
             if not generation and not any(peft.get(m) for m in PROMPT_METHODS):
                 assert any(k.startswith(ATTENTION[platform]) for k in lowered[f"train/{platform}"]), (name, platform)
 
