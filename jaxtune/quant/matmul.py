@@ -18,7 +18,8 @@ for (`jaxtune.utils.platform.per_platform`: the host's, or those of `lowering_fo
 - ``auto``: on CPU, XLA. On a GPU, the Triton kernel where the tile table (`jaxtune.kernels.tiles`,
   filled by ``benchmarks/accelerator_suite.py``) measured it faster for this device kind and shape,
   XLA where it measured XLA faster, and for a shape no one measured the kernel below `KERNEL_ROWS`
-  rows, XLA from there. On a TPU the Mosaic kernel below `KERNEL_ROWS` rows. The kernels need the
+  rows, XLA from there. On a TPU the Mosaic kernel below `KERNEL_ROWS` rows. Rows are per device
+  (what one device's kernel call sees under the activation mesh), like the tile table's. The kernels need the
   2-D code layout (inputs a multiple of the blocksize); other kernels take XLA everywhere.
 - ``xla``, ``interpret``, ``interpret_tpu``: that implementation everywhere;
 - ``pallas``: the platform's fused kernel (Triton on GPU, Mosaic on TPU); an error on a CPU host
@@ -142,6 +143,22 @@ def _kernel_transposed(dy2, w: QuantizedWeight, dtype, impl):
     return _on_each_device(call, dy2.astype(dtype), w.codes, kernel_scales(w))
 
 
+def _row_axes(rows: int) -> tuple[str, ...]:
+    """The mesh axes a kernel call's ``rows`` are split over (`_on_each_device`): batch and context
+    axes of the activation mesh when the rows divide over them, else none."""
+    mesh = current_mesh()
+    if mesh is None or mesh.size == 1:
+        return ()
+    axes = tuple(a for a in (*BATCH_AXES, CONTEXT_AXIS) if mesh.shape.get(a, 1) > 1)
+    return axes if axes and rows % int(np.prod([mesh.shape[a] for a in axes])) == 0 else ()
+
+
+def _rows_per_device(rows: int) -> int:
+    """What one device's kernel call sees: the tile table and `KERNEL_ROWS` are per device."""
+    axes = _row_axes(rows)
+    return rows // int(np.prod([current_mesh().shape[a] for a in axes])) if axes else rows
+
+
 def _on_each_device(call, rows, codes, scales, **lora):
     """``call(rows, codes, scales, **lora)`` on each device's rows under the activation mesh (in
     `jax.shard_map`: XLA cannot split a custom call), the kernel and LoRA's ``b`` whole on every
@@ -151,9 +168,8 @@ def _on_each_device(call, rows, codes, scales, **lora):
     lora = {k: v for k, v in lora.items() if v is not None}
     if mesh is None or mesh.size == 1:
         return call(rows, codes, scales, **lora)
-    axes = tuple(a for a in (*BATCH_AXES, CONTEXT_AXIS) if mesh.shape.get(a, 1) > 1)
-    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    row_spec = P(axes) if axes and rows.shape[0] % shards == 0 else P()
+    axes = _row_axes(rows.shape[0])
+    row_spec = P(axes) if axes else P()
     lora_specs = {k: row_spec if k == "xa" else P() for k in lora}
     local = lambda rows, codes, scales, lora: call(rows, codes, scales, **lora)  # noqa: E731
     return jax.shard_map(local, mesh=mesh, in_specs=(row_spec, P(), P(), lora_specs), out_specs=row_spec,
@@ -254,7 +270,7 @@ def _quantized_linear(x, w: QuantizedWeight, *, dtype, rng=None):
     dtype = jnp.dtype(x.dtype if dtype is None else dtype).name
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"linear: x has {x.shape[-1]} input features, quantized kernel expects {w.shape[0]}")
-    impls = paths(w, int(np.prod(x.shape[:-1])))
+    impls = paths(w, _rows_per_device(int(np.prod(x.shape[:-1]))))
     branches = _branches(impls, lambda impl: lambda x, w: quant_matmul(x.astype(dtype), w, dtype, impl))
     return per_platform(branches, x, w)
 
@@ -265,7 +281,7 @@ def lora_over_quantized(x: jax.Array, h: jax.Array, w: QuantizedWeight, a, b, s,
     path for ``w`` is a Pallas kernel, XLA's product plus the LoRA rule's own ``low_rank`` term
     elsewhere."""
     dtype = jnp.dtype(x.dtype if dtype is None else dtype).name
-    impls = paths(w, int(np.prod(x.shape[:-1])))
+    impls = paths(w, _rows_per_device(int(np.prod(x.shape[:-1]))))
 
     def product(impl):
         if impl == "xla":
