@@ -21,7 +21,6 @@ which fused kernels a program really contains.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,7 +36,8 @@ from jaxtune.job.schema import TrainJobConfig
 from jaxtune.models import Model
 from jaxtune.parallel.mesh import BATCH_AXES
 from jaxtune.parallel.rules import activation_mesh
-from jaxtune.train.step import make_eval_step, make_train_step, named
+from jaxtune.train.memory import sharded_train_step, with_shardings
+from jaxtune.train.step import make_eval_step
 from jaxtune.utils.partition import join
 from jaxtune.utils.platform import lowering_for
 
@@ -55,10 +55,6 @@ class Lowered:
     platform: str
     text: str = field(repr=False)
     kernels: Counter = field(default_factory=Counter)
-
-
-def _abstract(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
 def kernel_census(text: str) -> Counter:
@@ -116,23 +112,14 @@ def lower_job(job: TrainJobConfig, platforms: tuple[str, ...] = ("cuda", "tpu"),
     if unknown:
         raise ValueError(f"lower_job: unknown programs {unknown} ({' | '.join(PROGRAMS)})")
     plan = plan_step(job, devices=devices)
-    if plan.mesh is None:
-        raise ValueError(f"lower_job: the mesh spans {math.prod(plan.mesh_shape.values())} "
-                         f"devices; this process has {jax.device_count()} "
-                         "(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
-    mesh = plan.mesh
-    state_sh, frozen_sh = named(plan.state_specs, mesh), named(plan.frozen_specs, mesh)
-    batch_sh = NamedSharding(mesh, P(BATCH_AXES))
-    batch = _abstract(plan.batch(plan.train.batch_size), jax.tree.map(lambda _: batch_sh, plan.batch(1)))
-    jobs: list[tuple[str, Any, tuple]] = []
-    if "train" in programs:
-        step = make_train_step(plan.loss_fn, plan.optimizer, plan.schedule, grad_accum=plan.train.grad_accum,
-                               mesh=mesh, state_shardings=state_sh, frozen_shardings=frozen_sh, batch_shardings=batch_sh)
-        jobs.append(("train", step, (_abstract(plan.state, state_sh), _abstract(plan.frozen, frozen_sh), batch)))
-    params_sh = join(state_sh.params, frozen_sh)
-    params = _abstract(join(plan.trainable, plan.frozen), params_sh)
+    train_step, (state, frozen, batch) = sharded_train_step(plan)
+    jobs: list[tuple[str, Any, tuple]] = [("train", train_step, (state, frozen, batch))] if "train" in programs else []
+    shardings = lambda tree: jax.tree.map(lambda a: a.sharding, tree)  # noqa: E731
+    params = join(state.params, frozen)
+    params_sh = shardings(params)
     if "eval" in programs:
-        step = make_eval_step(plan.loss_fn, mesh=mesh, params_shardings=params_sh, batch_shardings=batch_sh)
+        step = make_eval_step(plan.loss_fn, mesh=plan.mesh, params_shardings=params_sh,
+                              batch_shardings=NamedSharding(plan.mesh, P(BATCH_AXES)))
         jobs.append(("eval", step, (params, batch)))
     if "decode" in programs and get_objective(job.objective.kind).generates and plan.cfg.causal:
         jobs.append(("decode", *_decode_step(plan, params_sh, params)))
@@ -156,4 +143,4 @@ def _decode_step(plan, params_sh, params) -> tuple[Any, tuple]:
 
     jitted = jax.jit(decode, in_shardings=(params_sh, cache_sh, rows_sh, rows_sh), out_shardings=(rows_sh, cache_sh),
                      donate_argnums=(1,))
-    return jitted, (params, _abstract(cache, cache_sh), token, token)
+    return jitted, (params, with_shardings(cache, cache_sh), token, token)

@@ -357,22 +357,35 @@ def longest_context(plan: StepPlan, budgets: list[int], multiple: int = 128,
     return out
 
 
-def compiled(plan: StepPlan) -> dict[str, int]:
-    """XLA's memory analysis of the real train step compiled with abstract inputs, per device:
-    arguments, outputs, aliased (donated), temporaries, and peak = arguments + outputs - aliased
-    + temporaries. Needs as many devices as the mesh (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=8)."""
+def with_shardings(tree: Any, shardings: Any) -> Any:
+    """``jax.ShapeDtypeStruct``s of ``tree``'s leaves, each with its sharding."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def sharded_train_step(plan: StepPlan) -> tuple[Callable, tuple]:
+    """The jitted train step on the plan's mesh, as the loop builds it, and its abstract sharded
+    arguments (state, frozen params, batch). Needs as many devices as the mesh (e.g.
+    XLA_FLAGS=--xla_force_host_platform_device_count=8)."""
     if plan.mesh is None:
-        raise ValueError(f"memory: compiling for a mesh of {int(np.prod(list(plan.mesh_shape.values())))} devices needs "
-                         f"that many devices; this process has {jax.device_count()} "
+        raise ValueError(f"a mesh of {int(np.prod(list(plan.mesh_shape.values())))} devices needs that many devices; "
+                         f"this process has {jax.device_count()} "
                          "(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     mesh = plan.mesh
     state_sh, frozen_sh = named(plan.state_specs, mesh), named(plan.frozen_specs, mesh)
     batch_sh = NamedSharding(mesh, P(BATCH_AXES))
     step = make_train_step(plan.loss_fn, plan.optimizer, plan.schedule, grad_accum=plan.train.grad_accum, mesh=mesh,
                            state_shardings=state_sh, frozen_shardings=frozen_sh, batch_shardings=batch_sh)
-    with_sh = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)  # noqa: E731
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in plan.batch(plan.train.batch_size).items()}
-    analysis = step.lower(with_sh(plan.state, state_sh), with_sh(plan.frozen, frozen_sh), batch).compile().memory_analysis()
+    batch = plan.batch(plan.train.batch_size)
+    return step, (with_shardings(plan.state, state_sh), with_shardings(plan.frozen, frozen_sh),
+                  with_shardings(batch, jax.tree.map(lambda _: batch_sh, batch)))
+
+
+def compiled(plan: StepPlan) -> dict[str, int]:
+    """XLA's memory analysis of the real train step compiled with abstract inputs, per device:
+    arguments, outputs, aliased (donated), temporaries, and peak = arguments + outputs - aliased
+    + temporaries. Needs as many devices as the mesh (`sharded_train_step`)."""
+    step, args = sharded_train_step(plan)
+    analysis = step.lower(*args).compile().memory_analysis()
     out = {"arguments": int(analysis.argument_size_in_bytes), "outputs": int(analysis.output_size_in_bytes),
            "aliased": int(analysis.alias_size_in_bytes), "temporaries": int(analysis.temp_size_in_bytes)}
     out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
